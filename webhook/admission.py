@@ -1,0 +1,185 @@
+"""AdmissionReview ``admission.k8s.io/v1`` on the wire: decode a request, build and encode a response.
+
+Decoding happens in two steps, the way the API server's contract draws the line:
+
+* the envelope (JSON, ``apiVersion``/``kind``, ``request``, ``request.uid``) — if it is wrong the body is not an
+  AdmissionReview at all and the caller gets HTTP 400 (:class:`ReviewError`);
+* the request fields — once a ``uid`` is known every problem is answered with an AdmissionResponse that echoes
+  it, because the API server can only use a response that carries its ``uid``.
+
+Objects stay plain JSON dicts end to end: a typed model would silently drop fields this code does not know
+(newer Kubernetes fields, other webhooks' additions) and a patch computed from it could erase them.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+API_VERSION = "admission.k8s.io/v1"
+KIND = "AdmissionReview"
+OPERATIONS = frozenset({"CREATE", "UPDATE", "DELETE", "CONNECT"})
+
+
+class ReviewError(Exception):
+    """The body is not a usable AdmissionReview; answered with HTTP ``status`` and a short JSON error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """The parts of ``AdmissionReview.request`` that handlers use; ``object`` is the raw dict."""
+
+    uid: str
+    kind: str
+    group: str
+    version: str
+    operation: str
+    namespace: str
+    name: str
+    object: dict[str, Any] | None
+    old_object: dict[str, Any] | None
+    dry_run: bool
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionResponse:
+    """A handler's answer. Build it with :func:`allowed`, :func:`denied`, :func:`patched` or :func:`errored`.
+
+    ``reason`` is a short stable code for logs and metric labels (``injected``, ``skip-host-network``,
+    ``policy-violation``...); it never reaches the API server.
+    """
+
+    allowed: bool
+    patch: list[dict[str, Any]] | None = None
+    warnings: tuple[str, ...] = ()
+    code: int | None = None
+    message: str | None = None
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def allowed(reason: str = "allowed", warnings: tuple[str, ...] = (), message: str | None = None) -> AdmissionResponse:
+    return AdmissionResponse(allowed=True, warnings=warnings, reason=reason, message=message)
+
+
+def denied(message: str, reason: str = "denied", code: int = 403, warnings: tuple[str, ...] = ()) -> AdmissionResponse:
+    return AdmissionResponse(allowed=False, code=code, message=message, reason=reason, warnings=warnings)
+
+
+def patched(ops: list[dict[str, Any]], reason: str = "patched", warnings: tuple[str, ...] = ()) -> AdmissionResponse:
+    """Allow with a JSON patch; an empty list of operations is a plain allow (the API server rejects ``[]``)."""
+    return AdmissionResponse(allowed=True, patch=ops or None, warnings=warnings, reason=reason)
+
+
+def errored(message: str, allow: bool, code: int = 500, reason: str = "error") -> AdmissionResponse:
+    """The request could not be evaluated; ``allow`` is the configured failure mode for this webhook."""
+    if allow:
+        return AdmissionResponse(allowed=True, warnings=(_truncate(message, 120),), message=message, reason=reason)
+    return AdmissionResponse(allowed=False, code=code, message=message, reason=reason)
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parse_envelope(body: bytes) -> tuple[str, dict[str, Any]]:
+    """Return ``(uid, request)`` from the raw body, or raise :class:`ReviewError` (HTTP 400)."""
+    try:
+        review = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ReviewError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(review, dict):
+        raise ReviewError(400, "request body must be a JSON object (an AdmissionReview)")
+    if review.get("kind") != KIND:
+        raise ReviewError(400, f"expected kind {KIND}, got {_show(review.get('kind'))}")
+    if review.get("apiVersion") != API_VERSION:
+        raise ReviewError(
+            400,
+            f"expected apiVersion {API_VERSION}, got {_show(review.get('apiVersion'))}; "
+            "set admissionReviewVersions: [v1] in the webhook configuration",
+        )
+    request = review.get("request")
+    if not isinstance(request, dict):
+        raise ReviewError(400, "AdmissionReview has no request object")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise ReviewError(400, "AdmissionReview request has no uid")
+    return uid, request
+
+
+def parse_request(uid: str, request: dict[str, Any]) -> AdmissionRequest:
+    """Read the request fields; raises ``ValueError`` with a readable message when one has the wrong shape."""
+    kind = _mapping(request, "kind")
+    operation = request.get("operation")
+    if operation not in OPERATIONS:
+        raise ValueError(f"request.operation must be one of {', '.join(sorted(OPERATIONS))}, got {_show(operation)}")
+    obj = request.get("object")
+    old = request.get("oldObject")
+    for name, value in (("object", obj), ("oldObject", old)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"request.{name} must be a JSON object")
+    user = request.get("userInfo")
+    return AdmissionRequest(
+        uid=uid,
+        kind=_string(kind, "kind", "request.kind"),
+        group=_string(kind, "group", "request.kind", required=False),
+        version=_string(kind, "version", "request.kind", required=False),
+        operation=operation,
+        namespace=_string(request, "namespace", "request", required=False),
+        name=_string(request, "name", "request", required=False),
+        object=obj,
+        old_object=old,
+        dry_run=request.get("dryRun") is True,
+        username=_string(user, "username", "request.userInfo", required=False) if isinstance(user, dict) else "",
+    )
+
+
+def _mapping(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    value = parent.get(key)
+    if not isinstance(value, dict):
+        raise ValueError(f"request.{key} must be a JSON object")
+    return value
+
+
+def _string(parent: dict[str, Any], key: str, where: str, required: bool = True) -> str:
+    value = parent.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value):
+        raise ValueError(f"{where}.{key} must be a non-empty string")
+    return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return _truncate(text, 60)
+
+
+def encode_response(uid: str, response: AdmissionResponse) -> bytes:
+    """Serialise the AdmissionReview answer the API server expects."""
+    body: dict[str, Any] = {"uid": uid, "allowed": response.allowed}
+    if response.patch:
+        body["patchType"] = "JSONPatch"
+        body["patch"] = base64.b64encode(orjson.dumps(response.patch)).decode("ascii")
+    if response.warnings:
+        body["warnings"] = list(response.warnings)
+    if not response.allowed or response.message:
+        status: dict[str, Any] = {"message": response.message or ""}
+        if not response.allowed:
+            status["code"] = response.code or 403
+        body["status"] = status
+    return orjson.dumps({"apiVersion": API_VERSION, "kind": KIND, "response": body})
+
+
+def encode_error(status: int, message: str) -> bytes:
+    """The JSON body of a 4xx answer to something that is not an AdmissionReview."""
+    return orjson.dumps({"error": message, "code": status})

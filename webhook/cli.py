@@ -1,0 +1,98 @@
+"""The ``meshguard`` command: argument parsing and exit codes only; the work is in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import certs, config, logs
+
+# Each subcommand registers (name, add_arguments, run); run returns the exit code.
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML configuration file (below MESHGUARD_* env and flags)")
+    p.add_argument("--dev", action="store_true", default=None,
+                   help="generate development certificates if missing; run without a cluster")
+    p.add_argument("--host", help="admission listen address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="admission HTTPS port (default 8443)")
+    p.add_argument("--health-port", type=int, help="health/metrics HTTP port (default 8080)")
+    p.add_argument("--cert-dir", type=Path, help="directory with tls.crt/tls.key (default certs/)")
+    p.add_argument("--state", type=Path, help="directory of manifests used as cluster state instead of the API")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .service import serve
+
+    settings = config.load(
+        args.config,
+        {
+            "dev": args.dev,
+            "state_dir": args.state,
+            "server": {"host": args.host, "port": args.port, "health_port": args.health_port},
+            "tls": {"cert_dir": args.cert_dir},
+        },
+    )
+    logs.configure(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _certs_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="certs_command", required=True, metavar="{generate}")
+    gen = sub.add_parser("generate", help="create a CA (or reuse one) and issue the webhook's serving certificate")
+    gen.add_argument("--service", default="meshguard", help="the webhook Service name (default meshguard)")
+    gen.add_argument("--namespace", default="meshguard", help="the webhook namespace (default meshguard)")
+    gen.add_argument("--out", type=Path, default=Path("certs"), help="output directory (default certs/)")
+    gen.add_argument("--days", type=int, default=365, help="serving certificate validity in days (default 365)")
+    gen.add_argument("--dev", action="store_true", help="also add localhost, 127.0.0.1 and ::1 SANs")
+
+
+def _certs(args: argparse.Namespace) -> int:
+    if args.days < 1:
+        raise UsageError("--days must be at least 1")
+    reused = (args.out / certs.CA_CERT).exists() and (args.out / certs.CA_KEY).exists()
+    serving = certs.generate_serving(args.out, args.service, args.namespace, days=args.days, dev=args.dev)
+    print(f"{'reused' if reused else 'created'} CA {args.out / certs.CA_CERT}")
+    print(f"issued {args.out / certs.TLS_CERT} (valid until {serving.cert.not_valid_after_utc:%Y-%m-%d})")
+    return 0
+
+
+COMMANDS: list[Command] = [
+    ("serve", "run the admission webhook server", _serve_args, _serve),
+    ("certs", "generate development or bootstrap certificates", _certs_args, _certs),
+]
+
+
+class UsageError(Exception):
+    """A bad combination of arguments; printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshguard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, add_arguments, run in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args: Any = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (config.ConfigError, UsageError) as exc:
+        print(f"meshguard: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

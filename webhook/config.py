@@ -1,0 +1,151 @@
+"""One typed configuration object, loaded once and passed in.
+
+Precedence, lowest to highest: built-in defaults < YAML file (``--config``) < ``MESHGUARD_*`` environment
+variables < command-line flags. Nested keys use ``__`` in environment variables, e.g.
+``MESHGUARD_SERVER__PORT=9443`` sets ``server.port``. Nothing below the CLI reads the environment or a global:
+every component receives the :class:`Settings` (or the section it needs) as an argument.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class _Section(BaseModel):
+    """Sections reject unknown keys so that a typo in the config file is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8443, ge=1, le=65535, description="HTTPS port for /mutate and /validate")
+    health_host: str = "0.0.0.0"
+    health_port: int = Field(8080, ge=1, le=65535, description="plain HTTP port for /healthz, /readyz, /metrics")
+    # The API server sends at most ~3 MiB of object, and an UPDATE carries object and oldObject:
+    # 7 MiB is the same cap controller-runtime uses.
+    max_body_bytes: int = Field(7 * MIB, ge=1024)
+    # Slow clients must not pin connections: uvicorn closes a keep-alive connection idle this long.
+    keepalive_timeout_seconds: float = Field(30.0, gt=0)
+    # After SIGTERM the server reports not-ready for this long before it stops accepting, so the
+    # endpoints controller can take the pod out of the Service first.
+    shutdown_delay_seconds: float = Field(0.0, ge=0)
+    # How long in-flight requests get to finish after the listener closes.
+    graceful_timeout_seconds: float = Field(20.0, gt=0)
+
+
+class TLSSettings(_Section):
+    cert_dir: Path = Path("certs")
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # How often the serving certificate files are checked for rotation (cert-manager, Secret volumes).
+    reload_interval_seconds: float = Field(2.0, gt=0)
+    # Optional: require clients (the API server, via its admission kubeconfig) to present a certificate
+    # signed by this CA.
+    client_ca_file: Path | None = None
+
+
+class FailureSettings(_Section):
+    """What a webhook answers when it cannot evaluate a well-formed request (a bug or an unexpected object).
+
+    Injection denies by default so that no pod is silently created without its sidecar; the controller
+    retries and the message says why. Validation allows by default so that a bug in a policy cannot stop the
+    cluster; `meshguard audit` reports what slipped through.
+    """
+
+    mutate: Literal["allow", "deny"] = "deny"
+    validate_: Literal["allow", "deny"] = Field("allow", alias="validate")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Settings(BaseSettings):
+    """The whole configuration of a meshguard process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MESHGUARD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    # The namespace meshguard itself runs in: never injected, always exempt from policy.
+    namespace: str = "meshguard"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # --dev: generate development certificates when missing and run without a cluster.
+    dev: bool = False
+    # A directory of manifests used as cluster state instead of the live API (for --dev and tests).
+    state_dir: Path | None = None
+    server: ServerSettings = ServerSettings()
+    tls: TLSSettings = TLSSettings()
+    failure: FailureSettings = FailureSettings()
+
+class ConfigError(ValueError):
+    """The configuration file or environment is invalid; the message says where."""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the settings from a YAML file, the environment and flag overrides (highest).
+
+    ``overrides`` is a nested mapping such as ``{"server": {"port": 9443}}``; ``None`` values are ignored so
+    that unset flags do not mask the file or the environment. Nested mappings from the layers are merged.
+    """
+    file_data = _read_yaml(config_file) if config_file else {}
+
+    class _WithFile(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_data))
+
+    try:
+        return _WithFile(**_drop_none(overrides or {}))
+    except ValidationError as exc:
+        origin = f" (file {config_file})" if config_file else ""
+        raise ConfigError(f"invalid configuration{origin}: {_summarise(exc)}") from exc
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            nested = _drop_none(value)
+            if nested:
+                out[key] = nested
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)

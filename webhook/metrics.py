@@ -1,0 +1,43 @@
+"""Prometheus collectors, all in the ``meshguard_`` namespace, on a registry of their own.
+
+A private registry (instead of the process-global default) lets tests and several app instances in one process
+each have their own counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# Admission latency: most answers take well under a millisecond; the API server's timeout is seconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BODY_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 8388608)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "meshguard_admission_requests", "Admission requests answered.",
+            ["webhook", "kind", "operation", "decision"], registry=r,
+        )
+        self.duration = Histogram(
+            "meshguard_admission_duration_seconds", "Time to answer an admission request, body read to response.",
+            ["webhook", "kind", "operation", "decision"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.body_bytes = Histogram(
+            "meshguard_admission_request_body_bytes", "Size of admission request bodies.",
+            ["webhook"], buckets=BODY_BUCKETS, registry=r,
+        )
+        self.rejected_bodies = Counter(
+            "meshguard_admission_bad_requests", "Bodies answered with HTTP 4xx (not a usable AdmissionReview).",
+            ["webhook", "status"], registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "meshguard_serving_certificate_expiry_timestamp_seconds",
+            "Unix time at which the serving certificate in use expires.", registry=r,
+        )
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
