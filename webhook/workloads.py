@@ -1,0 +1,131 @@
+"""Where each kind keeps its pod template, and the small facts about a workload both injection and policy need.
+
+Kubernetes has no common interface for "the pod a controller will create": a Deployment keeps it at
+``spec.template``, a CronJob two levels deeper. This table is the one place that knows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# kind -> path from the object to its PodTemplateSpec ({metadata, spec}); a Pod is its own template.
+TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+WORKLOAD_KINDS = frozenset(TEMPLATE_PATHS)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A Pod or pod controller, seen through its pod template.
+
+    ``template`` is the live dict inside ``obj`` (not a copy): mutating code patches it by its JSON Pointer
+    ``pointer`` ("" for a Pod, "/spec/template" for a Deployment...).
+    """
+
+    kind: str
+    namespace: str
+    name: str
+    obj: dict[str, Any]
+    template: dict[str, Any]
+    pointer: str
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return labels_of(self.template)
+
+    @property
+    def annotations(self) -> Mapping[str, str]:
+        return annotations_of(self.template)
+
+    @property
+    def pod_spec(self) -> dict[str, Any]:
+        spec = self.template.get("spec")
+        return spec if isinstance(spec, dict) else {}
+
+    @property
+    def display(self) -> str:
+        """``Deployment shop/payment``: how messages name the workload."""
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+def _string_map(value: Any) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def labels_of(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    meta = obj.get("metadata")
+    return _string_map(meta.get("labels")) if isinstance(meta, dict) else {}
+
+
+def annotations_of(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    meta = obj.get("metadata")
+    return _string_map(meta.get("annotations")) if isinstance(meta, dict) else {}
+
+
+def object_name(obj: Mapping[str, Any]) -> str:
+    """``metadata.name``, or ``generateName`` + ``*`` for a pod a controller has not named yet."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        return ""
+    name = meta.get("name")
+    if isinstance(name, str) and name:
+        return name
+    generate = meta.get("generateName")
+    return f"{generate}*" if isinstance(generate, str) and generate else ""
+
+
+def as_workload(obj: dict[str, Any], default_namespace: str = "") -> Workload | None:
+    """View ``obj`` as a workload, or None when it is not one or has no pod template where one belongs.
+
+    The namespace is the object's own, else ``default_namespace`` (the AdmissionRequest's namespace: pods
+    created by controllers often carry none in the object).
+    """
+    kind = obj.get("kind")
+    path = TEMPLATE_PATHS.get(kind) if isinstance(kind, str) else None
+    if path is None:
+        return None
+    template: Any = obj
+    for key in path:
+        template = template.get(key) if isinstance(template, dict) else None
+    if not isinstance(template, dict):
+        return None
+    meta = obj.get("metadata")
+    namespace = meta.get("namespace") if isinstance(meta, dict) else None
+    return Workload(
+        kind=kind,
+        namespace=namespace if isinstance(namespace, str) and namespace else default_namespace,
+        name=object_name(obj),
+        obj=obj,
+        template=template,
+        pointer="".join(f"/{key}" for key in path),
+    )
+
+
+def controller_owner(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ownerReference with ``controller: true`` (a ReplicaSet for a Deployment's pods), if any."""
+    meta = obj.get("metadata")
+    refs = meta.get("ownerReferences") if isinstance(meta, dict) else None
+    if isinstance(refs, list):
+        for ref in refs:
+            if isinstance(ref, dict) and ref.get("controller") is True:
+                return ref
+    return None
+
+
+def iter_workloads(objects: list[dict[str, Any]], default_namespace: str) -> Iterator[Workload]:
+    for obj in objects:
+        workload = as_workload(obj, default_namespace)
+        if workload is not None:
+            yield workload
