@@ -1,0 +1,151 @@
+"""Shared fixtures: a real meshguard server process over HTTPS on loopback, and AdmissionReview builders."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "corpus"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def review(obj: dict[str, Any] | None, *, operation: str = "CREATE", namespace: str = "default",
+           kind: str | None = None, old: dict[str, Any] | None = None, dry_run: bool = False,
+           uid: str | None = None) -> dict[str, Any]:
+    """An AdmissionReview v1 request the way kube-apiserver sends it."""
+    kind = kind or (obj or old or {}).get("kind", "Pod")
+    group, version = "", "v1"
+    api_version = (obj or old or {}).get("apiVersion", "v1")
+    if "/" in api_version:
+        group, version = api_version.split("/", 1)
+    resource = kind.lower() + ("es" if kind.endswith("s") else "s")
+    meta = (obj or old or {}).get("metadata") or {}
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid or str(uuid.uuid4()),
+            "kind": {"group": group, "version": version, "kind": kind},
+            "resource": {"group": group, "version": version, "resource": resource},
+            "requestKind": {"group": group, "version": version, "kind": kind},
+            "requestResource": {"group": group, "version": version, "resource": resource},
+            "name": meta.get("name", ""),
+            "namespace": namespace,
+            "operation": operation,
+            "userInfo": {"username": "kubernetes-admin", "groups": ["system:masters", "system:authenticated"]},
+            "object": obj,
+            "oldObject": old,
+            "dryRun": dry_run,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    url: str
+    health_url: str
+    cert_dir: Path
+    log_path: Path
+
+    @property
+    def ca(self) -> str:
+        return str(self.cert_dir / "ca.crt")
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, verify=self.ca, timeout=10, **kwargs)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(workdir: Path, config: dict[str, Any] | None = None, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, wait_ready: bool = True) -> RunningServer:
+    """Start ``meshguard serve --dev`` as a real process on free loopback ports and wait until it is ready."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cert_dir = workdir / "certs"
+    port, health = free_port(), free_port()
+    cfg: dict[str, Any] = {"server": {"host": "127.0.0.1", "port": port, "health_host": "127.0.0.1",
+                                      "health_port": health}, "tls": {"cert_dir": str(cert_dir)}}
+    for key, value in (config or {}).items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    config_file = workdir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg))
+    log_path = workdir / "server.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "webhook", "serve", "--dev", "--config", str(config_file), *args],
+        cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    server = RunningServer(process, f"https://127.0.0.1:{port}", f"http://127.0.0.1:{health}", cert_dir, log_path)
+    if wait_ready:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"meshguard exited with {process.returncode}:\n{server.logs()}")
+            try:
+                if httpx.get(f"{server.health_url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                server.stop(signal.SIGKILL)
+                raise RuntimeError(f"meshguard not ready in 30 s:\n{server.logs()}")
+            time.sleep(0.05)
+    return server
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Start servers with ``server_factory(config=..., args=...)``; all are stopped at the end of the test."""
+    started: list[RunningServer] = []
+
+    def factory(config: dict[str, Any] | None = None, args: tuple[str, ...] = (), **kwargs: Any) -> RunningServer:
+        server = start_server(tmp_path / f"server{len(started)}", config, args, **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One server with default settings shared by a test module."""
+    running = start_server(tmp_path_factory.mktemp("server"))
+    yield running
+    running.stop(signal.SIGKILL)
