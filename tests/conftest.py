@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -73,7 +74,7 @@ class RunningServer:
         return str(self.cert_dir / "ca.crt")
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, verify=self.ca, timeout=10, **kwargs)
+        return httpx.Client(base_url=self.url, verify=ssl.create_default_context(cafile=self.ca), timeout=10, **kwargs)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
