@@ -24,6 +24,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Below _Section on purpose: the injection section subclasses it (see webhook/injection/__init__.py).
+from .injection.settings import InjectionSettings  # noqa: E402
+
+
 class ServerSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(8443, ge=1, le=65535, description="HTTPS port for /mutate and /validate")
@@ -85,6 +89,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     tls: TLSSettings = TLSSettings()
     failure: FailureSettings = FailureSettings()
+    injection: InjectionSettings = InjectionSettings()
 
 class ConfigError(ValueError):
     """The configuration file or environment is invalid; the message says where."""
