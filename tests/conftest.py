@@ -103,6 +103,7 @@ def start_server(workdir: Path, config: dict[str, Any] | None = None, args: tupl
             cfg[key] = {**cfg[key], **value}
         else:
             cfg[key] = value
+    cert_dir = Path(cfg["tls"]["cert_dir"])
     config_file = workdir / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg))
     log_path = workdir / "server.log"

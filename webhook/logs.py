@@ -13,7 +13,8 @@ import time
 import orjson
 
 # Attributes every LogRecord has; anything else on a record came from ``extra`` and is logged as a field.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime", "taskName", "color_message"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_STANDARD |= {"color_message"}  # uvicorn's ANSI-coloured copy of the message
 
 
 class JSONFormatter(logging.Formatter):

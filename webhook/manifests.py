@@ -78,6 +78,7 @@ def dump(objects: list[dict[str, Any]], output: str) -> str:
 
         if len(objects) == 1:
             return orjson.dumps(objects[0], option=orjson.OPT_INDENT_2).decode() + "\n"
-        return orjson.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, option=orjson.OPT_INDENT_2).decode() + "\n"
+        listing = {"apiVersion": "v1", "kind": "List", "items": objects}
+        return orjson.dumps(listing, option=orjson.OPT_INDENT_2).decode() + "\n"
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     return yaml.dump_all(objects, Dumper=dumper, sort_keys=False, default_flow_style=False)

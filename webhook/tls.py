@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 import ssl
 from collections.abc import Callable
-from pathlib import Path
 
 from cryptography import x509
 
@@ -72,6 +71,7 @@ class CertificateReloader:
             await asyncio.sleep(self._settings.reload_interval_seconds)
             try:
                 if self.reload():
-                    log.info("serving certificate reloaded", extra={"not_after": self.not_after.isoformat() if self.not_after else None})
+                    not_after = self.not_after.isoformat() if self.not_after else None
+                    log.info("serving certificate reloaded", extra={"not_after": not_after})
             except (OSError, ssl.SSLError, ValueError) as exc:
                 log.warning("serving certificate not reloaded, keeping the previous one", extra={"error": str(exc)})
