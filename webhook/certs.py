@@ -93,15 +93,22 @@ def issue_leaf(
     days: int = 365,
     server: bool = True,
     client: bool = False,
+    organizations: tuple[str, ...] = (),
 ) -> Issued:
-    """A leaf certificate signed by ``ca`` with the given SANs and extended key usages."""
+    """A leaf certificate signed by ``ca`` with the given SANs and extended key usages.
+
+    ``organizations`` become O= attributes: Kubernetes reads them as the groups of a client certificate.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
     sans += [x509.UniformResourceIdentifier(u) for u in uris]
     usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
     usages += [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
+        + [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
     builder = (
         _builder(subject, ca.cert.subject, key.public_key(), days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
