@@ -91,8 +91,12 @@ class RunningServer:
 
 
 def start_server(workdir: Path, config: dict[str, Any] | None = None, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, wait_ready: bool = True) -> RunningServer:
-    """Start ``meshguard serve --dev`` as a real process on free loopback ports and wait until it is ready."""
+                 env: dict[str, str] | None = None, wait_ready: bool = True, dev: bool = True) -> RunningServer:
+    """Start ``meshguard serve`` as a real process on free loopback ports and wait until it is ready.
+
+    ``dev`` runs it with ``--dev`` (no cluster); without it the server uses the live API (``KUBECONFIG`` in
+    ``env``), with loopback certificates made here.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     cert_dir = workdir / "certs"
     port, health = free_port(), free_port()
@@ -107,8 +111,13 @@ def start_server(workdir: Path, config: dict[str, Any] | None = None, args: tupl
     config_file = workdir / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg))
     log_path = workdir / "server.log"
+    if not dev and not (cert_dir / "tls.crt").exists():
+        from webhook.certs import generate_serving
+
+        generate_serving(cert_dir, "meshguard", "meshguard", dev=True)
+    mode = ("--dev",) if dev else ()
     process = subprocess.Popen(
-        [sys.executable, "-m", "webhook", "serve", "--dev", "--config", str(config_file), *args],
+        [sys.executable, "-m", "webhook", "serve", *mode, "--config", str(config_file), *args],
         cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
