@@ -1,0 +1,459 @@
+"""The Envoy bootstrap of the ``meshguard-proxy`` sidecar: a pure function of :class:`BootstrapOptions`.
+
+Traffic reaches Envoy through the iptables rules of ``meshguard netinit`` (see :mod:`webhook.netinit`):
+
+* inbound TCP to any pod port is redirected to ``inbound_port``; the listener reads the original destination,
+  terminates mutual TLS (the peer must present a certificate of the mesh CA whose SPIFFE ID is in the trust
+  domain) and forwards the bytes to ``127.0.0.1:<original port>``. Loopback output is never captured, so the
+  forwarded connection does not loop back into Envoy.
+* outbound TCP from the app is redirected to ``outbound_port``; connections to ``mesh_cidrs`` leave as mutual TLS
+  to the original destination (that pod's inbound listener), everything else passes through untouched. Envoy's
+  own connections (uid ``proxy_uid``) are not captured.
+
+Pod identity is not known when the injected spec is built (it is built once, not per pod), so the bootstrap names
+the node with ``$(POD_NAME)``-style references that the kubelet expands in container ``args``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from typing import Any
+
+MTLS_MODES = ("STRICT", "PERMISSIVE")
+LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
+# Kubelet expands these in container args from the env vars the injector sets through the Downward API.
+POD_VARIABLES = ("POD_NAME", "POD_NAMESPACE", "POD_IP", "SERVICE_ACCOUNT")
+# The paths the readiness listener answers on: the documented one and the one the injected probes use.
+READY_PATHS = ("/healthz/ready", "/ready")
+STATS_PATH = "/stats/prometheus"
+
+# Cluster names (also what Envoy's stats and access logs show).
+INBOUND_CLUSTER = "inbound|local"
+MESH_CLUSTER = "outbound|mesh-mtls"
+PASSTHROUGH_CLUSTER = "outbound|passthrough"
+ADMIN_CLUSTER = "admin"
+BLACKHOLE_CLUSTER = "blackhole"
+XDS_CLUSTER = "xds"
+
+# One line per connection, with the verified peer identity (empty for plaintext and passthrough traffic).
+ACCESS_LOG_FORMAT = (
+    "[%START_TIME%] %DOWNSTREAM_REMOTE_ADDRESS% -> %DOWNSTREAM_LOCAL_ADDRESS% upstream=%UPSTREAM_HOST% "
+    "cluster=%UPSTREAM_CLUSTER% peer=%DOWNSTREAM_PEER_URI_SAN% tls=%DOWNSTREAM_TLS_VERSION% "
+    "flags=%RESPONSE_FLAGS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT% ms=%DURATION%\n"
+)
+
+_CONNECT_TIMEOUT = "5s"
+
+
+@dataclass(frozen=True)
+class BootstrapOptions:
+    """Everything that shapes a sidecar's bootstrap. Hashable: the injector caches ``render`` per value."""
+
+    inbound_port: int = 15006
+    outbound_port: int = 15001
+    readiness_port: int = 15021
+    stats_port: int = 15090
+    admin_port: int = 15000
+    cert_dir: str = "/etc/meshguard/certs"  # tls.crt, tls.key, ca.crt from the workload Secret
+    mtls_mode: str = "STRICT"  # STRICT | PERMISSIVE (inbound)
+    mesh_cidrs: tuple[str, ...] = ()  # outbound destinations that get mTLS; other traffic passes through
+    trust_domain: str = "cluster.local"
+    log_level: str = "info"
+    xds_address: str | None = None  # ADS server host:port; None = static mode
+    xds_tls: bool = True  # mutual TLS to the ADS server with the workload certificate
+
+    def __post_init__(self) -> None:
+        problems = validate(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def validate(options: BootstrapOptions) -> list[str]:
+    """Every problem with ``options`` as a readable sentence (empty when the bootstrap can be built)."""
+    problems: list[str] = []
+    ports = {
+        "inbound_port": options.inbound_port,
+        "outbound_port": options.outbound_port,
+        "readiness_port": options.readiness_port,
+        "stats_port": options.stats_port,
+        "admin_port": options.admin_port,
+    }
+    for name, port in ports.items():
+        if not 1 <= port <= 65535:
+            problems.append(f"{name} {port} is not a TCP port (1-65535)")
+    if len(set(ports.values())) != len(ports):
+        problems.append(f"the proxy ports must differ: {ports}")
+    if options.mtls_mode not in MTLS_MODES:
+        problems.append(f"mtls_mode {options.mtls_mode!r} is not one of {', '.join(MTLS_MODES)}")
+    if options.log_level not in LOG_LEVELS:
+        problems.append(f"log_level {options.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    for cidr in options.mesh_cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            problems.append(f"mesh CIDR {cidr!r} is not an IP range such as 10.0.0.0/8")
+    if not options.trust_domain or "/" in options.trust_domain:
+        problems.append(f"trust_domain {options.trust_domain!r} must be a non-empty name without '/'")
+    if options.xds_address is not None:
+        try:
+            split_host_port(options.xds_address)
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` into its parts."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"xds_address {address!r} must be host:port, e.g. meshguard-xds.meshguard.svc:15010")
+    return host, int(port)
+
+
+def spiffe_prefix(trust_domain: str) -> str:
+    return f"spiffe://{trust_domain}/"
+
+
+# --- building blocks -------------------------------------------------------------------------------------------
+
+
+def _socket_address(address: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _typed(type_name: str, **config: Any) -> dict[str, Any]:
+    return {"@type": f"type.googleapis.com/{type_name}", **config}
+
+
+def _file(path: str) -> dict[str, str]:
+    return {"filename": path}
+
+
+def _common_tls(options: BootstrapOptions, verify_peer: bool) -> dict[str, Any]:
+    """Our certificate, and (``verify_peer``) the mesh CA plus a SPIFFE ID in the trust domain for the peer."""
+    context: dict[str, Any] = {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "tls_certificates": [
+            {
+                "certificate_chain": _file(f"{options.cert_dir}/tls.crt"),
+                "private_key": _file(f"{options.cert_dir}/tls.key"),
+            }
+        ],
+    }
+    validation: dict[str, Any] = {"trusted_ca": _file(f"{options.cert_dir}/ca.crt")}
+    if verify_peer:
+        validation["match_typed_subject_alt_names"] = [
+            {"san_type": "URI", "matcher": {"prefix": spiffe_prefix(options.trust_domain)}}
+        ]
+    context["validation_context"] = validation
+    return context
+
+
+def _downstream_tls(options: BootstrapOptions) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": _typed(
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            common_tls_context=_common_tls(options, verify_peer=True),
+            require_client_certificate=True,
+        ),
+    }
+
+
+def _upstream_tls(options: BootstrapOptions, verify_peer: bool = True) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": _typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            common_tls_context=_common_tls(options, verify_peer=verify_peer),
+        ),
+    }
+
+
+def _access_log() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": _typed(
+                "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                log_format={"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}},
+            ),
+        }
+    ]
+
+
+def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": _typed(
+            "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            stat_prefix=stat_prefix,
+            cluster=cluster,
+            access_log=_access_log(),
+        ),
+    }
+
+
+def _blackhole_chain(name: str, ports: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Connections whose original destination is a proxy port would loop through Envoy (or reach the admin
+    interface from the network): send them to a cluster without endpoints, which closes them. One chain per
+    port, since a chain matches a single port."""
+    return [
+        {
+            "name": f"{name}-blackhole-{port}",
+            "filter_chain_match": {"destination_port": port},
+            "filters": [_tcp_proxy(f"{name}_blackhole", BLACKHOLE_CLUSTER)],
+        }
+        for port in ports
+    ]
+
+
+def _original_dst_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.listener.original_dst",
+        "typed_config": _typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst"),
+    }
+
+
+def _tls_inspector() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.listener.tls_inspector",
+        "typed_config": _typed("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"),
+    }
+
+
+def _proxy_ports(options: BootstrapOptions) -> tuple[int, ...]:
+    return (options.inbound_port, options.outbound_port, options.admin_port)
+
+
+# --- listeners -------------------------------------------------------------------------------------------------
+
+
+def inbound_listener(options: BootstrapOptions) -> dict[str, Any]:
+    """Port ``inbound_port``: mTLS in, plaintext to ``127.0.0.1:<original port>``.
+
+    The original port is handed to the ORIGINAL_DST cluster through the well-known filter state key, so one static
+    listener serves every application port without knowing them in advance.
+    """
+    to_local_app = [
+        {
+            "name": "envoy.filters.network.set_filter_state",
+            "typed_config": _typed(
+                "envoy.extensions.filters.network.set_filter_state.v3.Config",
+                on_new_connection=[
+                    {
+                        "object_key": "envoy.network.transport_socket.original_dst_address",
+                        "format_string": {
+                            "text_format_source": {"inline_string": "127.0.0.1:%DOWNSTREAM_LOCAL_PORT%"}
+                        },
+                    }
+                ],
+            ),
+        },
+        _tcp_proxy("inbound", INBOUND_CLUSTER),
+    ]
+    chains: list[dict[str, Any]] = _blackhole_chain("inbound", _proxy_ports(options))
+    chains.append(
+        {
+            "name": "inbound-mtls",
+            "filter_chain_match": {"transport_protocol": "tls"},
+            "transport_socket": _downstream_tls(options),
+            "filters": to_local_app,
+        }
+    )
+    if options.mtls_mode == "PERMISSIVE":
+        chains.append({"name": "inbound-plaintext", "filter_chain_match": {"transport_protocol": "raw_buffer"},
+                       "filters": to_local_app})
+    return {
+        "name": "inbound",
+        "address": _socket_address("0.0.0.0", options.inbound_port),
+        "listener_filters": [_original_dst_filter(), _tls_inspector()],
+        # Plaintext clients send nothing first (a server speaks first in e.g. SMTP): don't wait long to tell.
+        "listener_filters_timeout": "1s",
+        "continue_on_listener_filters_timeout": True,
+        "filter_chains": chains,
+        "traffic_direction": "INBOUND",
+    }
+
+
+def outbound_listener(options: BootstrapOptions) -> dict[str, Any]:
+    """Port ``outbound_port``: mTLS to ``mesh_cidrs``, untouched TCP to everything else."""
+    chains: list[dict[str, Any]] = _blackhole_chain("outbound", _proxy_ports(options))
+    if options.mesh_cidrs:
+        chains.append(
+            {
+                "name": "outbound-mesh",
+                "filter_chain_match": {"prefix_ranges": [_cidr_range(c) for c in options.mesh_cidrs]},
+                "filters": [_tcp_proxy("outbound_mesh", MESH_CLUSTER)],
+            }
+        )
+    return {
+        "name": "outbound",
+        "address": _socket_address("0.0.0.0", options.outbound_port),
+        "listener_filters": [_original_dst_filter()],
+        "filter_chains": chains,
+        "default_filter_chain": {
+            "name": "outbound-passthrough",
+            "filters": [_tcp_proxy("outbound_passthrough", PASSTHROUGH_CLUSTER)],
+        },
+        "traffic_direction": "OUTBOUND",
+    }
+
+
+def _cidr_range(cidr: str) -> dict[str, Any]:
+    network = ipaddress.ip_network(cidr, strict=False)
+    return {"address_prefix": str(network.network_address), "prefix_len": network.prefixlen}
+
+
+def _admin_route_listener(name: str, port: int, paths: dict[str, str]) -> dict[str, Any]:
+    """An HTTP listener on all addresses exposing only ``paths`` (public path -> admin path) of the admin API."""
+    routes = [
+        {"match": {"path": public}, "route": {"cluster": ADMIN_CLUSTER, "prefix_rewrite": admin}}
+        for public, admin in paths.items()
+    ]
+    return {
+        "name": name,
+        "address": _socket_address("0.0.0.0", port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": _typed(
+                            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            stat_prefix=name,
+                            route_config={
+                                "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]
+                            },
+                            http_filters=[
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+                                }
+                            ],
+                        ),
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def readiness_listener(options: BootstrapOptions) -> dict[str, Any]:
+    return _admin_route_listener("readiness", options.readiness_port, dict.fromkeys(READY_PATHS, "/ready"))
+
+
+def stats_listener(options: BootstrapOptions) -> dict[str, Any]:
+    return _admin_route_listener("prometheus", options.stats_port, {STATS_PATH: STATS_PATH})
+
+
+# --- clusters --------------------------------------------------------------------------------------------------
+
+
+def _original_dst_cluster(name: str, transport_socket: dict[str, Any] | None = None) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": _CONNECT_TIMEOUT,
+    }
+    if transport_socket is not None:
+        cluster["transport_socket"] = transport_socket
+    return cluster
+
+
+def _static_cluster(name: str, host: str, port: int, kind: str = "STATIC") -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": kind,
+        "connect_timeout": _CONNECT_TIMEOUT,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}],
+        },
+    }
+
+
+def xds_cluster(options: BootstrapOptions) -> dict[str, Any]:
+    assert options.xds_address is not None
+    host, port = split_host_port(options.xds_address)
+    try:
+        ipaddress.ip_address(host)
+        kind = "STATIC"
+    except ValueError:
+        kind = "STRICT_DNS"
+    cluster = _static_cluster(XDS_CLUSTER, host, port, kind)
+    # ADS is gRPC: HTTP/2 to the upstream.
+    http_options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    cluster["typed_extension_protocol_options"] = {
+        http_options: _typed(http_options, explicit_http_config={"http2_protocol_options": {}})
+    }
+    if options.xds_tls:
+        # The control plane is not a workload: trust the mesh CA without requiring a SPIFFE ID of it.
+        cluster["transport_socket"] = _upstream_tls(options, verify_peer=False)
+    return cluster
+
+
+# --- the bootstrap ---------------------------------------------------------------------------------------------
+
+
+def _node() -> dict[str, Any]:
+    return {
+        "id": "sidecar~$(POD_IP)~$(POD_NAME).$(POD_NAMESPACE)",
+        "cluster": "$(SERVICE_ACCOUNT).$(POD_NAMESPACE)",
+        "metadata": {
+            "namespace": "$(POD_NAMESPACE)",
+            "pod_name": "$(POD_NAME)",
+            "service_account": "$(SERVICE_ACCOUNT)",
+        },
+    }
+
+
+def bootstrap(options: BootstrapOptions) -> dict[str, Any]:
+    """The bootstrap as a dict. Static mode: the whole data plane. xDS mode: the health and stats listeners plus
+    an ADS cluster; the control plane delivers the inbound/outbound listeners and mesh clusters."""
+    listeners = [readiness_listener(options), stats_listener(options)]
+    clusters = [_static_cluster(ADMIN_CLUSTER, "127.0.0.1", options.admin_port)]
+    config: dict[str, Any] = {
+        "node": _node(),
+        "admin": {"address": _socket_address("127.0.0.1", options.admin_port)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+    if options.xds_address is None:
+        listeners[:0] = [inbound_listener(options), outbound_listener(options)]
+        clusters += [
+            _original_dst_cluster(INBOUND_CLUSTER),
+            _original_dst_cluster(MESH_CLUSTER, _upstream_tls(options)),
+            _original_dst_cluster(PASSTHROUGH_CLUSTER),
+            {"name": BLACKHOLE_CLUSTER, "type": "STATIC", "connect_timeout": _CONNECT_TIMEOUT},
+        ]
+    else:
+        clusters.append(xds_cluster(options))
+        ads = {"ads": {}, "resource_api_version": "V3"}
+        config["dynamic_resources"] = {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "set_node_on_first_message_only": True,
+            },
+            "cds_config": ads,
+            "lds_config": ads,
+        }
+    return config
+
+
+def render(options: BootstrapOptions) -> str:
+    """Compact JSON (valid YAML) for ``envoy --config-yaml``."""
+    return json.dumps(bootstrap(options), separators=(",", ":"))
+
+
+def expand_pod_variables(rendered: str, values: dict[str, str]) -> str:
+    """Do what the kubelet does to ``$(VAR)`` references in container args (for running a bootstrap outside
+    Kubernetes: tests, local debugging)."""
+    for name in POD_VARIABLES:
+        rendered = rendered.replace(f"$({name})", values[name])
+    return rendered
