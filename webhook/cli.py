@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import certs, config, logs
+from . import certs, config, logs, manifests
 
 # Each subcommand registers (name, add_arguments, run); run returns the exit code.
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -63,9 +63,38 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inject_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR|-",
+                   help="manifests to inject (YAML or JSON, multi-document, kind: List); repeatable; - reads stdin")
+    p.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml", help="output format (default yaml)")
+    p.add_argument("--config", type=Path, help="YAML configuration file: the injection settings the server uses")
+    p.add_argument("-n", "--namespace", default="default",
+                   help="namespace of objects that name none (default: default)")
+
+
+def _inject(args: argparse.Namespace) -> int:
+    from .injection.offline import InjectError, inject
+
+    settings = config.load(args.config)
+    try:
+        objects = manifests.load(args.filename)
+    except manifests.ManifestError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        notes = inject(objects, settings, args.namespace)
+    except InjectError as exc:
+        print(f"meshguard: cannot inject {exc}", file=sys.stderr)
+        return 1
+    for note in notes:
+        print(f"meshguard: {note}", file=sys.stderr)
+    sys.stdout.write(manifests.dump(objects, args.output))
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("serve", "run the admission webhook server", _serve_args, _serve),
     ("certs", "generate development or bootstrap certificates", _certs_args, _certs),
+    ("inject", "inject the meshguard sidecar into manifests offline and print them", _inject_args, _inject),
 ]
 
 

@@ -34,6 +34,10 @@ class Metrics:
             "meshguard_admission_bad_requests", "Bodies answered with HTTP 4xx (not a usable AdmissionReview).",
             ["webhook", "status"], registry=r,
         )
+        self.injections = Counter(
+            "meshguard_injections", "Sidecar injection answers by result (injected, skipped, denied) and reason.",
+            ["result", "reason"], registry=r,
+        )
         self.certificate_expiry = Gauge(
             "meshguard_serving_certificate_expiry_timestamp_seconds",
             "Unix time at which the serving certificate in use expires.", registry=r,

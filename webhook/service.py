@@ -11,6 +11,7 @@ import logging
 from .admission import AdmissionRequest, AdmissionResponse, allowed
 from .certs import ensure_dev_certs
 from .config import Settings
+from .injection.handler import mutate_handler
 from .metrics import Metrics
 from .server import Readiness, Webhook, run
 
@@ -23,9 +24,9 @@ async def _allow(request: AdmissionRequest) -> AdmissionResponse:
     return allowed(reason="no-rules")
 
 
-def build_webhooks(settings: Settings) -> dict[str, Webhook]:
+def build_webhooks(settings: Settings, metrics: Metrics) -> dict[str, Webhook]:
     return {
-        "mutate": Webhook(_allow, allow_on_error=settings.failure.mutate == "allow"),
+        "mutate": Webhook(mutate_handler(settings, metrics), allow_on_error=settings.failure.mutate == "allow"),
         "validate": Webhook(_allow, allow_on_error=settings.failure.validate_ == "allow"),
     }
 
@@ -43,4 +44,4 @@ async def serve(settings: Settings) -> None:
             "dev": settings.dev,
         },
     )
-    await run(settings, build_webhooks(settings), readiness, metrics)
+    await run(settings, build_webhooks(settings, metrics), readiness, metrics)

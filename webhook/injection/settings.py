@@ -1,24 +1,39 @@
 """The ``injection`` section of the configuration: what every injected pod gets unless an annotation overrides it.
 
 Defaults follow the issue's contract (proxy uid 1337, capture ports 15001/15006, readiness 15021, stats 15090,
-requests 100m/128Mi, limits 2/1Gi) so that a cluster works with an empty config file.
+requests 100m/128Mi, limits 2/1Gi) so that a cluster works with an empty config file. Values are checked with
+the same parsers as the per-pod annotations, so a bad default fails at startup rather than on every pod.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, model_validator
 
+from .. import envoy
 from ..config import _Section
+from . import values
+from .values import EnvoyLogLevel
 
-EnvoyLogLevel = Literal["trace", "debug", "info", "warning", "error", "critical", "off"]
+INBOUND_PORT = 15006
+OUTBOUND_PORT = 15001
+READINESS_PORT = 15021
+STATS_PORT = 15090
+ADMIN_PORT = 15000
+CERT_DIR = "/etc/meshguard/certs"
+
+Quantity = Annotated[str, AfterValidator(values.quantity)]
+Image = Annotated[str, AfterValidator(values.image)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Cidr = Annotated[str, AfterValidator(values.cidr)]
+IncludeRange = Annotated[str, AfterValidator(values.include_range)]
 
 
 class InjectionSettings(_Section):
-    proxy_image: str = "envoyproxy/envoy:v1.31.2"
+    proxy_image: Image = "envoyproxy/envoy:v1.31.2"
     # The init container runs meshguard's own image (``meshguard netinit ...``).
-    init_image: str = "meshguard:0.1.0"
+    init_image: Image = "meshguard:0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     # Native sidecar (an init container with restartPolicy: Always, Kubernetes >= 1.29): Jobs complete and the
     # app starts only once the proxy is ready. False appends the proxy to ``containers`` (classic mode).
@@ -27,20 +42,20 @@ class InjectionSettings(_Section):
     hold_application_until_proxy_starts: bool = False
     proxy_uid: int = Field(1337, ge=1, le=2**31 - 1)
     log_level: EnvoyLogLevel = "info"
-    proxy_cpu: str = "100m"
-    proxy_memory: str = "128Mi"
-    proxy_cpu_limit: str = "2"
-    proxy_memory_limit: str = "1Gi"
+    proxy_cpu: Quantity = "100m"
+    proxy_memory: Quantity = "128Mi"
+    proxy_cpu_limit: Quantity = "2"
+    proxy_memory_limit: Quantity = "1Gi"
     # Traffic capture, passed to ``meshguard netinit``; readiness and stats ports are always excluded inbound.
-    exclude_inbound_ports: tuple[int, ...] = ()
-    exclude_outbound_ports: tuple[int, ...] = ()
-    include_outbound_ip_ranges: tuple[str, ...] = ("*",)
-    exclude_outbound_ip_ranges: tuple[str, ...] = ()
+    exclude_inbound_ports: tuple[Port, ...] = ()
+    exclude_outbound_ports: tuple[Port, ...] = ()
+    include_outbound_ip_ranges: tuple[IncludeRange, ...] = Field(("*",), min_length=1)
+    exclude_outbound_ip_ranges: tuple[Cidr, ...] = ()
     # The Secret (in the pod's namespace) holding the workload certificate: tls.crt, tls.key, ca.crt.
-    cert_secret: str = "meshguard-workload-cert"
+    cert_secret: str = Field("meshguard-workload-cert", min_length=1, max_length=253)
     mtls_mode: Literal["STRICT", "PERMISSIVE"] = "STRICT"
     # Outbound destinations that are in the mesh and get mTLS.
-    mesh_cidrs: tuple[str, ...] = ()
+    mesh_cidrs: tuple[Cidr, ...] = ()
     trust_domain: str = "cluster.local"
     # ADS server host:port for dynamic configuration; None runs Envoy from its static bootstrap.
     xds_address: str | None = None
@@ -48,3 +63,44 @@ class InjectionSettings(_Section):
     drain_seconds: int = Field(5, ge=0, le=3600)
     # Namespaces never injected in addition to kube-system, kube-public, kube-node-lease and meshguard's own.
     exclude_namespaces: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InjectionSettings:
+        problem = resource_problem(self)
+        if problem:
+            message, request, limit = problem
+            raise ValueError(f"{message}: {request} must be <= {limit}")
+        self.bootstrap_options()  # raises ValueError (a bad xds_address, trust_domain...) at startup
+        return self
+
+    def bootstrap_options(self) -> envoy.BootstrapOptions:
+        """The Envoy bootstrap these settings call for (per-pod overrides included, e.g. the log level)."""
+        return envoy.BootstrapOptions(
+            inbound_port=INBOUND_PORT,
+            outbound_port=OUTBOUND_PORT,
+            readiness_port=READINESS_PORT,
+            stats_port=STATS_PORT,
+            admin_port=ADMIN_PORT,
+            cert_dir=CERT_DIR,
+            mtls_mode=self.mtls_mode,
+            mesh_cidrs=self.mesh_cidrs,
+            trust_domain=self.trust_domain,
+            log_level=self.log_level,
+            xds_address=self.xds_address,
+        )
+
+
+_RESOURCE_PAIRS = (("proxy_cpu", "proxy_cpu_limit", "CPU"), ("proxy_memory", "proxy_memory_limit", "memory"))
+
+
+def resource_problem(settings: InjectionSettings) -> tuple[str, str, str] | None:
+    """Kubernetes rejects a container whose request exceeds its limit; say so in our words first.
+
+    Returns (sentence, request field, limit field) so the caller can name them its own way (config key or
+    annotation).
+    """
+    for request, limit, what in _RESOURCE_PAIRS:
+        low, high = getattr(settings, request), getattr(settings, limit)
+        if values.parse_quantity(low) > values.parse_quantity(high):
+            return f"the proxy {what} request {low} exceeds its limit {high}", request, limit
+    return None

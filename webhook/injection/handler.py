@@ -1,0 +1,48 @@
+"""``POST /mutate``: the admission handler around :func:`webhook.injection.patch.plan`.
+
+Only Pod CREATE requests are considered; everything else (UPDATE, DELETE, other kinds, subresources) is allowed
+unchanged. Dry-run requests get the same patch: injection has no side effects. Each answer carries its reason
+code, which the server logs, and is counted in ``meshguard_injections{result, reason}``.
+"""
+
+from __future__ import annotations
+
+from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied, patched
+from ..config import Settings
+from ..metrics import Metrics
+from ..server import Handler
+from ..workloads import as_workload
+from .overrides import OverrideError
+from .patch import plan
+
+NOT_A_POD_CREATE = "not-a-pod-create"
+INVALID_OVERRIDE = "invalid-override"
+
+
+def mutate_handler(settings: Settings, metrics: Metrics) -> Handler:
+    injection, own_namespace = settings.injection, settings.namespace
+
+    def respond(request: AdmissionRequest) -> tuple[str, AdmissionResponse]:
+        obj = request.object
+        workload = (
+            as_workload(obj, request.namespace)
+            if obj is not None and request.operation == "CREATE" and request.kind == "Pod" and request.group == ""
+            else None
+        )
+        if workload is None or workload.kind != "Pod":
+            return "skipped", allowed(reason=NOT_A_POD_CREATE)
+        try:
+            outcome = plan(workload, injection, own_namespace)
+        except OverrideError as exc:
+            message = f"meshguard cannot inject the sidecar into {workload.display}: {exc} (fix or remove it)"
+            return "denied", denied(message, reason=INVALID_OVERRIDE, code=400)
+        if not outcome.decision.inject:
+            return "skipped", allowed(reason=outcome.decision.reason, message=outcome.decision.message)
+        return "injected", patched(outcome.ops, reason="injected")
+
+    async def handle(request: AdmissionRequest) -> AdmissionResponse:
+        result, response = respond(request)
+        metrics.injections.labels(result, response.reason).inc()
+        return response
+
+    return handle

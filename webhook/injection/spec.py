@@ -1,0 +1,200 @@
+"""What is injected: the ``meshguard-init`` init container, the ``meshguard-proxy`` sidecar and their volumes.
+
+Nothing here depends on the individual pod: pod identity reaches Envoy through the Downward API (``$(POD_NAME)``
+and friends, expanded by the kubelet in ``args``), so the whole injected spec is a function of the effective
+settings alone and is built once per distinct settings value (in practice: once, plus once per distinct set of
+override annotations). The Envoy bootstrap is rendered once per distinct :class:`~webhook.envoy.BootstrapOptions`.
+The returned dicts are shared: callers serialise them and must not mutate them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .. import __version__, envoy
+from .decision import INIT_NAME, PROXY_NAME
+from .settings import CERT_DIR, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, InjectionSettings
+
+STATE_DIR = "/var/run/meshguard"
+STATE_VOLUME = "meshguard-envoy"
+CERT_VOLUME = "meshguard-certs"
+# The proxy reports ready only once its listeners are up; kubelet probes it on the readiness port.
+READY_PATH = "/ready"
+# Native mode: the app containers start only after the proxy's startup probe passes (up to 10 minutes).
+STARTUP_PERIOD_SECONDS = 1
+STARTUP_FAILURE_THRESHOLD = 600
+# Classic "hold" mode: the postStart hook polls readiness every half second, for as long as the startup probe
+# would wait. Bash's /dev/tcp needs no HTTP client in the proxy image (the Envoy image has bash, not curl).
+_HOLD_SCRIPT = (
+    "n=0; until (exec 3<>/dev/tcp/127.0.0.1/{port} && "
+    "printf 'GET {path} HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n' >&3 && "
+    "read -r line <&3 && case $line in *' 200 '*) exit 0;; *) exit 1;; esac) 2>/dev/null; "
+    "do n=$((n+1)); [ $n -ge {tries} ] && exit 1; sleep 0.5; done"
+)
+
+
+def hold_command(port: int = READINESS_PORT, path: str = READY_PATH,
+                 tries: int = 2 * STARTUP_FAILURE_THRESHOLD) -> list[str]:
+    """The postStart command: exits 0 once ``GET path`` on the port answers 200, 1 after ``tries`` attempts."""
+    return ["bash", "-c", _HOLD_SCRIPT.format(port=port, path=path, tries=tries)]
+
+
+_DOWNWARD_API = (
+    ("POD_NAME", "metadata.name"),
+    ("POD_NAMESPACE", "metadata.namespace"),
+    ("POD_IP", "status.podIP"),
+    ("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Sidecar:
+    """The injected parts, placed by :mod:`webhook.injection.patch`.
+
+    ``init_containers`` go first in ``initContainers`` in this order; ``containers_front`` first in
+    ``containers``; ``containers_back`` at its end.
+    """
+
+    init_containers: tuple[dict[str, Any], ...]
+    containers_front: tuple[dict[str, Any], ...]
+    containers_back: tuple[dict[str, Any], ...]
+    volumes: tuple[dict[str, Any], ...]
+    status: str
+
+
+@functools.lru_cache(maxsize=64)
+def _bootstrap(options: envoy.BootstrapOptions) -> str:
+    return envoy.render(options)
+
+
+def netinit_args(settings: InjectionSettings) -> list[str]:
+    """``meshguard netinit`` arguments (the image's entrypoint is ``meshguard``)."""
+    inbound_excluded = dict.fromkeys((READINESS_PORT, STATS_PORT, *settings.exclude_inbound_ports))
+    args = [
+        "netinit",
+        "--proxy-uid", str(settings.proxy_uid),
+        "--inbound-port", str(INBOUND_PORT),
+        "--outbound-port", str(OUTBOUND_PORT),
+        "--exclude-inbound-ports", ",".join(map(str, inbound_excluded)),
+    ]
+    for flag, items in (
+        ("--exclude-outbound-ports", [str(p) for p in settings.exclude_outbound_ports]),
+        ("--include-outbound-ip-ranges", list(settings.include_outbound_ip_ranges)),
+        ("--exclude-outbound-ip-ranges", list(settings.exclude_outbound_ip_ranges)),
+    ):
+        if items:
+            args += [flag, ",".join(items)]
+    return args
+
+
+def _resources(settings: InjectionSettings) -> dict[str, Any]:
+    return {
+        "requests": {"cpu": settings.proxy_cpu, "memory": settings.proxy_memory},
+        "limits": {"cpu": settings.proxy_cpu_limit, "memory": settings.proxy_memory_limit},
+    }
+
+
+def init_container(settings: InjectionSettings) -> dict[str, Any]:
+    """Sets up the iptables redirect, so it needs NET_ADMIN/NET_RAW and root — at container level, because the
+    pod may say ``runAsNonRoot: true`` (Online Boutique's do) and that must not stop it."""
+    return {
+        "name": INIT_NAME,
+        "image": settings.init_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": netinit_args(settings),
+        "resources": _resources(settings),
+        "securityContext": {
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def proxy_container(settings: InjectionSettings, native: bool, hold: bool) -> dict[str, Any]:
+    readiness = {"httpGet": {"path": READY_PATH, "port": READINESS_PORT}}
+    container: dict[str, Any] = {
+        "name": PROXY_NAME,
+        "image": settings.proxy_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["envoy"],
+        "args": [
+            "--config-yaml", _bootstrap(settings.bootstrap_options()),
+            "--log-level", settings.log_level,
+            # No shared-memory hot restart: a pod restarts its container instead, and /dev/shm stays unused.
+            "--disable-hot-restart",
+            "--drain-time-s", str(settings.drain_seconds),
+        ],
+        "env": [
+            {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+            for name, path in _DOWNWARD_API
+        ],
+        "ports": [{"name": "meshguard-stats", "containerPort": STATS_PORT, "protocol": "TCP"}],
+        "readinessProbe": {**readiness, "periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 3},
+        "resources": _resources(settings),
+        "securityContext": {
+            "runAsUser": settings.proxy_uid,
+            "runAsGroup": settings.proxy_uid,
+            "runAsNonRoot": True,
+            "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": STATE_VOLUME, "mountPath": STATE_DIR},
+            {"name": CERT_VOLUME, "mountPath": CERT_DIR, "readOnly": True},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    lifecycle: dict[str, Any] = {}
+    if settings.drain_seconds:
+        # Keep serving while the app finishes its in-flight requests; the sleep action needs no shell in the image.
+        lifecycle["preStop"] = {"sleep": {"seconds": settings.drain_seconds}}
+    if native:
+        container["restartPolicy"] = "Always"
+        container["startupProbe"] = {
+            **readiness, "periodSeconds": STARTUP_PERIOD_SECONDS, "timeoutSeconds": 3,
+            "failureThreshold": STARTUP_FAILURE_THRESHOLD,
+        }
+    elif hold:
+        # The kubelet starts the next container only after postStart returns: the app waits for the proxy.
+        lifecycle["postStart"] = {"exec": {"command": hold_command()}}
+    if lifecycle:
+        container["lifecycle"] = lifecycle
+    return container
+
+
+def volumes(settings: InjectionSettings) -> list[dict[str, Any]]:
+    return [
+        {"name": STATE_VOLUME, "emptyDir": {"medium": "Memory"}},
+        # 0444: the proxy runs as uid 1337 and must read the key; only containers mounting the volume see it.
+        {"name": CERT_VOLUME, "secret": {"secretName": settings.cert_secret, "defaultMode": 0o444}},
+    ]
+
+
+@functools.lru_cache(maxsize=256)
+def build(settings: InjectionSettings) -> Sidecar:
+    """Everything injected for pods with these effective settings (cached: the settings are frozen and hashable)."""
+    native = settings.native_sidecar
+    hold = not native and settings.hold_application_until_proxy_starts
+    proxy = proxy_container(settings, native, hold)
+    init = (init_container(settings), proxy) if native else (init_container(settings),)
+    front, back = ((), ()) if native else (((proxy,), ()) if hold else ((), (proxy,)))
+    vols = tuple(volumes(settings))
+    status = {
+        "initContainers": [c["name"] for c in init],
+        "containers": [c["name"] for c in (*front, *back)],
+        "volumes": [v["name"] for v in vols],
+        "version": __version__,
+    }
+    return Sidecar(init, front, back, vols, orjson.dumps(status).decode())
