@@ -148,6 +148,38 @@ def issue_serving(ca: Issued, service: str, namespace: str, days: int = 365, dev
     return issue_leaf(ca, f"{service}.{namespace}.svc", dns_names=names, ip_addresses=ips, days=days)
 
 
+def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
+    """The SPIFFE ID of a workload: what peers verify, and what Envoy's access log shows as the peer."""
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+def issue_workload(
+    ca: Issued, namespace: str, service_account: str, trust_domain: str = "cluster.local", days: int = 30
+) -> Issued:
+    """A workload certificate: the SPIFFE ID as its only SAN, usable both to serve (inbound) and as a client
+    (outbound), since every sidecar is both. In a cluster cert-manager issues the same shape and renews it."""
+    return issue_leaf(
+        ca,
+        f"{service_account}.{namespace}",
+        uris=(spiffe_id(trust_domain, namespace, service_account),),
+        days=days,
+        server=True,
+        client=True,
+    )
+
+
+def generate_workload(
+    ca_dir: Path, out: Path, namespace: str, service_account: str, trust_domain: str = "cluster.local", days: int = 30
+) -> Issued:
+    """Write ``tls.crt``, ``tls.key`` and ``ca.crt`` into ``out`` (the layout of the workload Secret) from the CA
+    in ``ca_dir``, which must exist: a workload certificate from a fresh, unknown CA would be trusted by no one."""
+    ca = load_pair(ca_dir, CA_CERT, CA_KEY)
+    workload = issue_workload(ca, namespace, service_account, trust_domain, days)
+    write_pair(out, workload, TLS_CERT, TLS_KEY)
+    write_atomic(out / CA_CERT, ca.cert_pem(), 0o644)
+    return workload
+
+
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Replace ``path`` with ``data`` in one rename, created with ``mode`` (never world-readable in between)."""
     path.parent.mkdir(parents=True, exist_ok=True)

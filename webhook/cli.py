@@ -44,22 +44,85 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _certs_args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="certs_command", required=True, metavar="{generate}")
+    sub = p.add_subparsers(dest="certs_command", required=True, metavar="{generate,workload}")
     gen = sub.add_parser("generate", help="create a CA (or reuse one) and issue the webhook's serving certificate")
     gen.add_argument("--service", default="meshguard", help="the webhook Service name (default meshguard)")
     gen.add_argument("--namespace", default="meshguard", help="the webhook namespace (default meshguard)")
     gen.add_argument("--out", type=Path, default=Path("certs"), help="output directory (default certs/)")
     gen.add_argument("--days", type=int, default=365, help="serving certificate validity in days (default 365)")
     gen.add_argument("--dev", action="store_true", help="also add localhost, 127.0.0.1 and ::1 SANs")
+    work = sub.add_parser("workload", help="issue a workload certificate (SPIFFE ID) from an existing mesh CA")
+    work.add_argument("--ca-dir", type=Path, required=True, help="directory with the mesh CA's ca.crt and ca.key")
+    work.add_argument("--namespace", required=True, help="the workload's namespace")
+    work.add_argument("--service-account", required=True, help="the workload's service account")
+    work.add_argument("--out", type=Path, required=True, help="output directory: tls.crt, tls.key, ca.crt")
+    work.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    work.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
 
 
 def _certs(args: argparse.Namespace) -> int:
     if args.days < 1:
         raise UsageError("--days must be at least 1")
+    if args.certs_command == "workload":
+        return _certs_workload(args)
     reused = (args.out / certs.CA_CERT).exists() and (args.out / certs.CA_KEY).exists()
     serving = certs.generate_serving(args.out, args.service, args.namespace, days=args.days, dev=args.dev)
     print(f"{'reused' if reused else 'created'} CA {args.out / certs.CA_CERT}")
     print(f"issued {args.out / certs.TLS_CERT} (valid until {serving.cert.not_valid_after_utc:%Y-%m-%d})")
+    return 0
+
+
+def _certs_workload(args: argparse.Namespace) -> int:
+    if not (args.ca_dir / certs.CA_CERT).exists() or not (args.ca_dir / certs.CA_KEY).exists():
+        raise UsageError(f"--ca-dir {args.ca_dir}: needs ca.crt and ca.key ('meshguard certs generate' makes them)")
+    issued = certs.generate_workload(
+        args.ca_dir, args.out, args.namespace, args.service_account, args.trust_domain, days=args.days
+    )
+    identity = certs.spiffe_id(args.trust_domain, args.namespace, args.service_account)
+    print(f"issued {args.out / certs.TLS_CERT} for {identity} (valid until {issued.cert.not_valid_after_utc:%Y-%m-%d})")
+    return 0
+
+
+def _netinit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--proxy-uid", type=int, required=True, help="uid Envoy runs as: its own traffic is not captured")
+    p.add_argument("--inbound-port", type=int, required=True, help="Envoy's inbound capture port")
+    p.add_argument("--outbound-port", type=int, required=True, help="Envoy's outbound capture port")
+    p.add_argument("--exclude-inbound-ports", default="", metavar="LIST", help="inbound ports not captured")
+    p.add_argument("--exclude-outbound-ports", default="", metavar="LIST", help="destination ports not captured")
+    p.add_argument("--include-outbound-ip-ranges", default="*", metavar="LIST",
+                   help="destination ranges captured; * (default) for all")
+    p.add_argument("--exclude-outbound-ip-ranges", default="", metavar="LIST", help="destination ranges not captured")
+    p.add_argument("--dry-run", action="store_true", help="print the iptables-restore input instead of applying it")
+
+
+def _netinit(args: argparse.Namespace) -> int:
+    from . import netinit
+
+    try:
+        options = netinit.CaptureOptions(
+            proxy_uid=args.proxy_uid,
+            inbound_port=args.inbound_port,
+            outbound_port=args.outbound_port,
+            exclude_inbound_ports=netinit.parse_ports(args.exclude_inbound_ports, "--exclude-inbound-ports"),
+            exclude_outbound_ports=netinit.parse_ports(args.exclude_outbound_ports, "--exclude-outbound-ports"),
+            include_outbound_ip_ranges=netinit.parse_include_ranges(
+                args.include_outbound_ip_ranges, "--include-outbound-ip-ranges"
+            ),
+            exclude_outbound_ip_ranges=netinit.parse_ranges(
+                args.exclude_outbound_ip_ranges, "--exclude-outbound-ip-ranges"
+            ),
+        )
+    except netinit.NetinitError as exc:
+        raise UsageError(str(exc)) from None
+    if args.dry_run:
+        sys.stdout.write(netinit.dry_run(options))
+        return 0
+    try:
+        netinit.apply(options, netinit.families())
+    except netinit.NetinitError as exc:
+        print(f"meshguard netinit: {exc}", file=sys.stderr)
+        return 1
+    print(f"meshguard netinit: TCP traffic now goes through ports {args.inbound_port}/{args.outbound_port}")
     return 0
 
 
@@ -95,6 +158,8 @@ COMMANDS: list[Command] = [
     ("serve", "run the admission webhook server", _serve_args, _serve),
     ("certs", "generate development or bootstrap certificates", _certs_args, _certs),
     ("inject", "inject the meshguard sidecar into manifests offline and print them", _inject_args, _inject),
+    ("netinit", "install the pod's iptables rules that send its TCP traffic through the sidecar",
+     _netinit_args, _netinit),
 ]
 
 
