@@ -63,6 +63,9 @@ class BootstrapOptions:
     log_level: str = "info"
     xds_address: str | None = None  # ADS server host:port; None = static mode
     xds_tls: bool = True  # mutual TLS to the ADS server with the workload certificate
+    # The capture listeners also bind [::] (netinit redirects IPv6 too). Off only for nodes without IPv6 at all
+    # (kernel booted with ipv6.disable=1), where binding [::] would keep Envoy from starting.
+    ipv6: bool = True
 
     def __post_init__(self) -> None:
         problems = validate(self)
@@ -229,6 +232,17 @@ def _proxy_ports(options: BootstrapOptions) -> tuple[int, ...]:
     return (options.inbound_port, options.outbound_port, options.admin_port)
 
 
+def _capture_listener(options: BootstrapOptions, name: str, port: int, direction: str) -> dict[str, Any]:
+    listener: dict[str, Any] = {
+        "name": name,
+        "address": _socket_address("0.0.0.0", port),
+        "traffic_direction": direction,
+    }
+    if options.ipv6:
+        listener["additional_addresses"] = [{"address": _socket_address("::", port)}]
+    return listener
+
+
 # --- listeners -------------------------------------------------------------------------------------------------
 
 
@@ -267,15 +281,12 @@ def inbound_listener(options: BootstrapOptions) -> dict[str, Any]:
     if options.mtls_mode == "PERMISSIVE":
         chains.append({"name": "inbound-plaintext", "filter_chain_match": {"transport_protocol": "raw_buffer"},
                        "filters": to_local_app})
-    return {
-        "name": "inbound",
-        "address": _socket_address("0.0.0.0", options.inbound_port),
+    return _capture_listener(options, "inbound", options.inbound_port, "INBOUND") | {
         "listener_filters": [_original_dst_filter(), _tls_inspector()],
         # Plaintext clients send nothing first (a server speaks first in e.g. SMTP): don't wait long to tell.
         "listener_filters_timeout": "1s",
         "continue_on_listener_filters_timeout": True,
         "filter_chains": chains,
-        "traffic_direction": "INBOUND",
     }
 
 
@@ -290,16 +301,13 @@ def outbound_listener(options: BootstrapOptions) -> dict[str, Any]:
                 "filters": [_tcp_proxy("outbound_mesh", MESH_CLUSTER)],
             }
         )
-    return {
-        "name": "outbound",
-        "address": _socket_address("0.0.0.0", options.outbound_port),
+    return _capture_listener(options, "outbound", options.outbound_port, "OUTBOUND") | {
         "listener_filters": [_original_dst_filter()],
         "filter_chains": chains,
         "default_filter_chain": {
             "name": "outbound-passthrough",
             "filters": [_tcp_proxy("outbound_passthrough", PASSTHROUGH_CLUSTER)],
         },
-        "traffic_direction": "OUTBOUND",
     }
 
 

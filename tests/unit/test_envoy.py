@@ -1,0 +1,213 @@
+"""The sidecar's Envoy bootstrap: every combination of options is accepted by the real Envoy (``--mode validate``,
+which also opens the certificate files), and the config says what the data plane promises."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.dataplane.tools import POD_VALUES, validate, write_workload_certs
+from webhook import envoy
+from webhook.envoy import BootstrapOptions
+
+
+@pytest.fixture(scope="module")
+def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("mesh")
+    return str(write_workload_certs(root / "ca", root / "web", "shop", "web"))
+
+
+def _listener(config: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [item for item in config["static_resources"]["listeners"] if item["name"] == name]
+    return found
+
+
+def _cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [item for item in config["static_resources"]["clusters"] if item["name"] == name]
+    return found
+
+
+def _chain(listener: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [chain for chain in listener["filter_chains"] if chain["name"] == name]
+    return found
+
+
+COMBINATIONS = [
+    pytest.param(mode, cidrs, xds, ipv6, id=f"{mode}-cidrs{len(cidrs)}-{xds or 'static'}-{'v6' if ipv6 else 'v4'}")
+    for mode, cidrs, xds, ipv6 in itertools.product(
+        envoy.MTLS_MODES,
+        [(), ("10.213.0.0/16", "fd00:213::/64")],
+        [None, "meshguard-xds.meshguard.svc:15010", "[fd00::10]:15010"],
+        [True, False],
+    )
+    # IPv6 listeners only matter for the static listeners; one xDS variant each is enough there.
+    if ipv6 or xds is None
+]
+
+
+@pytest.mark.parametrize(("mode", "cidrs", "xds", "ipv6"), COMBINATIONS)
+def test_real_envoy_accepts_every_combination(
+    cert_dir: str, mode: str, cidrs: tuple[str, ...], xds: str | None, ipv6: bool
+) -> None:
+    options = BootstrapOptions(cert_dir=cert_dir, mtls_mode=mode, mesh_cidrs=cidrs, xds_address=xds, ipv6=ipv6)
+    result = validate(options)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_xds_without_tls_is_accepted(cert_dir: str) -> None:
+    result = validate(BootstrapOptions(cert_dir=cert_dir, xds_address="127.0.0.1:15010", xds_tls=False))
+    assert result.returncode == 0, result.stderr
+
+
+def test_validation_opens_the_certificates(tmp_path: Path) -> None:
+    """The check above is only meaningful if Envoy reads the files: without them it must fail."""
+    result = validate(BootstrapOptions(cert_dir=str(tmp_path)))
+    assert result.returncode != 0
+    assert f"Invalid path: {tmp_path}/" in result.stdout + result.stderr
+
+
+def test_render_is_the_bootstrap_as_compact_json_with_kubelet_references() -> None:
+    options = BootstrapOptions(mesh_cidrs=("10.0.0.0/8",))
+    rendered = envoy.render(options)
+    assert json.loads(rendered) == envoy.bootstrap(options)
+    assert "\n" not in rendered and ": " not in rendered
+    assert "$(POD_NAME)" in rendered and "$(POD_NAMESPACE)" in rendered
+    expanded = envoy.expand_pod_variables(rendered, POD_VALUES)
+    assert "$(" not in expanded
+    assert json.loads(expanded)["node"]["id"] == "sidecar~10.213.1.2~web-7d4b9.shop"
+
+
+def test_admin_is_loopback_only_and_health_and_stats_are_exposed() -> None:
+    config = envoy.bootstrap(BootstrapOptions())
+    assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15000}
+    for name, port, paths in (("readiness", 15021, {"/healthz/ready", "/ready"}),
+                              ("prometheus", 15090, {"/stats/prometheus"})):
+        listener = _listener(config, name)
+        assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": port}
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+        # Exact paths only: the rest of the admin API (e.g. /quitquitquit) stays on loopback.
+        assert {route["match"]["path"] for route in routes} == paths
+        assert all(route["route"]["cluster"] == envoy.ADMIN_CLUSTER for route in routes)
+
+
+def test_strict_inbound_only_has_a_tls_chain_requiring_a_mesh_client_certificate() -> None:
+    inbound = _listener(envoy.bootstrap(BootstrapOptions(trust_domain="example.org")), "inbound")
+    chains = {chain["name"] for chain in inbound["filter_chains"]}
+    assert "inbound-plaintext" not in chains and "default_filter_chain" not in inbound
+    tls = _chain(inbound, "inbound-mtls")
+    assert tls["filter_chain_match"] == {"transport_protocol": "tls"}
+    context = tls["transport_socket"]["typed_config"]
+    assert context["require_client_certificate"] is True
+    validation = context["common_tls_context"]["validation_context"]
+    assert validation["trusted_ca"] == {"filename": "/etc/meshguard/certs/ca.crt"}
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": "URI", "matcher": {"prefix": "spiffe://example.org/"}}]
+
+
+def test_permissive_inbound_adds_a_plaintext_chain_to_the_same_app() -> None:
+    inbound = _listener(envoy.bootstrap(BootstrapOptions(mtls_mode="PERMISSIVE")), "inbound")
+    plain = _chain(inbound, "inbound-plaintext")
+    assert plain["filter_chain_match"] == {"transport_protocol": "raw_buffer"}
+    assert "transport_socket" not in plain
+    assert plain["filters"] == _chain(inbound, "inbound-mtls")["filters"]
+
+
+def test_inbound_forwards_to_loopback_on_the_original_port() -> None:
+    config = envoy.bootstrap(BootstrapOptions())
+    inbound = _listener(config, "inbound")
+    filters = _chain(inbound, "inbound-mtls")["filters"]
+    state = filters[0]["typed_config"]["on_new_connection"][0]
+    assert state["object_key"] == "envoy.network.transport_socket.original_dst_address"
+    assert state["format_string"]["text_format_source"]["inline_string"] == "127.0.0.1:%DOWNSTREAM_LOCAL_PORT%"
+    assert filters[1]["typed_config"]["cluster"] == envoy.INBOUND_CLUSTER
+    assert _cluster(config, envoy.INBOUND_CLUSTER)["type"] == "ORIGINAL_DST"
+    assert "%DOWNSTREAM_PEER_URI_SAN%" in json.dumps(filters[1]["typed_config"]["access_log"])
+
+
+@pytest.mark.parametrize("listener", ["inbound", "outbound"])
+def test_connections_to_the_proxy_ports_are_blackholed(listener: str) -> None:
+    """Otherwise a connection to 15001/15006 loops through Envoy, and 15000 exposes admin to the network."""
+    options = BootstrapOptions(inbound_port=16006, outbound_port=16001, admin_port=16000)
+    found = _listener(envoy.bootstrap(options), listener)
+    blackholed = {
+        chain["filter_chain_match"]["destination_port"]
+        for chain in found["filter_chains"]
+        if chain["filters"][0]["typed_config"].get("cluster") == envoy.BLACKHOLE_CLUSTER
+    }
+    assert blackholed == {16006, 16001, 16000}
+
+
+def test_outbound_originates_mtls_to_mesh_ranges_and_passes_the_rest_through() -> None:
+    config = envoy.bootstrap(BootstrapOptions(mesh_cidrs=("10.1.2.3/16", "fd00::/8")))
+    outbound = _listener(config, "outbound")
+    mesh = _chain(outbound, "outbound-mesh")
+    assert mesh["filter_chain_match"]["prefix_ranges"] == [
+        {"address_prefix": "10.1.0.0", "prefix_len": 16}, {"address_prefix": "fd00::", "prefix_len": 8}]
+    assert mesh["filters"][0]["typed_config"]["cluster"] == envoy.MESH_CLUSTER
+    tls = _cluster(config, envoy.MESH_CLUSTER)["transport_socket"]["typed_config"]
+    assert tls["@type"].endswith("UpstreamTlsContext")
+    assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"][0]["matcher"] == {
+        "prefix": "spiffe://cluster.local/"}
+    passthrough = outbound["default_filter_chain"]["filters"][0]["typed_config"]["cluster"]
+    assert passthrough == envoy.PASSTHROUGH_CLUSTER
+    assert "transport_socket" not in _cluster(config, envoy.PASSTHROUGH_CLUSTER)
+
+
+def test_without_mesh_ranges_everything_passes_through() -> None:
+    outbound = _listener(envoy.bootstrap(BootstrapOptions()), "outbound")
+    assert [chain["name"] for chain in outbound["filter_chains"]] == [
+        "outbound-blackhole-15006", "outbound-blackhole-15001", "outbound-blackhole-15000"]
+
+
+def test_ipv6_adds_the_any_address_to_the_capture_listeners_only() -> None:
+    with_v6 = envoy.bootstrap(BootstrapOptions())
+    without = envoy.bootstrap(BootstrapOptions(ipv6=False))
+    for name in ("inbound", "outbound"):
+        assert _listener(with_v6, name)["additional_addresses"] == [
+            {"address": {"socket_address": {"address": "::", "port_value": 15006 if name == "inbound" else 15001}}}]
+        assert "additional_addresses" not in _listener(without, name)
+
+
+def test_xds_mode_leaves_traffic_listeners_to_the_control_plane() -> None:
+    config = envoy.bootstrap(BootstrapOptions(xds_address="xds.mesh.svc:15010"))
+    names = {listener["name"] for listener in config["static_resources"]["listeners"]}
+    assert names == {"readiness", "prometheus"}
+    ads = config["dynamic_resources"]
+    assert ads["ads_config"]["grpc_services"] == [{"envoy_grpc": {"cluster_name": envoy.XDS_CLUSTER}}]
+    assert ads["cds_config"] == ads["lds_config"] == {"ads": {}, "resource_api_version": "V3"}
+    xds = _cluster(config, envoy.XDS_CLUSTER)
+    assert xds["type"] == "STRICT_DNS"
+    assert xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "socket_address": {"address": "xds.mesh.svc", "port_value": 15010}}
+    assert xds["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"]
+    plain = _cluster(envoy.bootstrap(BootstrapOptions(xds_address="[fd00::1]:99", xds_tls=False)), envoy.XDS_CLUSTER)
+    assert plain["type"] == "STATIC" and "transport_socket" not in plain
+    assert plain["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == {
+        "address": "fd00::1", "port_value": 99}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"mtls_mode": "strict"}, "mtls_mode 'strict' is not one of STRICT, PERMISSIVE"),
+        ({"inbound_port": 0}, "inbound_port 0 is not a TCP port"),
+        ({"outbound_port": 15006}, "the proxy ports must differ"),
+        ({"mesh_cidrs": ("10.0.0.0/33",)}, "mesh CIDR '10.0.0.0/33' is not an IP range"),
+        ({"xds_address": "xds.mesh.svc"}, "xds_address 'xds.mesh.svc' must be host:port"),
+        ({"log_level": "loud"}, "log_level 'loud' is not one of"),
+        ({"trust_domain": ""}, "trust_domain '' must be a non-empty name"),
+    ],
+)
+def test_bad_options_are_refused_with_a_readable_reason(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        BootstrapOptions(**changes)
+
+
+def test_options_are_hashable_for_the_injectors_cache() -> None:
+    assert hash(BootstrapOptions(mesh_cidrs=("10.0.0.0/8",))) == hash(BootstrapOptions(mesh_cidrs=("10.0.0.0/8",)))
