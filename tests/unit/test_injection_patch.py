@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
+import shutil
+import subprocess
+import threading
 from typing import Any
 
 import jsonpatch
@@ -292,3 +296,35 @@ def test_specs_are_built_once_per_distinct_settings() -> None:
     first = plan(as_workload(pod(), "shop"), DEFAULTS, "meshguard").ops  # type: ignore[arg-type]
     second = plan(as_workload(pod(), "other"), DEFAULTS, "meshguard").ops  # type: ignore[arg-type]
     assert first == second
+
+
+class _Readiness(http.server.BaseHTTPRequestHandler):
+    """Answers 503 to the first two probes, then 200: an Envoy that becomes ready."""
+
+    probes = 0
+
+    def do_GET(self) -> None:
+        type(self).probes += 1
+        ok = self.path == spec_module.READY_PATH and type(self).probes > 2
+        self.send_response(200 if ok else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="the hold command runs in bash")
+def test_hold_command_waits_until_ready_and_gives_up_when_never_ready() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Readiness)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        assert subprocess.run(spec_module.hold_command(port=port, tries=20), timeout=60).returncode == 0
+        assert _Readiness.probes == 3
+        never = spec_module.hold_command(port=port, path="/not-ready", tries=2)
+        assert subprocess.run(never, timeout=60).returncode == 1
+    finally:
+        server.shutdown()
+        server.server_close()

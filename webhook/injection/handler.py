@@ -37,7 +37,7 @@ def mutate_handler(settings: Settings, metrics: Metrics) -> Handler:
             message = f"meshguard cannot inject the sidecar into {workload.display}: {exc} (fix or remove it)"
             return "denied", denied(message, reason=INVALID_OVERRIDE, code=400)
         if not outcome.decision.inject:
-            return "skipped", allowed(reason=outcome.decision.reason, message=outcome.decision.message)
+            return "skipped", allowed(reason=outcome.decision.reason)
         return "injected", patched(outcome.ops, reason="injected")
 
     async def handle(request: AdmissionRequest) -> AdmissionResponse:

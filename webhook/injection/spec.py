@@ -120,8 +120,12 @@ def init_container(settings: InjectionSettings) -> dict[str, Any]:
     }
 
 
+def _ready_probe(period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": READY_PATH, "port": READINESS_PORT}, "periodSeconds": period, "timeoutSeconds": 3,
+            "failureThreshold": failures}
+
+
 def proxy_container(settings: InjectionSettings, native: bool, hold: bool) -> dict[str, Any]:
-    readiness = {"httpGet": {"path": READY_PATH, "port": READINESS_PORT}}
     container: dict[str, Any] = {
         "name": PROXY_NAME,
         "image": settings.proxy_image,
@@ -139,7 +143,7 @@ def proxy_container(settings: InjectionSettings, native: bool, hold: bool) -> di
             for name, path in _DOWNWARD_API
         ],
         "ports": [{"name": "meshguard-stats", "containerPort": STATS_PORT, "protocol": "TCP"}],
-        "readinessProbe": {**readiness, "periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 3},
+        "readinessProbe": _ready_probe(period=2, failures=3),
         "resources": _resources(settings),
         "securityContext": {
             "runAsUser": settings.proxy_uid,
@@ -162,10 +166,7 @@ def proxy_container(settings: InjectionSettings, native: bool, hold: bool) -> di
         lifecycle["preStop"] = {"sleep": {"seconds": settings.drain_seconds}}
     if native:
         container["restartPolicy"] = "Always"
-        container["startupProbe"] = {
-            **readiness, "periodSeconds": STARTUP_PERIOD_SECONDS, "timeoutSeconds": 3,
-            "failureThreshold": STARTUP_FAILURE_THRESHOLD,
-        }
+        container["startupProbe"] = _ready_probe(period=STARTUP_PERIOD_SECONDS, failures=STARTUP_FAILURE_THRESHOLD)
     elif hold:
         # The kubelet starts the next container only after postStart returns: the app waits for the proxy.
         lifecycle["postStart"] = {"exec": {"command": hold_command()}}
