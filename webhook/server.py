@@ -172,7 +172,7 @@ class AdmissionApp:
                 "decision": decision,
                 "reason": response.reason,
                 "duration_ms": round(seconds * 1000, 3),
-                **({"message": response.message} if response.message else {}),
+                **({"status_message": response.message} if response.message else {}),
                 **response.details,
             },
         )

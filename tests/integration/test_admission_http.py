@@ -184,3 +184,15 @@ def test_one_json_log_line_per_admission(server_factory) -> None:
     entry = entries[0]
     assert entry["kind"] == "Pod" and entry["namespace"] == "kube-system" and entry["operation"] == "CREATE"
     assert entry["decision"] == "allowed" and isinstance(entry["duration_ms"], float)
+
+
+def test_answers_with_a_message_are_logged_too(server_factory) -> None:
+    srv = server_factory()
+    body = review(POD, uid="bad-op")
+    body["request"]["operation"] = "PATCH"
+    with srv.client() as client:
+        assert client.post("/mutate", json=body).json()["response"]["allowed"] is False
+    lines = [orjson.loads(line) for line in srv.logs().splitlines() if line.startswith("{")]
+    entry = next(e for e in lines if e.get("msg") == "admission" and e.get("uid") == "bad-op")
+    assert entry["decision"] == "error" and "request.operation" in entry["status_message"]
+    assert not any(e.get("msg") == "recording an admission failed" for e in lines)
