@@ -138,7 +138,8 @@ def _file(path: str) -> dict[str, str]:
 def _common_tls(options: BootstrapOptions, verify_peer: bool) -> dict[str, Any]:
     """Our certificate, and (``verify_peer``) the mesh CA plus a SPIFFE ID in the trust domain for the peer."""
     context: dict[str, Any] = {
-        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        # Envoy's client side stops at TLS 1.2 unless told otherwise; both sides of the mesh speak 1.3.
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"},
         "tls_certificates": [
             {
                 "certificate_chain": _file(f"{options.cert_dir}/tls.crt"),
@@ -201,8 +202,9 @@ def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
 
 
 def _blackhole_chain(name: str, ports: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Connections whose original destination is a proxy port would loop through Envoy (or reach the admin
-    interface from the network): send them to a cluster without endpoints, which closes them. One chain per
+    """Connections that reach a capture listener directly (not redirected: from loopback or from the network)
+    have the listener's own port as original destination, and forwarding them would loop through Envoy or hand
+    the admin interface to the network: send them to a cluster without endpoints, which closes them. One chain per
     port, since a chain matches a single port."""
     return [
         {
@@ -226,10 +228,6 @@ def _tls_inspector() -> dict[str, Any]:
         "name": "envoy.filters.listener.tls_inspector",
         "typed_config": _typed("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"),
     }
-
-
-def _proxy_ports(options: BootstrapOptions) -> tuple[int, ...]:
-    return (options.inbound_port, options.outbound_port, options.admin_port)
 
 
 def _capture_listener(options: BootstrapOptions, name: str, port: int, direction: str) -> dict[str, Any]:
@@ -269,7 +267,7 @@ def inbound_listener(options: BootstrapOptions) -> dict[str, Any]:
         },
         _tcp_proxy("inbound", INBOUND_CLUSTER),
     ]
-    chains: list[dict[str, Any]] = _blackhole_chain("inbound", _proxy_ports(options))
+    chains = _blackhole_chain("inbound", (options.inbound_port, options.outbound_port, options.admin_port))
     chains.append(
         {
             "name": "inbound-mtls",
@@ -292,7 +290,8 @@ def inbound_listener(options: BootstrapOptions) -> dict[str, Any]:
 
 def outbound_listener(options: BootstrapOptions) -> dict[str, Any]:
     """Port ``outbound_port``: mTLS to ``mesh_cidrs``, untouched TCP to everything else."""
-    chains: list[dict[str, Any]] = _blackhole_chain("outbound", _proxy_ports(options))
+    # Only our own port: other ports of other hosts, even 15006, are ordinary destinations.
+    chains = _blackhole_chain("outbound", (options.outbound_port,))
     if options.mesh_cidrs:
         chains.append(
             {
