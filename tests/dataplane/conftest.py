@@ -219,7 +219,7 @@ class Mesh:
     server: Pod
     outside: Host
     settings: InjectionSettings
-    workdir: Path
+    ca_dir: Path  # the mesh CA both pods' certificates come from
 
 
 def injected(settings: InjectionSettings) -> tuple[list[str], list[str], str]:
@@ -285,7 +285,7 @@ def build_mesh(lab: Lab, mtls_mode: str) -> Mesh:
     ca_dir = lab.workdir / "mesh-ca"
     _start_pod(lab, server, SERVER_IP, settings, SERVER_ID, ca_dir)
     _start_pod(lab, client, CLIENT_IP, settings, CLIENT_ID, ca_dir)
-    return Mesh(client, server, outside, settings, lab.workdir)
+    return Mesh(client, server, outside, settings, ca_dir)
 
 
 def _mesh(mtls_mode: str) -> Iterator[Mesh]:

@@ -6,6 +6,9 @@ everything else is what the injector puts next to them.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests.dataplane.conftest import (
@@ -20,6 +23,7 @@ from tests.dataplane.conftest import (
     Capture,
     Mesh,
 )
+from webhook import certs
 from webhook.certs import spiffe_id
 
 pytestmark = pytest.mark.dataplane
@@ -113,3 +117,43 @@ def test_stats_and_readiness_are_served_on_the_pod_ip(strict_mesh: Mesh) -> None
     # Only those paths: the admin API itself stays on the pod's loopback.
     ok, _ = strict_mesh.outside.get(f"http://{SERVER_IP}:15021/quitquitquit")
     assert not ok
+
+
+# A TLS client with a certificate of our choosing (run inside a namespace): prints the response or the error.
+_TLS_GET = """
+import socket, ssl, sys
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+context.load_cert_chain(sys.argv[3], sys.argv[4])
+try:
+    with context.wrap_socket(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)) as tls:
+        tls.sendall(b"GET /whoami HTTP/1.0\\r\\n\\r\\n")
+        print(tls.recv(4096).decode(errors="replace"), end="")
+except (OSError, ssl.SSLError) as exc:
+    print(f"{type(exc).__name__}: {exc}", end="")
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize(
+    ("issuer", "trust_domain", "accepted"),
+    [("mesh", "cluster.local", True), ("foreign", "cluster.local", False), ("mesh", "other.example", False)],
+    ids=["mesh-certificate", "another-ca", "another-trust-domain"],
+)
+def test_inbound_accepts_only_mesh_certificates_of_its_trust_domain(
+    strict_mesh: Mesh, tmp_path: Path, issuer: str, trust_domain: str, accepted: bool
+) -> None:
+    mesh_ca = certs.load_pair(strict_mesh.ca_dir, certs.CA_CERT, certs.CA_KEY)
+    ca = mesh_ca if issuer == "mesh" else certs.generate_ca("someone-else")
+    leaf = certs.issue_workload(ca, "shop", "intruder", trust_domain=trust_domain)
+    certs.write_pair(tmp_path, leaf, certs.TLS_CERT, certs.TLS_KEY)
+    before = strict_mesh.server.stats()
+    result = strict_mesh.outside.run(sys.executable, "-c", _TLS_GET, SERVER_IP, str(APP_PORT),
+                                     str(tmp_path / certs.TLS_CERT), str(tmp_path / certs.TLS_KEY), check=False)
+    if accepted:
+        assert result.returncode == 0 and result.stdout.endswith("server"), result.stdout
+        return
+    assert result.returncode == 1 and "SSL" in result.stdout, result.stdout
+    after = strict_mesh.server.stats()
+    counter = f"{INBOUND}.ssl.fail_verify_error" if issuer == "foreign" else f"{INBOUND}.ssl.fail_verify_san"
+    assert after[counter] == before.get(counter, 0) + 1
