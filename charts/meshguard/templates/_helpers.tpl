@@ -1,0 +1,121 @@
+{{/* Names, labels and the pieces several templates share. */}}
+
+{{- define "meshguard.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* "<release>-<chart>", or the release name alone when it already contains the chart name. */}}
+{{- define "meshguard.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "meshguard.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "meshguard.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "meshguard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "meshguard.labels" -}}
+helm.sh/chart: {{ include "meshguard.chart" . }}
+{{ include "meshguard.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: meshguard
+{{- end }}
+
+{{- define "meshguard.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "meshguard.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "meshguard.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding the serving certificate (every mode but url). */}}
+{{- define "meshguard.tlsSecretName" -}}
+{{- printf "%s-tls" (include "meshguard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Whether the server runs in this cluster (false when webhooks.url points elsewhere). */}}
+{{- define "meshguard.inCluster" -}}
+{{- if not .Values.webhooks.url }}true{{ end }}
+{{- end }}
+
+{{- define "meshguard.certDir" -}}/etc/meshguard/certs{{- end }}
+
+{{/*
+The server's config.yaml: the chart's defaults with .Values.config merged over them (values win), as YAML.
+The ports, cert dir and failure modes here are what the Deployment, probes and webhooks are rendered from.
+*/}}
+{{- define "meshguard.config" -}}
+{{- $defaults := dict
+  "log_level" "info"
+  "server" (dict "port" 8443 "health_port" 8080 "shutdown_delay_seconds" 5)
+  "tls" (dict "cert_dir" (include "meshguard.certDir" .))
+  "failure" (dict
+    "mutate" (ternary "deny" "allow" (eq .Values.webhooks.injection.failurePolicy "Fail"))
+    "validate" (ternary "deny" "allow" (eq .Values.webhooks.validation.failurePolicy "Fail")))
+  "injection" (dict "init_image" (include "meshguard.image" .))
+}}
+{{- if eq .Values.certificates.mode "selfManaged" }}
+{{- $sm := .Values.certificates.selfManaged }}
+{{- $_ := set $defaults "certificates" (dict
+  "self_managed" true
+  "secret_name" (include "meshguard.tlsSecretName" .)
+  "service" (include "meshguard.fullname" .)
+  "mutating_webhook" (include "meshguard.fullname" .)
+  "validating_webhook" (include "meshguard.fullname" .)
+  "validity_days" $sm.validityDays
+  "renew_before_days" $sm.renewBeforeDays
+  "check_interval_seconds" $sm.checkIntervalSeconds) }}
+{{- end }}
+{{- toYaml (mustMergeOverwrite $defaults (deepCopy .Values.config)) }}
+{{- end }}
+
+{{/* One webhook's clientConfig: the in-cluster Service, or webhooks.url with its caBundle. */}}
+{{- define "meshguard.clientConfig" -}}
+{{- $root := index . 0 }}
+{{- $path := index . 1 }}
+{{- $caBundle := index . 2 }}
+{{- if $root.Values.webhooks.url }}
+url: {{ printf "%s%s" (trimSuffix "/" $root.Values.webhooks.url) $path | quote }}
+caBundle: {{ required "webhooks.caBundle is required with webhooks.url" $root.Values.webhooks.caBundle }}
+{{- else }}
+service:
+  name: {{ include "meshguard.fullname" $root }}
+  namespace: {{ $root.Release.Namespace }}
+  path: {{ $path }}
+  port: {{ $root.Values.service.port }}
+{{- with $caBundle }}
+caBundle: {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Namespaces no webhook is ever called for: the control plane's, meshguard's own, and the listed ones. */}}
+{{- define "meshguard.namespaceExclusion" -}}
+- key: kubernetes.io/metadata.name
+  operator: NotIn
+  values:
+    {{- toYaml (uniq (concat (list "kube-system" "kube-node-lease" .Release.Namespace) .Values.webhooks.excludeNamespaces)) | nindent 4 }}
+{{- end }}

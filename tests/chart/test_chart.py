@@ -1,0 +1,543 @@
+"""The Helm chart, rendered by a real helm: lint, schema, and the properties a platform team relies on.
+
+Every rendered object of a matrix of values is validated against the Kubernetes OpenAPI schemas (strict: no
+unknown fields); the CRD kinds (cert-manager, Prometheus Operator) have no schema there and get their fields
+asserted instead. Webhook selectors are evaluated with Kubernetes label-selector semantics against namespaces
+and pods, so the tests say which pods are injected, not just which YAML was written.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import re
+import ssl
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from cryptography import x509
+
+from tests.chart.conftest import CHART, FULLNAME, NAMESPACE, RELEASE, Render, RenderError, find, kinds, run_helm
+from webhook import certs, config
+from webhook.config import TLSSettings
+from webhook.injection.decision import PROXY_NAME
+from webhook.metrics import Metrics
+from webhook.policy.selectors import parse_selector
+from webhook.tls import CertificateReloader
+
+CRD_KINDS = {"Certificate", "Issuer", "ServiceMonitor"}
+K8S_VERSION = kubernetes_validate.utils.latest_version()
+ISSUER = {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+INFRA_NODES = {"nodeSelectorTerms": [{"matchExpressions": [{"key": "role", "operator": "In", "values": ["infra"]}]}]}
+CA_BUNDLE = base64.b64encode(certs.generate_ca().cert_pem()).decode()
+
+MATRIX: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "helm": {"certificates": {"mode": "helm"}},
+    "cert-manager": {"certificates": {"mode": "certManager"},
+                     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                                 "dashboard": {"enabled": True, "namespace": "monitoring"}}},
+    "cert-manager-issuer": {"certificates": {"mode": "certManager", "certManager": {"issuerRef": ISSUER}}},
+    "url": {"webhooks": {"url": "https://dev.example.com:8443/", "caBundle": CA_BUNDLE}},
+    "strict": {"podAntiAffinity": "hard", "replicaCount": 5, "webhooks": {
+        "excludeNamespaces": ["monitoring"],
+        "injection": {"failurePolicy": "Ignore", "timeoutSeconds": 10},
+        "validation": {"failurePolicy": "Fail", "timeoutSeconds": 30,
+                       "namespaceMatchExpressions": [{"key": "team", "operator": "Exists"}]}}},
+    "single": {"replicaCount": 1, "podAntiAffinity": "none", "priorityClassName": "", "topologySpreadConstraints": [],
+               "rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"},
+               "metrics": {"service": False}, "image": {"digest": "sha256:" + "a" * 64}},
+    "overrides": {"fullnameOverride": "guard", "imagePullSecrets": [{"name": "regcred"}],
+                  "nodeSelector": {"kubernetes.io/os": "linux"},
+                  "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
+                  "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": INFRA_NODES}},
+                  "podAnnotations": {"team": "platform"}, "podLabels": {"tier": "control"},
+                  "serviceAccount": {"annotations": {"iam": "role"}},
+                  "config": {"log_level": "debug", "server": {"port": 9443, "health_port": 9090},
+                             "injection": {"proxy_image": "envoyproxy/envoy:v1.32.0"}}},
+}
+
+
+def _webhook_configs(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    return find(objects, "MutatingWebhookConfiguration"), find(objects, "ValidatingWebhookConfiguration")
+
+
+def _server_config(objects: list[dict[str, Any]], tmp_path: Path) -> config.Settings:
+    """The ConfigMap's config.yaml loaded by the server's own loader: unknown or invalid keys fail here."""
+    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap" and "config.yaml" in o["data"]]
+    path = tmp_path / "config.yaml"
+    path.write_text(config_map["data"]["config.yaml"])
+    return config.load(path)
+
+
+def _container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return find(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+# --- the chart as a whole ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(MATRIX))
+def test_lint(helm: str, case: str) -> None:
+    out = run_helm(helm, "lint", str(CHART), "--strict", "--namespace", NAMESPACE, values=MATRIX[case])
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("case", sorted(MATRIX))
+def test_every_object_is_valid_and_labeled(render: Render, case: str) -> None:
+    objects = render(MATRIX[case])
+    assert objects
+    for obj in objects:
+        what = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] not in CRD_KINDS:
+            try:
+                kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{what}: {'.'.join(map(str, exc.path))}: {exc.message}")
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "meshguard", what
+        assert labels["app.kubernetes.io/instance"] == RELEASE, what
+        assert labels["app.kubernetes.io/managed-by"] == "Helm", what
+        assert labels["app.kubernetes.io/version"] and labels["helm.sh/chart"].startswith("meshguard-"), what
+
+
+def test_default_install_renders_exactly_these_objects(render: Render) -> None:
+    assert kinds([o for o in render() if "helm.sh/hook" not in o["metadata"].get("annotations", {})]) == [
+        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "MutatingWebhookConfiguration",
+        "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Service", "Service", "ServiceAccount",
+        "ValidatingWebhookConfiguration",
+    ]
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("defaults", "fills the webhooks' caBundle itself"),
+    ("helm", "a `helm upgrade` within\n90 days of its expiry renews it"),
+    ("cert-manager", "cert-manager issues the certificate"),
+    ("url", "no server runs in the cluster"),
+])
+def test_notes_say_what_to_label_next(helm: str, case: str, expected: str) -> None:
+    out = run_helm(helm, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+                   values=MATRIX[case])
+    notes = out[out.index("NOTES:"):]
+    assert "kubectl label namespace <namespace> meshguard.io/inject=enabled" in notes
+    assert expected in notes and f"helm test {RELEASE} -n {NAMESPACE}" in notes
+
+
+@pytest.mark.parametrize(("values", "error"), [
+    ({"webhooks": {"injection": {"timeoutSeconds": 31}}}, "maximum: got 31, want 30"),
+    ({"webhooks": {"validation": {"timeoutSeconds": 0}}}, "minimum: got 0, want 1"),
+    ({"webhooks": {"injection": {"failurePolicy": "Maybe"}}}, "failurePolicy"),
+    ({"certificates": {"mode": "vault"}}, "/certificates/mode"),
+    ({"podAntiAffinity": "sometimes"}, "/podAntiAffinity"),
+    ({"replicas": 3}, "additional properties 'replicas' not allowed"),
+    ({"webhooks": {"injection": {"timeout": 5}}}, "additional properties 'timeout' not allowed"),
+    ({"webhooks": {"url": "http://insecure.example.com"}}, "/webhooks/url"),
+    ({"webhooks": {"url": "https://dev.example.com:8443"}}, "webhooks.caBundle is required with webhooks.url"),
+    ({"metrics": {"service": False, "serviceMonitor": {"enabled": True}}}, "needs metrics.service: true"),
+])
+def test_bad_values_fail_the_render_with_a_reason(render: Render, values: dict[str, Any], error: str) -> None:
+    with pytest.raises(RenderError, match=re.escape(error)):
+        render(values)
+
+
+def test_every_value_is_documented() -> None:
+    """Every value in values.yaml has a comment above it, or sits inside a block whose key has one. Section keys
+    (a mapping of further keys) need none: their keys are checked one by one."""
+    lines = [line for line in (CHART / "values.yaml").read_text().splitlines() if line.strip()]
+    undocumented: list[str] = []
+    documented: list[int] = []  # indents of enclosing keys that carry a comment
+    for number, line in enumerate(lines):
+        match = re.match(r"^( *)([A-Za-z_][\w.]*):( *)(.*)$", line)
+        if not match:
+            continue
+        indent = len(match.group(1))
+        documented = [i for i in documented if i < indent]
+        section = not match.group(4) and number + 1 < len(lines) and not lines[number + 1].lstrip().startswith("- ")
+        if lines[number - 1].lstrip().startswith("#"):
+            documented.append(indent)
+        elif not documented and not section:
+            undocumented.append(line.strip())
+    assert not undocumented, f"values without a comment: {undocumented}"
+
+
+# --- webhooks ----------------------------------------------------------------------------------------------------
+
+def _calls(webhook_config: dict[str, Any], namespace: str, namespace_labels: dict[str, str],
+           pod_labels: dict[str, str]) -> list[str]:
+    """The webhooks of a configuration the API server calls for a pod, by label-selector semantics."""
+    ns_labels = {"kubernetes.io/metadata.name": namespace, **namespace_labels}
+    return [
+        hook["name"] for hook in webhook_config["webhooks"]
+        if parse_selector(hook.get("namespaceSelector", {})).matches(ns_labels)
+        and parse_selector(hook.get("objectSelector", {})).matches(pod_labels)
+    ]
+
+
+ENABLED = {"meshguard.io/inject": "enabled"}
+DISABLED = {"meshguard.io/inject": "disabled"}
+POD_IN, POD_OUT = {"meshguard.io/inject": "true"}, {"meshguard.io/inject": "false"}
+
+
+@pytest.mark.parametrize(("namespace", "ns_labels", "pod_labels", "expected"), [
+    ("shop", ENABLED, {}, ["namespace.inject.meshguard.io"]),
+    ("shop", ENABLED, {"app": "web"}, ["namespace.inject.meshguard.io"]),
+    ("shop", ENABLED, POD_IN, ["namespace.inject.meshguard.io"]),
+    ("shop", ENABLED, POD_OUT, []),
+    ("shop", {}, POD_IN, ["object.inject.meshguard.io"]),
+    ("shop", {}, {}, []),
+    ("shop", {}, POD_OUT, []),
+    ("shop", DISABLED, POD_IN, []),  # a namespace that opts out wins over the pod
+    ("kube-system", ENABLED, POD_IN, []),
+    ("kube-system", {}, POD_IN, []),
+    ("kube-node-lease", ENABLED, {}, []),
+    (NAMESPACE, ENABLED, POD_IN, []),  # meshguard never calls itself for its own pods
+    ("monitoring", ENABLED, {}, []),  # excluded by values in this test
+])
+def test_which_pods_are_injected(render: Render, namespace: str, ns_labels: dict[str, str],
+                                 pod_labels: dict[str, str], expected: list[str]) -> None:
+    mutating, _ = _webhook_configs(render({"webhooks": {"excludeNamespaces": ["monitoring"]}}))
+    assert _calls(mutating, namespace, ns_labels, pod_labels) == expected
+
+
+@pytest.mark.parametrize(("namespace", "ns_labels", "called"), [
+    ("shop", {}, True), ("shop", ENABLED, True), ("shop", DISABLED, True),
+    ("kube-system", {}, False), ("kube-node-lease", {}, False), (NAMESPACE, {}, False), ("monitoring", {}, False),
+])
+def test_which_namespaces_are_validated(render: Render, namespace: str, ns_labels: dict[str, str],
+                                        called: bool) -> None:
+    _, validating = _webhook_configs(render({"webhooks": {"excludeNamespaces": ["monitoring"]}}))
+    assert bool(_calls(validating, namespace, ns_labels, {"app": "web"})) is called
+
+
+def test_release_namespace_is_excluded_wherever_it_is_installed(render: Render) -> None:
+    for hook in [h for c in _webhook_configs(render(namespace="platform")) for h in c["webhooks"]]:
+        assert _calls({"webhooks": [hook]}, "platform", ENABLED, POD_IN) == []
+
+
+def test_webhook_settings_every_good_practice(render: Render) -> None:
+    mutating, validating = _webhook_configs(render())
+    assert [h["name"] for h in mutating["webhooks"]] == ["namespace.inject.meshguard.io", "object.inject.meshguard.io"]
+    assert [h["name"] for h in validating["webhooks"]] == ["workloads.validate.meshguard.io"]
+    for hook in mutating["webhooks"] + validating["webhooks"]:
+        assert hook["admissionReviewVersions"] == ["v1"]
+        assert hook["sideEffects"] == "None" and hook["matchPolicy"] == "Equivalent"
+        assert hook["timeoutSeconds"] == 5
+    for hook in mutating["webhooks"]:
+        assert hook["reinvocationPolicy"] == "IfNeeded" and hook["failurePolicy"] == "Fail"
+        assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                                  "resources": ["pods"], "scope": "Namespaced"}]
+        assert hook["clientConfig"]["service"] == {"name": FULLNAME, "namespace": NAMESPACE, "path": "/mutate",
+                                                   "port": 443}
+    hook = validating["webhooks"][0]
+    assert hook["failurePolicy"] == "Ignore" and "reinvocationPolicy" not in hook
+    assert hook["clientConfig"]["service"]["path"] == "/validate"
+    covered = {(group, resource) for rule in hook["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"]}
+    assert covered == {("", "pods"), ("", "replicationcontrollers"), ("apps", "deployments"),
+                       ("apps", "statefulsets"), ("apps", "daemonsets"), ("apps", "replicasets"),
+                       ("batch", "jobs"), ("batch", "cronjobs")}
+    assert all(rule["operations"] == ["CREATE", "UPDATE"] and rule["scope"] == "Namespaced" for rule in hook["rules"])
+
+
+def test_failure_policies_and_timeouts_come_from_values_and_reach_the_server(render: Render, tmp_path: Path) -> None:
+    objects = render(MATRIX["strict"])
+    mutating, validating = _webhook_configs(objects)
+    assert {(h["failurePolicy"], h["timeoutSeconds"]) for h in mutating["webhooks"]} == {("Ignore", 10)}
+    assert {(h["failurePolicy"], h["timeoutSeconds"]) for h in validating["webhooks"]} == {("Fail", 30)}
+    assert {"key": "team", "operator": "Exists"} in validating["webhooks"][0]["namespaceSelector"]["matchExpressions"]
+    # What the server answers when it cannot evaluate a request follows the same choice.
+    settings = _server_config(objects, tmp_path)
+    assert (settings.failure.mutate, settings.failure.validate_) == ("allow", "deny")
+    defaults = _server_config(render(), tmp_path)
+    assert (defaults.failure.mutate, defaults.failure.validate_) == ("deny", "allow")
+
+
+def test_url_override_runs_nothing_in_the_cluster(render: Render) -> None:
+    objects = render(MATRIX["url"])
+    mutating, validating = _webhook_configs(objects)
+    for hook, path in [*((h, "/mutate") for h in mutating["webhooks"]), (validating["webhooks"][0], "/validate")]:
+        assert hook["clientConfig"] == {"url": f"https://dev.example.com:8443{path}", "caBundle": CA_BUNDLE}
+    assert not {"Deployment", "Service", "Secret", "PodDisruptionBudget", "Certificate"} & set(kinds(objects))
+    assert "annotations" not in mutating["metadata"]
+
+
+# --- certificates ------------------------------------------------------------------------------------------------
+
+def _handshake(cert_dir: Path, ca_bundle_b64: str, hostname: str) -> x509.Certificate:
+    """A TLS handshake between the server's own hot-reload context and a client trusting only the caBundle."""
+    server = CertificateReloader(TLSSettings(cert_dir=cert_dir)).context
+    client = ssl.create_default_context(cadata=base64.b64decode(ca_bundle_b64).decode())
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname=hostname)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for end in (c, s):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                end.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    return x509.load_der_x509_certificate(c.getpeercert(binary_form=True) or b"")
+
+
+def test_helm_mode_serves_a_certificate_the_webhooks_trust(render: Render, tmp_path: Path) -> None:
+    objects = render(MATRIX["helm"])
+    secret = find(objects, "Secret", f"{FULLNAME}-tls")
+    assert secret["type"] == "kubernetes.io/tls" and int(secret["metadata"]["annotations"]["meshguard.io/not-after"])
+    bundles = {h["clientConfig"]["caBundle"] for c in _webhook_configs(objects) for h in c["webhooks"]}
+    assert bundles == {secret["data"]["ca.crt"]}
+    # The Deployment mounts exactly this Secret where the server reads its certificate.
+    volume = next(v for v in find(objects, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "certs")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    for name in ("tls.crt", "tls.key"):
+        (tmp_path / name).write_bytes(base64.b64decode(secret["data"][name]))
+    served = _handshake(tmp_path, secret["data"]["ca.crt"], f"{FULLNAME}.{NAMESPACE}.svc")
+    san = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == set(certs.service_dns_names(FULLNAME, NAMESPACE))
+
+
+def test_cert_manager_mode(render: Render) -> None:
+    objects = render(MATRIX["cert-manager"])
+    serving = find(objects, "Certificate", f"{FULLNAME}-serving")["spec"]
+    assert serving["dnsNames"] == list(certs.service_dns_names(FULLNAME, NAMESPACE))
+    assert serving["secretName"] == f"{FULLNAME}-tls" and serving["privateKey"]["rotationPolicy"] == "Always"
+    # Its own CA, so a renewal of the serving certificate does not change what the API server trusts.
+    ca = find(objects, "Certificate", f"{FULLNAME}-ca")["spec"]
+    assert ca["isCA"] is True and ca["issuerRef"]["name"] == f"{FULLNAME}-selfsigned"
+    assert find(objects, "Issuer", f"{FULLNAME}-ca")["spec"] == {"ca": {"secretName": ca["secretName"]}}
+    assert serving["issuerRef"]["name"] == f"{FULLNAME}-ca"
+    for webhook_config in _webhook_configs(objects):
+        assert webhook_config["metadata"]["annotations"] == {
+            "cert-manager.io/inject-ca-from": f"{NAMESPACE}/{FULLNAME}-serving"}
+        assert all("caBundle" not in h["clientConfig"] for h in webhook_config["webhooks"])
+    volume = next(v for v in find(objects, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "certs")
+    assert volume["secret"]["secretName"] == serving["secretName"]
+    assert "Secret" not in kinds(objects)
+
+    with_issuer = render(MATRIX["cert-manager-issuer"])
+    assert "Issuer" not in kinds(with_issuer)
+    assert find(with_issuer, "Certificate")["spec"]["issuerRef"] == ISSUER
+
+
+def test_self_managed_mode_wiring(render: Render, tmp_path: Path) -> None:
+    objects = render()
+    settings = _server_config(objects, tmp_path).certificates
+    secret = find(objects, "Secret")
+    assert secret["metadata"]["name"] == settings.secret_name and "data" not in secret and secret["type"] == "Opaque"
+    assert settings.self_managed is True and settings.service == find(objects, "Service", FULLNAME)["metadata"]["name"]
+    mutating, validating = _webhook_configs(objects)
+    assert (settings.mutating_webhook, settings.validating_webhook) == (mutating["metadata"]["name"],
+                                                                        validating["metadata"]["name"])
+    assert all("caBundle" not in h["clientConfig"] for c in (mutating, validating) for h in c["webhooks"])
+    (settings_dir,) = [m["mountPath"] for m in _container(objects)["volumeMounts"] if m["name"] == "certs"]
+    assert Path(settings_dir) == _server_config(objects, tmp_path).tls.cert_dir
+    volume = next(v for v in find(objects, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "certs")
+    assert volume["emptyDir"]["medium"] == "Memory"
+    for mode in ("helm", "certManager"):
+        assert _server_config(render({"certificates": {"mode": mode}}), tmp_path).certificates.self_managed is False
+
+
+# --- RBAC --------------------------------------------------------------------------------------------------------
+
+READS = [
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["security.istio.io"], "resources": ["peerauthentications"], "verbs": ["get", "list", "watch"]},
+]
+
+
+def _server_rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rules bound to the server's ServiceAccount (the helm test's own Role is a hook, checked separately)."""
+    return [rule for o in objects if o["kind"] in ("ClusterRole", "Role")
+            and "helm.sh/hook" not in o["metadata"].get("annotations", {}) for rule in o["rules"]]
+
+
+def test_rbac_least_privilege(render: Render) -> None:
+    for case in ("helm", "cert-manager"):
+        assert _server_rules(render(MATRIX[case])) == READS
+    objects = render()
+    assert _server_rules(objects) == [*READS, {
+        "apiGroups": ["admissionregistration.k8s.io"],
+        "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
+        "resourceNames": [FULLNAME], "verbs": ["get", "update"],
+    }, {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [f"{FULLNAME}-tls"], "verbs": ["get", "update"]}]
+    role = find(objects, "Role", FULLNAME)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    for binding in (find(objects, "RoleBinding", FULLNAME), find(objects, "ClusterRoleBinding")):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    assert find(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == FULLNAME
+    assert not {"ClusterRole", "Role", "ServiceAccount"} & set(kinds(
+        [o for o in render(MATRIX["single"]) if "helm.sh/hook" not in o["metadata"].get("annotations", {})]))
+
+
+# --- the server's pods -------------------------------------------------------------------------------------------
+
+def test_deployment_availability(render: Render) -> None:
+    objects = render()
+    deployment = find(objects, "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert spec["priorityClassName"] == "system-cluster-critical"
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (preferred,) = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert parse_selector(preferred["podAffinityTerm"]["labelSelector"]).matches(pod_labels)
+    (spread,) = spec["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+    assert parse_selector(spread["labelSelector"]).matches(pod_labels)
+    pdb = find(objects, "PodDisruptionBudget")["spec"]
+    assert pdb["minAvailable"] == 1 and parse_selector(pdb["selector"]).matches(pod_labels)
+    assert parse_selector({"matchLabels": deployment["spec"]["selector"]["matchLabels"]}).matches(pod_labels)
+    assert pod_labels["meshguard.io/inject"] == "false"
+
+    hard = find(render(MATRIX["strict"]), "Deployment")["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert list(hard) == ["requiredDuringSchedulingIgnoredDuringExecution"]
+    single = render(MATRIX["single"])
+    assert "PodDisruptionBudget" not in kinds(single)  # minAvailable 1 of 1 would block every node drain
+    single_spec = find(single, "Deployment")["spec"]["template"]["spec"]
+    assert "affinity" not in single_spec and "priorityClassName" not in single_spec
+    assert single_spec["serviceAccountName"] == "existing"
+    overrides = find(render(MATRIX["overrides"]), "Deployment")["spec"]["template"]["spec"]["affinity"]
+    assert set(overrides) == {"nodeAffinity", "podAntiAffinity"}
+
+
+def test_container_security_and_resources(render: Render) -> None:
+    objects = render()
+    pod = find(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = _container(objects)
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]} and security["runAsNonRoot"] is True
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"} and security["privileged"] is False
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"},
+                                      "limits": {"cpu": "1", "memory": "512Mi"}}
+    assert container["image"] == "meshguard:0.1.0"
+    assert container["args"] == ["serve", "--config", "/etc/meshguard/config.yaml"]
+    assert {"name": "MESHGUARD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} \
+        in container["env"]
+    digest = "sha256:" + "a" * 64
+    assert _container(render(MATRIX["single"]))["image"] == f"meshguard@{digest}"
+
+
+@pytest.mark.parametrize("case", ["defaults", "overrides"])
+def test_probes_and_services_reach_the_configured_ports(render: Render, case: str, tmp_path: Path) -> None:
+    objects = render(MATRIX[case])
+    settings = _server_config(objects, tmp_path)
+    container = _container(objects)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"https": settings.server.port, "http-metrics": settings.server.health_port}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    fullname = "guard" if case == "overrides" else FULLNAME
+    webhook_service = find(objects, "Service", fullname)["spec"]
+    assert webhook_service["ports"] == [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}]
+    metrics_service = find(objects, "Service", f"{fullname}-metrics")["spec"]
+    assert metrics_service["ports"][0]["targetPort"] == "http-metrics"
+    pod_labels = find(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    for service in (webhook_service, metrics_service):
+        assert parse_selector({"matchLabels": service["selector"]}).matches(pod_labels)
+
+
+def test_config_merges_values_over_chart_defaults(render: Render, tmp_path: Path) -> None:
+    objects = render(MATRIX["overrides"])
+    settings = _server_config(objects, tmp_path)
+    assert settings.log_level == "debug" and settings.server.port == 9443
+    assert settings.injection.proxy_image == "envoyproxy/envoy:v1.32.0"
+    assert settings.injection.init_image == _container(objects)["image"]  # the init container runs this image
+    assert settings.server.shutdown_delay_seconds > 0  # endpoints drop a stopping pod before it closes
+    grace = find(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > settings.server.shutdown_delay_seconds + settings.server.graceful_timeout_seconds
+
+
+def test_config_checksum_rolls_the_pods_only_when_the_config_changes(render: Render) -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        return find(render(values), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    base = checksum({})
+    assert re.fullmatch(r"[0-9a-f]{64}", base)
+    assert checksum({"replicaCount": 4}) == base
+    assert checksum({"config": {"log_level": "debug"}}) != base
+    assert checksum({"webhooks": {"validation": {"failurePolicy": "Fail"}}}) != base  # failure.validate follows
+
+
+# --- observability and helm test ---------------------------------------------------------------------------------
+
+def test_service_monitor_and_dashboard(render: Render) -> None:
+    objects = render(MATRIX["cert-manager"])
+    monitor = find(objects, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "http-metrics" and endpoint["path"] == "/metrics"
+    metrics_service = find(objects, "Service", f"{FULLNAME}-metrics")
+    assert parse_selector(monitor["spec"]["selector"]).matches(metrics_service["metadata"]["labels"])
+    webhook_service = find(objects, "Service", FULLNAME)
+    assert not parse_selector(monitor["spec"]["selector"]).matches(webhook_service["metadata"]["labels"])
+    assert [p["name"] for p in metrics_service["spec"]["ports"]] == [endpoint["port"]]
+
+    dashboard_map = find(objects, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert dashboard_map["metadata"]["namespace"] == "monitoring"
+    assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(dashboard_map["data"]["meshguard.json"])
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"meshguard_\w+", target["expr"])}
+    assert {"meshguard_admission_requests_total", "meshguard_admission_duration_seconds_bucket",
+            "meshguard_injections_total", "meshguard_policy_results_total",
+            "meshguard_serving_certificate_expiry_timestamp_seconds"} <= queried
+    exposed = {sample.name for family in Metrics().registry.collect() for sample in family.samples}
+    exposed |= {f"{family.name}_bucket" for family in Metrics().registry.collect() if family.type == "histogram"}
+    exposed |= {f"{family.name}_total" for family in Metrics().registry.collect() if family.type == "counter"}
+    exposed |= {family.name for family in Metrics().registry.collect()}
+    assert queried <= exposed, f"the dashboard queries metrics the server does not expose: {queried - exposed}"
+    assert "ServiceMonitor" not in kinds(render()) and not [
+        o for o in render() if o["metadata"]["name"].endswith("-dashboard")]
+
+
+def test_helm_test_hook(render: Render) -> None:
+    objects = render({"tests": {"namespace": "shop"}})
+    hooks = [o for o in objects if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    assert kinds(hooks) == ["ConfigMap", "Pod", "Role", "RoleBinding", "ServiceAccount"]
+    pod = find(hooks, "Pod")
+    assert pod["metadata"]["namespace"] == NAMESPACE  # excluded from the webhooks: never injected itself
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["python", "/test/helm-test.py", "shop", PROXY_NAME]
+    assert container["image"] == _container(objects)["image"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert find(hooks, "ConfigMap")["data"]["helm-test.py"] == (CHART / "files" / "helm-test.py").read_text()
+    role = find(hooks, "Role")
+    assert role["metadata"]["namespace"] == "shop"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]}]
+    assert find(hooks, "RoleBinding")["subjects"][0]["name"] == pod["spec"]["serviceAccountName"]
+    for hook in hooks:
+        assert "hook-succeeded" in hook["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+
+
+def test_values_yaml_matches_the_schema_defaults() -> None:
+    """values.yaml is the documented source of the defaults; the schema constrains but never hides one."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def keys(node: dict[str, Any], prefix: str = "") -> set[str]:
+        out = set()
+        for key, value in node.get("properties", {}).items():
+            out.add(prefix + key)
+            if value.get("additionalProperties") is False:
+                out |= keys(value, f"{prefix}{key}.")
+        return out
+
+    def value_keys(node: dict[str, Any], prefix: str = "") -> set[str]:
+        out = set()
+        for key, value in node.items():
+            out.add(prefix + key)
+            if isinstance(value, dict) and value and key not in ("config", "resources", "affinity", "labels"):
+                out |= value_keys(value, f"{prefix}{key}.")
+        return out
+
+    assert value_keys(values) - keys(schema) == set()
+    assert keys(schema) - value_keys(values) <= {"global", "certificates.certManager.issuerRef.name",
+                                                 "certificates.certManager.issuerRef.kind",
+                                                 "certificates.certManager.issuerRef.group"}
