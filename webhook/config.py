@@ -26,6 +26,7 @@ class _Section(BaseModel):
 
 # Below _Section on purpose: the injection section subclasses it (see webhook/injection/__init__.py).
 from .injection.settings import InjectionSettings  # noqa: E402
+from .policy.settings import PolicySettings  # noqa: E402
 
 
 class ServerSettings(_Section):
@@ -90,6 +91,7 @@ class Settings(BaseSettings):
     tls: TLSSettings = TLSSettings()
     failure: FailureSettings = FailureSettings()
     injection: InjectionSettings = InjectionSettings()
+    policy: PolicySettings = PolicySettings()
 
 class ConfigError(ValueError):
     """The configuration file or environment is invalid; the message says where."""

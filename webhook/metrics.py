@@ -38,6 +38,25 @@ class Metrics:
             "meshguard_injections", "Sidecar injection answers by result (injected, skipped, denied) and reason.",
             ["result", "reason"], registry=r,
         )
+        self.policy_results = Counter(
+            "meshguard_policy_results", "Policy rule results on /validate by rule, action and result (pass, fail).",
+            ["rule", "action", "result"], registry=r,
+        )
+        self.policy_rechecks = Counter(
+            "meshguard_policy_live_rechecks", "Live namespace re-reads before a denial, by outcome (fresh, failed).",
+            ["outcome"], registry=r,
+        )
+        self.state_objects = Gauge(
+            "meshguard_state_objects", "Objects in the cluster-state store, by kind.", ["kind"], registry=r,
+        )
+        self.watch_restarts = Counter(
+            "meshguard_state_watch_restarts", "Watches restarted, by kind and reason (expired: 410 Gone, error).",
+            ["kind", "reason"], registry=r,
+        )
+        self.last_sync = Gauge(
+            "meshguard_state_last_full_sync_timestamp_seconds", "Unix time of the last complete list, by kind.",
+            ["kind"], registry=r,
+        )
         self.certificate_expiry = Gauge(
             "meshguard_serving_certificate_expiry_timestamp_seconds",
             "Unix time at which the serving certificate in use expires.", registry=r,

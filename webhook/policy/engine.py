@@ -1,0 +1,212 @@
+"""Pure evaluation of one workload against a snapshot of cluster state: every rule's result, action and message.
+
+The engine never does I/O; it reads the state through :class:`Snapshot` (the in-memory store implements it).
+The admission handler, ``meshguard check`` and ``meshguard audit`` all call :meth:`Engine.evaluate`, so the
+cluster, the CI pipeline and the audit report agree on every verdict and every sentence.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..config import Settings
+from ..injection.decision import INJECT_KEY, NAMESPACE_ENABLED, PROXY_NAME, decide, selected_for_mesh
+from ..workloads import Workload, controller_owner
+from .mtls import STRICT, PeerAuthentication, resolve
+from .networkpolicy import NetworkPolicy, coverage
+from .selectors import format_labels, parse_selector
+from .settings import Action
+
+NETWORK_POLICY = "network-policy"
+MTLS = "mtls"
+RULES = (NETWORK_POLICY, MTLS)
+# The namespace label that overrides the configured action of every rule for that namespace.
+POLICY_LABEL = "meshguard.io/policy"
+ACTIONS: tuple[Action, ...] = ("audit", "warn", "enforce")  # least to most strict
+ALWAYS_EXEMPT = ("kube-system",)
+WARNING_LIMIT = 119  # the issue asks for warnings under 120 characters
+# Added to a NetworkPolicy denial at admission: kubectl applies files in name order and carries on after a
+# rejection, so a policy later in the same apply exists by the time the user runs it again.
+ORDERING_HINT = "; if it is in this same apply, apply it before the workload or run the apply again"
+
+
+class Snapshot(Protocol):
+    """What the engine reads. Implemented by :class:`webhook.state.store.Store`; all reads are from memory."""
+
+    def namespace_labels(self, namespace: str) -> Mapping[str, str]: ...
+
+    def network_policies_selecting(self, namespace: str, labels: Mapping[str, str]) -> Sequence[NetworkPolicy]: ...
+
+    def peer_authentications(self, namespace: str) -> Sequence[PeerAuthentication]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RuleResult:
+    rule: str
+    passed: bool
+    action: Action
+    workload: str  # "Deployment shop/payment"
+    detail: str  # the sentence after the workload: what is wrong and the fix, or why it passes
+    short: str  # the same for a warning, which must stay under 120 characters
+
+    @property
+    def message(self) -> str:
+        return f"{self.workload}: {self.detail}"
+
+    @property
+    def warning(self) -> str:
+        return textwrap.shorten(f"{self.workload}: {self.short}", WARNING_LIMIT, placeholder="…")
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    workload: Workload
+    exempt: str | None  # why the workload is exempt; None when the rules were evaluated
+    results: tuple[RuleResult, ...] = ()
+
+    @property
+    def failures(self) -> tuple[RuleResult, ...]:
+        return tuple(r for r in self.results if not r.passed)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def failing(self, action: Action) -> tuple[RuleResult, ...]:
+        return tuple(r for r in self.results if not r.passed and r.action == action)
+
+
+def least_strict(a: Action, b: Action) -> Action:
+    return a if ACTIONS.index(a) <= ACTIONS.index(b) else b
+
+
+def proxy_container_present(template: Mapping[str, Any]) -> bool:
+    """A ``meshguard-proxy`` container or init container is in the pod spec. The status annotation alone does
+    not count: a workload could write it itself, and only the container carries mTLS."""
+    spec = template.get("spec")
+    spec = spec if isinstance(spec, Mapping) else {}
+    return any(
+        isinstance(c, Mapping) and c.get("name") == PROXY_NAME
+        for key in ("containers", "initContainers")
+        for c in (spec.get(key) if isinstance(spec.get(key), list) else ())
+    )
+
+
+class Engine:
+    """The configured rules, compiled once (exemption selectors) and applied to any number of workloads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._policy = settings.policy
+        exempt = settings.policy.exempt
+        self._always_exempt = frozenset((*ALWAYS_EXEMPT, settings.namespace))
+        self._exempt_namespaces = frozenset(exempt.namespaces)
+        self._namespace_selectors = [parse_selector(s) for s in exempt.namespace_selectors]
+        self._workload_selectors = [parse_selector(s) for s in exempt.workload_selectors]
+
+    @property
+    def root_namespace(self) -> str:
+        return self._policy.mtls.root_namespace
+
+    def evaluate(self, workload: Workload, state: Snapshot, cap: Action = "enforce") -> Evaluation:
+        """Every rule's result for ``workload``; ``cap`` bounds the action (the handler lowers it for updates
+        that do not change the pods)."""
+        ns_labels = state.namespace_labels(workload.namespace)
+        why_exempt = self.exemption(workload, ns_labels)
+        if why_exempt:
+            return Evaluation(workload, why_exempt)
+        if controller_owner(workload.obj) is not None:
+            cap = least_strict(cap, self._policy.owned_action)
+        override = ns_labels.get(POLICY_LABEL)
+        results = []
+        for rule, configured, check in (
+            (NETWORK_POLICY, self._policy.network_policy.action, self._network_policy),
+            (MTLS, self._policy.mtls.action, self._mtls),
+        ):
+            action = override if override in ACTIONS else configured
+            passed, detail, short = check(workload, ns_labels, state)
+            results.append(RuleResult(rule, passed, least_strict(action, cap), workload.display, detail, short))
+        return Evaluation(workload, None, tuple(results))
+
+    def exemption(self, workload: Workload, ns_labels: Mapping[str, str]) -> str | None:
+        ns = workload.namespace
+        if ns in self._always_exempt:
+            return f"namespace {ns} is always exempt"
+        if ns in self._exempt_namespaces:
+            return f"namespace {ns} is listed in policy.exempt.namespaces"
+        for selector in self._namespace_selectors:
+            if selector.matches(ns_labels):
+                return f"namespace {ns} matches policy.exempt.namespace_selectors ({selector})"
+        for selector in self._workload_selectors:
+            if selector.matches(workload.labels):
+                return f"its pod labels match policy.exempt.workload_selectors ({selector})"
+        return None
+
+    def _network_policy(
+        self, workload: Workload, ns_labels: Mapping[str, str], state: Snapshot
+    ) -> tuple[bool, str, str]:
+        labels = workload.labels
+        selecting = state.network_policies_selecting(workload.namespace, labels)
+        covered, missing = coverage(selecting, self._policy.network_policy.directions)
+        if not missing:
+            by = ", ".join(f"{d} by {p.name}" for d, p in covered.items())
+            return True, f"NetworkPolicy coverage: {by}", f"covered ({by})"
+        directions = " and ".join(missing)
+        detail = (
+            f"no NetworkPolicy selects pods with labels {format_labels(labels)} for {directions}; create one "
+            "(a default-deny with podSelector {} is enough)"
+        )
+        return False, detail, f"no NetworkPolicy selects it for {directions}; add one (podSelector {{}} is enough)"
+
+    def _mtls(self, workload: Workload, ns_labels: Mapping[str, str], state: Snapshot) -> tuple[bool, str, str]:
+        missing = self._why_no_sidecar(workload, ns_labels)
+        if missing is not None:
+            why, fix = missing
+            detail = f"its pods will run without the meshguard sidecar ({why}), so they have no mutual TLS; {fix}"
+            return False, detail, f"no meshguard sidecar ({why}); {fix}"
+        mtls = self._policy.mtls
+        effective = resolve(
+            workload.labels,
+            state.peer_authentications(workload.namespace),
+            state.peer_authentications(mtls.root_namespace),
+            workload.namespace,
+            mtls.root_namespace,
+            mtls.default_mode,
+        )
+        source = effective.source
+        origin = source.display if source else "policy.mtls.default_mode: no PeerAuthentication applies"
+        if effective.mode != STRICT:
+            fix = "set its spec.mtls.mode to STRICT" if source else "create a PeerAuthentication with mode STRICT"
+            detail = f"mutual TLS mode is {effective.mode} ({origin}), so plaintext is accepted; {fix}"
+            return False, detail, f"mTLS is {effective.mode} ({origin}); {fix}"
+        if effective.weak_ports:
+            ports = ", ".join(f"port {port} is {mode}" for port, mode in effective.weak_ports)
+            assert effective.ports_from is not None  # weak ports come from the workload policy
+            where = f"portLevelMtls of {effective.ports_from.display}"
+            detail = f"{ports} ({where}), so plaintext is accepted there; set those entries to STRICT or remove them"
+            return False, detail, f"{ports} ({where}); set STRICT"
+        return True, f"pods carry the meshguard sidecar; mutual TLS is STRICT ({origin})", "mTLS STRICT"
+
+    def _why_no_sidecar(self, workload: Workload, ns_labels: Mapping[str, str]) -> tuple[str, str] | None:
+        """None when the pods will carry the proxy, else (why not, the fix). A Pod is judged by its containers:
+        validation runs after mutation, so an injected Pod already has them."""
+        template = workload.template
+        if proxy_container_present(template):
+            return None
+        ns = workload.namespace
+        label_ns = f"label namespace {ns} {INJECT_KEY}={NAMESPACE_ENABLED}"
+        if not selected_for_mesh(ns_labels, workload.labels):
+            return f"namespace {ns} is not labeled {INJECT_KEY}={NAMESPACE_ENABLED}", label_ns
+        decision = decide(template, ns, self._settings.injection, self._settings.namespace)
+        if decision.reason in ("opt-out-label", "opt-out-annotation"):
+            return decision.message, f"remove the {INJECT_KEY} opt-out"
+        if decision.reason == "already-injected":
+            return f"it claims injection but has no {PROXY_NAME} container", "remove the claim and recreate it"
+        if not decision.inject:
+            return decision.message, "or ask the platform team to exempt it in policy.exempt"
+        if workload.kind == "Pod":
+            return "the injector did not add it", "recreate the pod while meshguard's /mutate webhook is running"
+        return None

@@ -1,0 +1,80 @@
+"""The ``policy`` section of the configuration: rule actions, exemptions, and how cluster state is kept.
+
+Exemptions live here and only here: the platform team grants them in configuration, never a workload through
+its own labels or annotations (workload label selectors are matched, but only the ones the platform wrote).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field
+
+from ..config import _Section
+from .mtls import Mode
+from .networkpolicy import DIRECTIONS
+from .selectors import parse_selector
+
+Action = Literal["enforce", "warn", "audit"]
+
+
+def _valid_selector(value: dict[str, Any]) -> dict[str, Any]:
+    parse_selector(value)  # SelectorError is a ValueError: pydantic reports it with the key's path
+    return value
+
+
+LabelSelector = Annotated[dict[str, Any], AfterValidator(_valid_selector)]
+
+
+def _valid_directions(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value or any(d not in DIRECTIONS for d in value):
+        raise ValueError(f"must be a non-empty list of {' and '.join(DIRECTIONS)}")
+    return tuple(d for d in DIRECTIONS if d in value)
+
+
+class NetworkPolicyRule(_Section):
+    action: Action = "enforce"
+    # Directions some NetworkPolicy must isolate for every workload: [Ingress], or [Ingress, Egress].
+    directions: Annotated[tuple[str, ...], AfterValidator(_valid_directions)] = ("Ingress",)
+
+
+class MtlsRule(_Section):
+    action: Action = "enforce"
+    # Istio's root namespace: a PeerAuthentication there without a selector is the mesh-wide policy.
+    root_namespace: str = "istio-system"
+    # The mode when no PeerAuthentication applies (meshguard's proxy is STRICT unless told otherwise).
+    default_mode: Mode = "STRICT"
+
+
+class Exemptions(_Section):
+    namespaces: tuple[str, ...] = ()
+    # LabelSelectors matched against the namespace's labels.
+    namespace_selectors: tuple[LabelSelector, ...] = ()
+    # LabelSelectors matched against the pod (template) labels.
+    workload_selectors: tuple[LabelSelector, ...] = ()
+
+
+class StateSettings(_Section):
+    """How the live cluster state is kept (list+watch) and re-read before a denial."""
+
+    # A denial is preceded by a live re-read of the namespace; past this the request is allowed with a warning.
+    recheck_timeout_seconds: float = Field(2.0, gt=0, le=10)
+    # Server-side timeout of one watch request; the watch then resumes from the last resourceVersion.
+    watch_timeout_seconds: int = Field(300, ge=1)
+    backoff_initial_seconds: float = Field(0.5, gt=0)
+    backoff_max_seconds: float = Field(30.0, gt=0)
+    # List page size (limit/continue), so that a large cluster is read in bounded chunks.
+    page_size: int = Field(500, ge=1)
+    # How often to look again for the PeerAuthentication CRD when it is not installed.
+    crd_poll_seconds: float = Field(60.0, gt=0)
+
+
+class PolicySettings(_Section):
+    network_policy: NetworkPolicyRule = NetworkPolicyRule()
+    mtls: MtlsRule = MtlsRule()
+    # Objects created by a controller (a ReplicaSet's Pods, a Deployment's ReplicaSets, a CronJob's Jobs) are
+    # checked, but their action is capped at this, so that a policy deleted later cannot stop a controller
+    # from replacing crashed pods. "enforce" removes the cap.
+    owned_action: Action = "warn"
+    exempt: Exemptions = Exemptions()
+    state: StateSettings = StateSettings()

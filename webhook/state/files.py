@@ -1,0 +1,90 @@
+"""The manifest-file source: cluster state from the same YAML/JSON ``kubectl apply -f`` accepts.
+
+``meshguard check`` evaluates a set of manifests against the policies in the same set; ``serve --dev --state
+DIR`` serves against a directory. Such a directory is read at start and read again before every denial (the
+file source's "live re-check"), so a policy file written while the server runs is honoured exactly as a
+NetworkPolicy created an instant before a workload is in a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .. import manifests
+from ..workloads import labels_of, object_name
+from .store import KINDS, NAMESPACE, NETWORK_POLICY, PEER_AUTHENTICATION, NamespaceState, Store, namespace_of
+
+# kind -> the API group its apiVersion must carry (a NetworkPolicy of another group is not Kubernetes').
+_GROUPS = {NAMESPACE: "", NETWORK_POLICY: "networking.k8s.io", PEER_AUTHENTICATION: "security.istio.io"}
+
+
+def _group(obj: Mapping[str, Any]) -> str:
+    api_version = obj.get("apiVersion")
+    return api_version.rsplit("/", 1)[0] if isinstance(api_version, str) and "/" in api_version else ""
+
+
+def state_objects(objects: Iterable[dict[str, Any]], default_namespace: str) -> dict[str, list[dict[str, Any]]]:
+    """The Namespaces, NetworkPolicies and PeerAuthentications among ``objects``, by kind. Namespaced objects
+    that name no namespace are placed in ``default_namespace`` (on a copy of their metadata), as kubectl does."""
+    found: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+    for obj in objects:
+        kind = obj.get("kind")
+        if kind not in _GROUPS or _group(obj) != _GROUPS[kind]:
+            continue
+        if kind != NAMESPACE and not namespace_of(obj):
+            meta = obj.get("metadata")
+            obj = {**obj, "metadata": {**(meta if isinstance(meta, dict) else {}), "namespace": default_namespace}}
+        found[kind].append(obj)
+    return found
+
+
+def build_store(objects: Iterable[dict[str, Any]], default_namespace: str,
+                namespace_labels: Mapping[str, str] | None = None) -> tuple[Store, list[str]]:
+    """A store holding the state found in ``objects``, and the problems with objects it had to skip.
+
+    ``namespace_labels`` are added to ``default_namespace``'s labels (``check --namespace-labels``), whether or
+    not the input defines that Namespace."""
+    found = state_objects(objects, default_namespace)
+    if namespace_labels:
+        found[NAMESPACE] = _with_labels(found[NAMESPACE], default_namespace, namespace_labels)
+    store = Store()
+    problems = [p for kind, objs in found.items() for p in store.replace(kind, objs)]
+    return store, problems
+
+
+def _with_labels(namespaces: list[dict[str, Any]], name: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for ns in namespaces:
+        if object_name(ns) == name:
+            meta = ns["metadata"]
+            ns = {**ns, "metadata": {**meta, "labels": {**labels_of(ns), **labels}}}
+        out.append(ns)
+    if not any(object_name(ns) == name for ns in namespaces):
+        out.append({"apiVersion": "v1", "kind": NAMESPACE, "metadata": {"name": name, "labels": dict(labels)}})
+    return out
+
+
+class FileSource:
+    """Cluster state from a directory of manifests; :meth:`read_namespace` re-reads it (the store's reader)."""
+
+    def __init__(self, directory: Path, default_namespace: str = "default") -> None:
+        self.directory = directory
+        self.default_namespace = default_namespace
+
+    def read(self) -> dict[str, list[dict[str, Any]]]:
+        """Raises :class:`webhook.manifests.ManifestError` when the directory or a file cannot be read."""
+        return state_objects(manifests.load([self.directory]), self.default_namespace)
+
+    def load(self, store: Store) -> list[str]:
+        return [p for kind, objs in self.read().items() for p in store.replace(kind, objs)]
+
+    def read_namespace(self, namespace: str) -> NamespaceState:
+        found = self.read()
+        return NamespaceState(
+            namespace,
+            next((ns for ns in found[NAMESPACE] if object_name(ns) == namespace), None),
+            [p for p in found[NETWORK_POLICY] if namespace_of(p) == namespace],
+            [p for p in found[PEER_AUTHENTICATION] if namespace_of(p) == namespace],
+        )
