@@ -7,28 +7,57 @@ and the handlers know nothing of HTTP.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
-from .admission import AdmissionRequest, AdmissionResponse, allowed
 from .certs import ensure_dev_certs
 from .config import Settings
 from .injection.handler import mutate_handler
+from .manifests import ManifestError
 from .metrics import Metrics
+from .policy.handler import build_handler
 from .server import Readiness, Webhook, run
+from .state import files, kube
+from .state.store import Store
 
 log = logging.getLogger("meshguard")
+Job = Callable[[], Awaitable[None]]
 
 SERVICE_NAME = "meshguard"
 
 
-async def _allow(request: AdmissionRequest) -> AdmissionResponse:
-    return allowed(reason="no-rules")
-
-
-def build_webhooks(settings: Settings, metrics: Metrics) -> dict[str, Webhook]:
+def build_webhooks(settings: Settings, metrics: Metrics, store: Store) -> dict[str, Webhook]:
     return {
         "mutate": Webhook(mutate_handler(settings, metrics), allow_on_error=settings.failure.mutate == "allow"),
-        "validate": Webhook(_allow, allow_on_error=settings.failure.validate_ == "allow"),
+        "validate": Webhook(build_handler(settings, store, metrics),
+                            allow_on_error=settings.failure.validate_ == "allow"),
     }
+
+
+def cluster_state(settings: Settings, metrics: Metrics, readiness: Readiness) -> tuple[Store, list[Job]]:
+    """The store /validate reads, and the job that keeps it current: manifest files with ``state_dir``, nothing
+    with ``--dev`` alone (ready at once, empty), else the live API (ready after the first complete list)."""
+    timeout = settings.policy.state.recheck_timeout_seconds
+    if settings.state_dir is not None:
+        source = files.FileSource(settings.state_dir)
+        store = Store(source.read_namespace, timeout, metrics)
+        try:
+            problems = source.load(store)
+        except ManifestError as exc:
+            raise SystemExit(f"meshguard: cannot read the state directory: {exc}") from exc
+        for problem in problems:
+            log.warning("ignored an invalid object", extra={"problem": problem})
+        readiness.set("state", True)
+        return store, []
+    if settings.dev:
+        readiness.set("state", True)
+        return Store(metrics=metrics), []
+    try:
+        live = kube.KubeSource(kube.Cluster(kube.api_client()), settings.policy.state, metrics)
+    except kube.ClusterError as exc:
+        raise SystemExit(f"meshguard: {exc} (use --dev to run without a cluster)") from exc
+    store = Store(live.read_namespace, timeout, metrics)
+    readiness.set("state", False)
+    return store, [lambda: live.run(store, lambda: readiness.set("state", True))]
 
 
 async def serve(settings: Settings) -> None:
@@ -44,4 +73,5 @@ async def serve(settings: Settings) -> None:
             "dev": settings.dev,
         },
     )
-    await run(settings, build_webhooks(settings, metrics), readiness, metrics)
+    store, jobs = cluster_state(settings, metrics, readiness)
+    await run(settings, build_webhooks(settings, metrics, store), readiness, metrics, jobs)

@@ -1,0 +1,259 @@
+"""``POST /validate`` over real HTTPS, against a real server process reading its state from manifest files."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from tests.conftest import RunningServer, review, start_server
+
+MESH = {"meshguard.io/inject": "enabled"}
+
+
+def namespace(name: str, **labels: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+
+
+def deny_all(ns: str) -> dict[str, Any]:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "deny-all", "namespace": ns}, "spec": {"podSelector": {}}}
+
+
+STATE = [
+    namespace("shop", **MESH),
+    namespace("open", **MESH),  # in the mesh, no NetworkPolicy
+    namespace("soft", **MESH, **{"meshguard.io/policy": "warn"}),
+    namespace("quiet", **MESH, **{"meshguard.io/policy": "audit"}),
+    deny_all("shop"),
+    {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+     "metadata": {"name": "legacy", "namespace": "shop"},
+     "spec": {"selector": {"matchLabels": {"app": "legacy"}}, "mtls": {"mode": "PERMISSIVE"}}},
+]
+
+
+def deployment(name: str = "payment", replicas: int = 2, image: str = "shop/payment:1") -> dict[str, Any]:
+    labels = {"app": name}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels},
+                                  "spec": {"containers": [{"name": "app", "image": image}]}}}}
+
+
+def write_state(directory: Path, objects: list[dict[str, Any]]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "state.yaml").write_text(yaml.safe_dump_all(objects))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    work = tmp_path_factory.mktemp("validate")
+    running = start_server(work, args=("--state", str(write_state(work / "state", STATE))))
+    yield running
+    running.stop()
+
+
+def validate(server: RunningServer, obj: dict[str, Any] | None, ns: str, **kwargs: Any) -> dict[str, Any]:
+    with server.client() as client:
+        r = client.post("/validate", json=review(obj, namespace=ns, **kwargs))
+    assert r.status_code == 200, r.text
+    return r.json()["response"]
+
+
+def test_covered_workload_in_the_mesh_is_allowed_without_warnings(server: RunningServer) -> None:
+    response = validate(server, deployment(), "shop")
+    assert response["allowed"] is True and "warnings" not in response and "status" not in response
+
+
+def test_denial_lists_every_failed_rule_one_line_each(server: RunningServer) -> None:
+    response = validate(server, deployment(), "bare")
+    assert response["allowed"] is False
+    assert response["status"]["code"] == 403
+    lines = response["status"]["message"].split("\n")
+    assert lines == [
+        "Deployment bare/payment: no NetworkPolicy selects pods with labels {app=payment} for Ingress; create one "
+        "(a default-deny with podSelector {} is enough); if it is in this same apply, apply it before the workload "
+        "or run the apply again",
+        "Deployment bare/payment: its pods will run without the meshguard sidecar (namespace bare is not labeled "
+        "meshguard.io/inject=enabled), so they have no mutual TLS; label namespace bare meshguard.io/inject=enabled",
+    ]
+
+
+def test_only_the_failing_rule_is_reported(server: RunningServer) -> None:
+    response = validate(server, deployment(), "open")
+    assert response["allowed"] is False
+    assert response["status"]["message"].startswith("Deployment open/payment: no NetworkPolicy selects")
+    assert "\n" not in response["status"]["message"]
+    legacy = validate(server, deployment("legacy"), "shop")
+    assert legacy["allowed"] is False
+    assert legacy["status"]["message"] == (
+        "Deployment shop/legacy: mutual TLS mode is PERMISSIVE (PeerAuthentication shop/legacy), so plaintext is "
+        "accepted; set its spec.mtls.mode to STRICT")
+
+
+def test_warn_namespace_allows_with_short_warnings(server: RunningServer) -> None:
+    response = validate(server, deployment(), "soft")
+    assert response["allowed"] is True and "status" not in response
+    assert response["warnings"] == [
+        "Deployment soft/payment: no NetworkPolicy selects it for Ingress; add one (podSelector {} is enough)"]
+    assert all(len(w) < 120 for w in response["warnings"])
+
+
+def test_audit_namespace_allows_silently_but_logs_and_counts(server: RunningServer) -> None:
+    response = validate(server, deployment("audited"), "quiet", uid="audit-me")
+    assert response == {"uid": "audit-me", "allowed": True}
+    entries = [orjson.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    entry = next(e for e in entries if e.get("uid") == "audit-me")
+    assert entry["reason"] == "policy-audit"
+    assert entry["violations"] == ["[network-policy:audit] Deployment quiet/audited: no NetworkPolicy selects pods "
+                                   "with labels {app=audited} for Ingress; create one (a default-deny with "
+                                   "podSelector {} is enough)"]
+    metrics = httpx.get(f"{server.health_url}/metrics").text
+    assert 'meshguard_policy_results_total{action="audit",result="fail",rule="network-policy"}' in metrics
+    assert 'meshguard_state_objects{kind="NetworkPolicy"} 1.0' in metrics
+
+
+def test_every_controller_kind_and_pods(server: RunningServer) -> None:
+    template = {"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}
+    objects = [
+        {"apiVersion": "apps/v1", "kind": kind, "metadata": {"name": "x"}, "spec": {"template": template}}
+        for kind in ("StatefulSet", "DaemonSet", "ReplicaSet")
+    ] + [
+        {"apiVersion": "v1", "kind": "ReplicationController", "metadata": {"name": "x"},
+         "spec": {"template": template}},
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}, "spec": {"template": template}},
+        {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "x"},
+         "spec": {"schedule": "@daily", "jobTemplate": {"spec": {"template": template}}}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "labels": {"app": "x"}},
+         "spec": {"containers": [{"name": "c", "image": "i"}]}},
+    ]
+    for obj in objects:
+        denied = validate(server, obj, "open")
+        assert denied["allowed"] is False, obj["kind"]
+        assert denied["status"]["message"].startswith(f"{obj['kind']} open/x: no NetworkPolicy"), denied
+        # In the covered namespace only the Pod fails: it was not injected (it has no meshguard-proxy).
+        allowed = validate(server, obj, "shop")
+        assert allowed["allowed"] is (obj["kind"] != "Pod"), allowed
+
+
+def test_injected_pod_passes_and_controller_owned_pods_are_only_warned(server: RunningServer) -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"generateName": "payment-7d4b9-", "labels": {"app": "payment"}},
+           "spec": {"initContainers": [{"name": "meshguard-proxy", "image": "envoy", "restartPolicy": "Always"}],
+                    "containers": [{"name": "app", "image": "shop/payment:1"}]}}
+    assert validate(server, pod, "shop")["allowed"] is True
+    owned = copy.deepcopy(pod)
+    owned["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "payment-7d4b9",
+                                             "uid": "u", "controller": True}]
+    response = validate(server, owned, "open")
+    assert response["allowed"] is True
+    assert response["warnings"] == ["Pod open/payment-7d4b9-*: no NetworkPolicy selects it for Ingress; add one "
+                                    "(podSelector {} is enough)"]
+
+
+def test_updates(server: RunningServer) -> None:
+    old = deployment()
+    scaled = deployment(replicas=5)
+    # Scaling leaves the pods as they are: warned, never denied.
+    response = validate(server, scaled, "open", operation="UPDATE", old=old)
+    assert response["allowed"] is True and response["warnings"][0].startswith("Deployment open/payment: no Network")
+    # A new image changes the pods: enforced like a creation.
+    assert validate(server, deployment(image="shop/payment:2"), "open", operation="UPDATE", old=old)["allowed"] is False
+    # An object on its way out (finalizers being removed) is never blocked.
+    deleting = copy.deepcopy(deployment(image="shop/payment:2"))
+    deleting["metadata"]["deletionTimestamp"] = "2024-01-01T00:00:00Z"
+    assert validate(server, deleting, "open", operation="UPDATE", old=old)["allowed"] is True
+
+
+@pytest.mark.parametrize(
+    ("obj", "kwargs"),
+    [
+        ({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}}, {}),
+        ({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}, {}),
+        (None, {"operation": "DELETE", "old": deployment(), "kind": "Deployment"}),
+        (deployment(), {"operation": "CONNECT"}),
+        ({"apiVersion": "example.com/v1", "kind": "Job", "metadata": {"name": "j"},
+          "spec": {"template": {"spec": {"containers": []}}}}, {}),
+    ],
+    ids=["service", "configmap", "delete", "connect", "custom-resource-named-job"],
+)
+def test_everything_else_is_allowed(server: RunningServer, obj: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:
+    response = validate(server, obj, "open", **kwargs)
+    assert response["allowed"] is True and "warnings" not in response
+
+
+def test_exempt_namespaces(server: RunningServer) -> None:
+    for ns in ("kube-system", "meshguard"):
+        assert validate(server, deployment(), ns, uid="exempt") == {"uid": "exempt", "allowed": True}
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {"template": "x"}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "labels": "bad"},
+         "spec": {"template": {"metadata": 7}}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+         "spec": {"template": {"metadata": {"labels": {"app": 1, "x": None}}, "spec": {"containers": "nope"}}}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": None},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "ownerReferences": "x"},
+         "spec": {"initContainers": [None, 3], "containers": [{"name": ["x"]}]}},
+        {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"}, "spec": {"jobTemplate": []}},
+    ],
+)
+def test_malformed_workloads_get_an_answer(server: RunningServer, obj: dict[str, Any]) -> None:
+    response = validate(server, obj, "open", uid="odd")
+    assert response["uid"] == "odd" and isinstance(response["allowed"], bool)
+    assert "meshguard failed to evaluate" not in str(response)
+
+
+def test_a_policy_created_an_instant_before_is_honoured(server_factory: Any, tmp_path: Path) -> None:
+    """Never deny on stale state: the state directory is read again before a denial."""
+    state = write_state(tmp_path / "state", [namespace("shop", **MESH)])
+    srv = server_factory(args=("--state", str(state)))
+    assert validate(srv, deployment(), "shop")["allowed"] is False
+    (state / "zz-policy.yaml").write_text(yaml.safe_dump(deny_all("shop")))
+    assert validate(srv, deployment(), "shop")["allowed"] is True
+    metrics = httpx.get(f"{srv.health_url}/metrics").text
+    assert 'meshguard_policy_live_rechecks_total{outcome="fresh"} 2.0' in metrics
+
+
+def test_unreadable_state_on_recheck_allows_with_a_warning(server_factory: Any, tmp_path: Path) -> None:
+    state = write_state(tmp_path / "state", [namespace("shop", **MESH)])
+    srv = server_factory(args=("--state", str(state)))
+    (state / "broken.yaml").write_text("kind: [unclosed")
+    response = validate(srv, deployment(), "shop")
+    assert response["allowed"] is True
+    assert response["warnings"][-1].startswith("meshguard could not re-read this namespace's policies")
+    assert response["warnings"][0].startswith("Deployment shop/payment: no NetworkPolicy selects it")
+
+
+def test_dev_without_state_is_ready_at_once_and_empty(server_factory: Any) -> None:
+    srv = server_factory()
+    ready = httpx.get(f"{srv.health_url}/readyz").json()
+    assert ready["ready"] is True and ready["checks"]["state"] is True
+    assert validate(srv, deployment(), "shop")["allowed"] is False
+
+
+def test_configured_actions_and_directions(server_factory: Any, tmp_path: Path) -> None:
+    state = write_state(tmp_path / "state", [namespace("shop", **MESH), deny_all("shop")])
+    srv = server_factory(config={"policy": {"network_policy": {"directions": ["Ingress", "Egress"], "action": "warn"}}},
+                         args=("--state", str(state)))
+    response = validate(srv, deployment(), "shop")
+    assert response["allowed"] is True
+    assert response["warnings"] == ["Deployment shop/payment: no NetworkPolicy selects it for Egress; add one "
+                                    "(podSelector {} is enough)"]
+
+
+def test_invalid_state_directory_stops_the_server(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError) as raised:
+        start_server(tmp_path / "srv", args=("--state", str(tmp_path / "missing")))
+    assert "cannot read the state directory" in str(raised.value)
+

@@ -1,0 +1,100 @@
+"""``POST /validate``: the admission handler around :class:`webhook.policy.engine.Engine`.
+
+Pods and pod controllers are checked on CREATE and UPDATE; everything else is allowed. The answer follows the
+strictest failing action: ``enforce`` denies (HTTP 403 in ``status``, one line per failed rule), ``warn`` allows
+with ``warnings`` (kubectl prints each as ``Warning: ...``), ``audit`` allows and only logs and counts.
+
+Before a denial the namespace's state is re-read live (:meth:`Store.refresh`) and the workload evaluated
+again, so a NetworkPolicy created an instant before the workload is seen. If the re-read fails or times out the
+request is allowed with a warning: meshguard never denies on state it could not confirm.
+
+Two kinds of update are only warned on, never denied: an object being deleted (finalizers must come off), and
+an update that leaves the pods unchanged (labels, inject annotation and spec of the template), such as a
+replica count change, which cannot make anything less safe than it already is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied
+from ..config import Settings
+from ..injection.decision import INJECT_KEY
+from ..metrics import Metrics
+from ..server import Handler
+from ..state.store import Store
+from ..workloads import Workload, as_workload
+from .engine import NETWORK_POLICY, ORDERING_HINT, Engine, Evaluation, RuleResult
+from .settings import Action
+
+# The API group of each checked kind: a custom resource that happens to be called "Job" is not checked.
+GROUPS = {"Pod": "", "ReplicationController": "", "Deployment": "apps", "StatefulSet": "apps", "DaemonSet": "apps",
+          "ReplicaSet": "apps", "Job": "batch", "CronJob": "batch"}
+UNCONFIRMED = "meshguard could not re-read this namespace's policies from the API server, so it allowed this"
+
+
+def _pods_of(workload: Workload) -> tuple[Any, ...]:
+    """What the rules read from a pod template; an update that keeps it cannot change a verdict's cause."""
+    return workload.labels, workload.annotations.get(INJECT_KEY), workload.pod_spec
+
+
+def _unchanged(workload: Workload, old: Mapping[str, Any] | None) -> bool:
+    previous = as_workload(dict(old), workload.namespace) if isinstance(old, Mapping) else None
+    return previous is not None and _pods_of(previous) == _pods_of(workload)
+
+
+def _deleting(obj: Mapping[str, Any]) -> bool:
+    meta = obj.get("metadata")
+    return isinstance(meta, Mapping) and bool(meta.get("deletionTimestamp"))
+
+
+def build_handler(settings: Settings, store: Store, metrics: Metrics) -> Handler:
+    engine = Engine(settings)
+
+    async def handle(request: AdmissionRequest) -> AdmissionResponse:
+        obj = request.object
+        if request.operation not in ("CREATE", "UPDATE") or obj is None:
+            return allowed(reason="not-checked")
+        workload = as_workload(obj, request.namespace)
+        if workload is None or request.kind != workload.kind or GROUPS[workload.kind] != request.group:
+            return allowed(reason="not-a-workload")
+        cap: Action = "enforce"
+        if request.operation == "UPDATE" and (_deleting(obj) or _unchanged(workload, request.old_object)):
+            cap = "warn"
+        evaluation = engine.evaluate(workload, store, cap)
+        notes: tuple[str, ...] = ()
+        if evaluation.failing("enforce"):
+            fresh = await store.refresh((workload.namespace, engine.root_namespace))
+            metrics.policy_rechecks.labels("fresh" if fresh else "failed").inc()
+            if not fresh:
+                cap, notes = "warn", (UNCONFIRMED,)
+            evaluation = engine.evaluate(workload, store, cap)
+        return _respond(evaluation, metrics, notes)
+
+    return handle
+
+
+def _denial_line(result: RuleResult) -> str:
+    return result.message + (ORDERING_HINT if result.rule == NETWORK_POLICY else "")
+
+
+def _respond(evaluation: Evaluation, metrics: Metrics, notes: tuple[str, ...]) -> AdmissionResponse:
+    if evaluation.exempt:
+        return replace(allowed(reason="exempt"), details={"exempt": evaluation.exempt})
+    for result in evaluation.results:
+        metrics.policy_results.labels(result.rule, result.action, "pass" if result.passed else "fail").inc()
+    warnings = (*(r.warning for r in evaluation.failing("warn")), *notes)
+    enforced = evaluation.failing("enforce")
+    if enforced:
+        response = denied("\n".join(map(_denial_line, enforced)), reason="policy-violation", warnings=warnings)
+    elif warnings:
+        response = allowed(reason="policy-warn", warnings=warnings)
+    else:
+        response = allowed(reason="policy-audit" if evaluation.failures else "policy-pass")
+    if not evaluation.failures:
+        return response
+    # The admission log line carries these: for audit-mode failures, the log and the metric are the report.
+    violations = [f"[{r.rule}:{r.action}] {r.message}" for r in evaluation.failures]
+    return replace(response, details={"violations": violations})
