@@ -154,10 +154,82 @@ def _inject(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR|-",
+                   help="workloads, NetworkPolicies, PeerAuthentications and Namespaces to check together; repeatable")
+    p.add_argument("-n", "--namespace", default="default",
+                   help="namespace of objects that name none (default: default)")
+    p.add_argument("--namespace-labels", default="", metavar="K=V,...",
+                   help="labels of that namespace, e.g. meshguard.io/inject=enabled")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format (default text)")
+    p.add_argument("--config", type=Path, help="YAML configuration file: the policy settings the server uses")
+
+
+def _labels(text: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--namespace-labels: expected key=value, got {item!r}")
+        labels[key] = value
+    return labels
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .policy import report
+    from .policy.engine import Engine
+    from .state.files import build_store
+    from .workloads import iter_workloads
+
+    settings = config.load(args.config)
+    labels = _labels(args.namespace_labels)
+    try:
+        objects = manifests.load(args.filename)
+    except manifests.ManifestError as exc:
+        raise UsageError(str(exc)) from None
+    store, problems = build_store(objects, args.namespace, labels)
+    if problems:
+        raise UsageError("; ".join(problems))
+    result = report.check(Engine(settings), store, iter_workloads(objects, args.namespace))
+    sys.stdout.write(report.render(result, args.output))
+    return 1 if result.failed else 0
+
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster, KUBECONFIG, ~/.kube/config)")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format (default text)")
+    p.add_argument("--config", type=Path, help="YAML configuration file: the policy settings the server uses")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from .policy import report
+    from .policy.engine import Engine
+    from .state import kube
+
+    settings = config.load(args.config)
+    tty = sys.stderr.isatty()
+
+    def progress(kind: str, count: int) -> None:
+        print(f"meshguard audit: {count} {kind} objects listed", end="\r" if tty else "\n", file=sys.stderr,
+              flush=True)
+
+    try:
+        cluster = kube.Cluster(kube.api_client(args.kubeconfig))
+        store, objects = kube.read_all(cluster, settings.policy.state.page_size, progress)
+    except kube.ClusterError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"meshguard audit: evaluating {len(objects)} objects", file=sys.stderr)
+    result = report.audit(Engine(settings), store, settings, objects)
+    sys.stdout.write(report.render(result, args.output))
+    return 1 if result.failed else 0
+
+
 COMMANDS: list[Command] = [
     ("serve", "run the admission webhook server", _serve_args, _serve),
     ("certs", "generate development or bootstrap certificates", _certs_args, _certs),
     ("inject", "inject the meshguard sidecar into manifests offline and print them", _inject_args, _inject),
+    ("check", "check manifests against the policy offline (exit 1 when a rule fails)", _check_args, _check),
+    ("audit", "report every workload of a live cluster against the policy", _audit_args, _audit),
     ("netinit", "install the pod's iptables rules that send its TCP traffic through the sidecar",
      _netinit_args, _netinit),
 ]
