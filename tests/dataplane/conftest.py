@@ -109,13 +109,13 @@ class Pod(Host):
                 values[name] = int(value)
         return values
 
-    def log_line(self, needle: str) -> str:
-        """The first access log line containing ``needle`` (Envoy writes a line when a connection closes)."""
+    def log_line(self, *needles: str) -> str:
+        """The first access log line containing all ``needles`` (Envoy writes a line when a connection closes)."""
         def probe() -> str | None:
             lines = self.access_log.read_text(errors="replace").splitlines()
-            return next((line for line in lines if needle in line), None)
+            return next((line for line in lines if all(needle in line for needle in needles)), None)
 
-        return _wait(f"{needle!r} in {self.access_log}", probe, seconds=30)
+        return _wait(f"{needles!r} in {self.access_log}", probe, seconds=30)
 
 
 @dataclass

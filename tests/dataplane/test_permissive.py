@@ -16,7 +16,7 @@ def test_outside_host_in_plaintext_is_allowed(permissive_mesh: Mesh) -> None:
         assert permissive_mesh.outside.get(f"http://{SERVER_IP}:{APP_PORT}/whoami") == (True, "server")
     assert any(b"GET /whoami" in s.payload for s in capture.segments if s.destination == (SERVER_IP, APP_PORT))
     # Through the server's Envoy, over the plaintext chain: no peer identity.
-    line = permissive_mesh.server.log_line(f"{OUTSIDE_IP}:")
+    line = permissive_mesh.server.log_line(f"{OUTSIDE_IP}:", f"-> {SERVER_IP}:{APP_PORT} ")
     assert "peer=- tls=-" in line and f"upstream=127.0.0.1:{APP_PORT}" in line
 
 
