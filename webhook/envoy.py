@@ -8,7 +8,7 @@ Traffic reaches Envoy through the iptables rules of ``meshguard netinit`` (see :
   forwarded connection does not loop back into Envoy.
 * outbound TCP from the app is redirected to ``outbound_port``; connections to ``mesh_cidrs`` leave as mutual TLS
   to the original destination (that pod's inbound listener), everything else passes through untouched. Envoy's
-  own connections (uid ``proxy_uid``) are not captured.
+  own connections (netinit's ``--proxy-uid``, 1337) are not captured.
 
 Pod identity is not known when the injected spec is built (it is built once, not per pod), so the bootstrap names
 the node with ``$(POD_NAME)``-style references that the kubelet expands in container ``args``.
@@ -60,6 +60,7 @@ class BootstrapOptions:
     mtls_mode: str = "STRICT"  # STRICT | PERMISSIVE (inbound)
     mesh_cidrs: tuple[str, ...] = ()  # outbound destinations that get mTLS; other traffic passes through
     trust_domain: str = "cluster.local"
+    # Envoy takes its log level as a flag, not in the bootstrap; checked here so the injector has one place to ask.
     log_level: str = "info"
     xds_address: str | None = None  # ADS server host:port; None = static mode
     xds_tls: bool = True  # mutual TLS to the ADS server with the workload certificate
@@ -281,7 +282,7 @@ def inbound_listener(options: BootstrapOptions) -> dict[str, Any]:
                        "filters": to_local_app})
     return _capture_listener(options, "inbound", options.inbound_port, "INBOUND") | {
         "listener_filters": [_original_dst_filter(), _tls_inspector()],
-        # Plaintext clients send nothing first (a server speaks first in e.g. SMTP): don't wait long to tell.
+        # Clients of server-first protocols (SMTP, MySQL) send nothing until the server speaks: after 1s, plaintext.
         "listener_filters_timeout": "1s",
         "continue_on_listener_filters_timeout": True,
         "filter_chains": chains,
