@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -70,6 +70,35 @@ class FailureSettings(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class CertificateSettings(_Section):
+    """Self-managed serving certificate: the server keeps it in a Secret and patches the webhooks' caBundle.
+
+    Off by default (cert-manager, Helm or a file provides ``tls.cert_dir``). When on, every replica keeps the
+    Secret, the caBundle of both webhook configurations and its own ``tls.cert_dir`` in step, renewing the serving
+    certificate ``renew_before_days`` before it expires; see webhook/selfcert.py.
+    """
+
+    self_managed: bool = False
+    # The Secret (in ``namespace``) holding ca.crt, ca.key, tls.crt and tls.key.
+    secret_name: str = Field("meshguard-tls", min_length=1, max_length=253)
+    # The Service the API server calls: the certificate's DNS names are derived from it and ``namespace``.
+    service: str = Field("meshguard", min_length=1, max_length=63)
+    mutating_webhook: str = Field("meshguard", min_length=1, max_length=253)
+    validating_webhook: str = Field("meshguard", min_length=1, max_length=253)
+    validity_days: int = Field(365, ge=2, le=3650)
+    renew_before_days: int = Field(90, ge=1)
+    # How often the Secret and the webhook configurations are re-checked once they are in step.
+    check_interval_seconds: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _renewal_inside_validity(self) -> CertificateSettings:
+        if self.renew_before_days >= self.validity_days:
+            raise ValueError(
+                f"renew_before_days ({self.renew_before_days}) must be less than validity_days ({self.validity_days})"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration of a meshguard process."""
 
@@ -92,6 +121,7 @@ class Settings(BaseSettings):
     failure: FailureSettings = FailureSettings()
     injection: InjectionSettings = InjectionSettings()
     policy: PolicySettings = PolicySettings()
+    certificates: CertificateSettings = CertificateSettings()
 
 class ConfigError(ValueError):
     """The configuration file or environment is invalid; the message says where."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+from . import selfcert
 from .certs import ensure_dev_certs
 from .config import Settings
 from .injection.handler import mutate_handler
@@ -63,6 +64,13 @@ def cluster_state(settings: Settings, metrics: Metrics, readiness: Readiness) ->
 async def serve(settings: Settings) -> None:
     if settings.dev and ensure_dev_certs(settings.tls.cert_dir, SERVICE_NAME, settings.namespace):
         log.info("generated development certificates", extra={"cert_dir": str(settings.tls.cert_dir)})
+    background: list[Job] = []
+    if settings.certificates.self_managed:
+        try:
+            certificates = await selfcert.start(settings)
+        except (selfcert.KubeError, OSError) as exc:
+            raise SystemExit(f"meshguard: cannot set up the self-managed serving certificate: {exc}") from exc
+        background.append(certificates.run)
     metrics = Metrics()
     readiness = Readiness()
     log.info(
@@ -74,4 +82,5 @@ async def serve(settings: Settings) -> None:
         },
     )
     store, jobs = cluster_state(settings, metrics, readiness)
-    await run(settings, build_webhooks(settings, metrics, store), readiness, metrics, jobs)
+    background.extend(jobs)
+    await run(settings, build_webhooks(settings, metrics, store), readiness, metrics, background)

@@ -9,10 +9,8 @@ and pods, so the tests say which pods are injected, not just which YAML was writ
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import re
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +20,11 @@ import yaml
 from cryptography import x509
 
 from tests.chart.conftest import CHART, FULLNAME, NAMESPACE, RELEASE, Render, RenderError, find, kinds, run_helm
+from tests.unit.test_selfcert import handshake
 from webhook import certs, config
-from webhook.config import TLSSettings
 from webhook.injection.decision import PROXY_NAME
 from webhook.metrics import Metrics
 from webhook.policy.selectors import parse_selector
-from webhook.tls import CertificateReloader
 
 CRD_KINDS = {"Certificate", "Issuer", "ServiceMonitor"}
 K8S_VERSION = kubernetes_validate.utils.latest_version()
@@ -266,22 +263,6 @@ def test_url_override_runs_nothing_in_the_cluster(render: Render) -> None:
 
 # --- certificates ------------------------------------------------------------------------------------------------
 
-def _handshake(cert_dir: Path, ca_bundle_b64: str, hostname: str) -> x509.Certificate:
-    """A TLS handshake between the server's own hot-reload context and a client trusting only the caBundle."""
-    server = CertificateReloader(TLSSettings(cert_dir=cert_dir)).context
-    client = ssl.create_default_context(cadata=base64.b64decode(ca_bundle_b64).decode())
-    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    c = client.wrap_bio(c_in, c_out, server_hostname=hostname)
-    s = server.wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(10):
-        for end in (c, s):
-            with contextlib.suppress(ssl.SSLWantReadError):
-                end.do_handshake()
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-    return x509.load_der_x509_certificate(c.getpeercert(binary_form=True) or b"")
-
-
 def test_helm_mode_serves_a_certificate_the_webhooks_trust(render: Render, tmp_path: Path) -> None:
     objects = render(MATRIX["helm"])
     secret = find(objects, "Secret", f"{FULLNAME}-tls")
@@ -293,7 +274,7 @@ def test_helm_mode_serves_a_certificate_the_webhooks_trust(render: Render, tmp_p
     assert volume["secret"]["secretName"] == secret["metadata"]["name"]
     for name in ("tls.crt", "tls.key"):
         (tmp_path / name).write_bytes(base64.b64decode(secret["data"][name]))
-    served = _handshake(tmp_path, secret["data"]["ca.crt"], f"{FULLNAME}.{NAMESPACE}.svc")
+    served = handshake(tmp_path, secret["data"]["ca.crt"], f"{FULLNAME}.{NAMESPACE}.svc")
     san = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == set(certs.service_dns_names(FULLNAME, NAMESPACE))
 

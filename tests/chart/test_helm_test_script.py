@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pytest
 
 from tests.chart.conftest import CHART
 from tests.conftest import RunningServer, review
+from tests.unit.test_selfcert import JSONHandler
 from webhook import certs
 from webhook.injection.decision import PROXY_NAME
 
@@ -60,10 +61,7 @@ def api(tmp_path: Path) -> Iterator[Callable[[Answer], subprocess.CompletedProce
     seen: list[str] = []
     current: list[Answer] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
+    class Handler(JSONHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append(self.path)
@@ -72,12 +70,7 @@ def api(tmp_path: Path) -> Iterator[Callable[[Answer], subprocess.CompletedProce
                 code, payload = 400, {"message": f"unexpected request {self.path}"}
             else:
                 code, payload = current[0](body)
-            data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.answer(code, payload)
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
