@@ -39,7 +39,8 @@ def review(obj: dict[str, Any] | None, *, operation: str = "CREATE", namespace: 
     if "/" in api_version:
         group, version = api_version.split("/", 1)
     resource = kind.lower() + ("es" if kind.endswith("s") else "s")
-    meta = (obj or old or {}).get("metadata") or {}
+    meta = (obj or old or {}).get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
     return {
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",

@@ -120,7 +120,7 @@ def parse_request(uid: str, request: dict[str, Any]) -> AdmissionRequest:
     """Read the request fields; raises ``ValueError`` with a readable message when one has the wrong shape."""
     kind = _mapping(request, "kind")
     operation = request.get("operation")
-    if operation not in OPERATIONS:
+    if not isinstance(operation, str) or operation not in OPERATIONS:
         raise ValueError(f"request.operation must be one of {', '.join(sorted(OPERATIONS))}, got {_show(operation)}")
     obj = request.get("object")
     old = request.get("oldObject")
