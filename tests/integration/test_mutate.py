@@ -122,6 +122,22 @@ def test_invalid_override_is_denied_with_400_naming_the_annotation(server: Runni
     assert 'meshguard_injections_total{reason="invalid-override",result="denied"}' in metrics
 
 
+@pytest.mark.parametrize(("where", "item"), [
+    ("initContainers", {"name": INIT_NAME, "image": "mine"}),
+    ("volumes", {"name": "meshguard-envoy", "emptyDir": {}}),
+])
+def test_a_pod_using_a_reserved_name_is_denied_not_broken(server: RunningServer, where: str,
+                                                          item: dict[str, Any]) -> None:
+    obj = pod()
+    obj["spec"][where] = [item]
+    response = mutate(server, review(obj, namespace="shop"))
+    assert response["allowed"] is False and "patch" not in response
+    assert response["status"]["code"] == 400
+    assert f"already uses the name(s) {item['name']}, which meshguard reserves" in response["status"]["message"]
+    metrics = httpx.get(f"{server.health_url}/metrics").text
+    assert 'meshguard_injections_total{reason="name-conflict",result="denied"}' in metrics
+
+
 def test_valid_overrides_over_the_wire(server: RunningServer) -> None:
     original = pod(annotations={"meshguard.io/native-sidecar": "false", "meshguard.io/proxy-memory": "64Mi",
                                 "meshguard.io/exclude-outbound-ports": "5432"})

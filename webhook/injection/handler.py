@@ -13,10 +13,11 @@ from ..metrics import Metrics
 from ..server import Handler
 from ..workloads import as_workload
 from .overrides import OverrideError
-from .patch import plan
+from .patch import NameConflict, plan
 
 NOT_A_POD_CREATE = "not-a-pod-create"
 INVALID_OVERRIDE = "invalid-override"
+NAME_CONFLICT = "name-conflict"
 
 
 def mutate_handler(settings: Settings, metrics: Metrics) -> Handler:
@@ -33,9 +34,10 @@ def mutate_handler(settings: Settings, metrics: Metrics) -> Handler:
             return "skipped", allowed(reason=NOT_A_POD_CREATE)
         try:
             outcome = plan(workload, injection, own_namespace)
-        except OverrideError as exc:
+        except (OverrideError, NameConflict) as exc:
             message = f"meshguard cannot inject the sidecar into {workload.display}: {exc} (fix or remove it)"
-            return "denied", denied(message, reason=INVALID_OVERRIDE, code=400)
+            reason = NAME_CONFLICT if isinstance(exc, NameConflict) else INVALID_OVERRIDE
+            return "denied", denied(message, reason=reason, code=400)
         if not outcome.decision.inject:
             return "skipped", allowed(reason=outcome.decision.reason)
         return "injected", patched(outcome.ops, reason="injected")

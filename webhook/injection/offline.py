@@ -14,7 +14,7 @@ import jsonpatch
 from ..config import Settings
 from ..workloads import iter_workloads
 from .overrides import OverrideError
-from .patch import plan
+from .patch import NameConflict, plan
 
 
 class InjectError(ValueError):
@@ -27,7 +27,7 @@ def inject(objects: list[dict[str, Any]], settings: Settings, default_namespace:
     for workload in iter_workloads(objects, default_namespace):
         try:
             outcome = plan(workload, settings.injection, settings.namespace)
-        except OverrideError as exc:
+        except (OverrideError, NameConflict) as exc:
             raise InjectError(f"{workload.display}: {exc}") from None
         if outcome.ops:
             # The planned values are shared, cached dicts: copy them into each manifest.

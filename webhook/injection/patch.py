@@ -82,9 +82,34 @@ class Outcome:
 
 def plan(workload: Workload, settings: InjectionSettings, own_namespace: str) -> Outcome:
     """Decide and, when injecting, build the patch for ``workload.obj``. The server and ``meshguard inject`` both
-    call this. Raises :class:`~webhook.injection.overrides.OverrideError` for an invalid override annotation."""
+    call this. Raises :class:`~webhook.injection.overrides.OverrideError` for an invalid override annotation and
+    :class:`NameConflict` when the pod already uses a name injection adds."""
     decision = decide(workload.template, workload.namespace, settings, own_namespace)
     if not decision.inject:
         return Outcome(decision, [])
     sidecar = build(apply_overrides(settings, workload.annotations))
+    _check_names(workload.pod_spec, sidecar)
     return Outcome(decision, patch_ops(workload.template, sidecar, workload.pointer))
+
+
+class NameConflict(ValueError):
+    """The pod already uses a container or volume name that injection adds, without being injected.
+
+    Injecting anyway would give the pod two items of one name, which the API server rejects with an error that
+    does not mention meshguard; refusing here names the cause.
+    """
+
+
+def _check_names(spec: Mapping[str, Any], sidecar: Sidecar) -> None:
+    def names(key: str) -> set[str]:
+        items = spec.get(key)
+        return {i.get("name") for i in items if isinstance(i, dict)} if isinstance(items, list) else set()
+
+    taken = names("initContainers") | names("containers")
+    injected = [*sidecar.init_containers, *sidecar.containers_front, *sidecar.containers_back]
+    clashes = sorted({c["name"] for c in injected} & taken)
+    clashes += sorted({v["name"] for v in sidecar.volumes} & names("volumes"))
+    if clashes:
+        listed = ", ".join(clashes)
+        raise NameConflict(f"the pod already uses the name(s) {listed}, which meshguard reserves for what it "
+                           "injects; rename them")
