@@ -13,7 +13,8 @@ Objects stay plain JSON dicts end to end: a typed model would silently drop fiel
 
 from __future__ import annotations
 
-import base64
+import binascii
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,12 +165,82 @@ def _show(value: Any) -> str:
     return _truncate(text, 60)
 
 
+class Constant(dict[str, Any]):
+    """A JSON object that is the same in every response it appears in (an injected container, a volume).
+
+    It is serialised and base64-encoded once, the first time a patch carries it, and spliced into every later
+    patch as is: the injected proxy container is most of a patch's bytes (its Envoy bootstrap alone is kilobytes),
+    and encoding it anew on every pod creation cost more than deciding to inject. It must not be changed after it
+    is built.
+    """
+
+    __slots__ = ("_base64",)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        # A copy is an ordinary dict: it may be changed, and YAML and other serialisers know it.
+        return copy.deepcopy(dict(self), memo)
+
+    def base64(self) -> bytes:
+        """Base64 of this object's JSON, padded with trailing spaces to a whole number of 3-byte groups."""
+        try:
+            return self._base64
+        except AttributeError:
+            data = orjson.dumps(self)
+            self._base64 = binascii.b2a_base64(data + b" " * (-len(data) % 3), newline=False)
+            return self._base64
+
+
+def _constants(value: Any) -> list[Constant] | None:
+    if isinstance(value, Constant):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(item, Constant) for item in value):
+        return value
+    return None
+
+
+def encode_patch(ops: list[dict[str, Any]]) -> bytes:
+    """Base64 of the JSON patch, with every :class:`Constant` value spliced in from its cached encoding.
+
+    Base64 maps each 3-byte group on its own, so encoded pieces can be concatenated wherever every piece but the
+    last is a multiple of 3 bytes long; JSON ignores whitespace between tokens, so spaces pad each piece to that.
+    """
+    chunks: list[bytes] = []
+    pending = bytearray(b"[")
+
+    def cut() -> None:
+        pending.extend(b" " * (-len(pending) % 3))
+        chunks.append(binascii.b2a_base64(pending, newline=False))
+        pending.clear()
+
+    for index, op in enumerate(ops):
+        if index:
+            pending += b","
+        value = op.get("value")
+        constants = _constants(value)
+        if constants is None:
+            pending += orjson.dumps(op)
+            continue
+        pending += orjson.dumps({k: v for k, v in op.items() if k != "value"})[:-1] + b',"value":'
+        is_list = isinstance(value, list)
+        if is_list:
+            pending += b"["
+        for position, constant in enumerate(constants):
+            if position:
+                pending += b","
+            cut()
+            chunks.append(constant.base64())
+        pending += b"]}" if is_list else b"}"
+    pending += b"]"
+    chunks.append(binascii.b2a_base64(pending, newline=False))
+    return b"".join(chunks)
+
+
 def encode_response(uid: str, response: AdmissionResponse) -> bytes:
     """Serialise the AdmissionReview answer the API server expects."""
     body: dict[str, Any] = {"uid": uid, "allowed": response.allowed}
     if response.patch:
         body["patchType"] = "JSONPatch"
-        body["patch"] = base64.b64encode(orjson.dumps(response.patch)).decode("ascii")
+        body["patch"] = encode_patch(response.patch).decode("ascii")
     if response.warnings:
         body["warnings"] = list(response.warnings)
     if not response.allowed or response.message:

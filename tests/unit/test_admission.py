@@ -6,6 +6,8 @@ import base64
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from webhook import admission
 
@@ -53,3 +55,47 @@ def test_parse_request_reads_controller_pod_without_name() -> None:
                "namespace": "shop", "object": {"metadata": {"generateName": "web-"}}, "dryRun": True}
     parsed = admission.parse_request("u", request)
     assert (parsed.kind, parsed.namespace, parsed.name, parsed.dry_run) == ("Pod", "shop", "", True)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+objects = st.dictionaries(st.text(max_size=6), json_values, max_size=4)
+
+
+@st.composite
+def op_lists(draw: st.DrawFn) -> list[dict]:
+    ops = []
+    for _ in range(draw(st.integers(0, 5))):
+        shape = draw(st.sampled_from(["plain", "constant", "constants", "mixed"]))
+        if shape == "plain":
+            value = draw(json_values)
+        elif shape == "constant":
+            value = admission.Constant(draw(objects))
+        elif shape == "constants":
+            value = [admission.Constant(o) for o in draw(st.lists(objects, min_size=1, max_size=3))]
+        else:
+            value = [admission.Constant(draw(objects)), draw(objects)]
+        ops.append({"op": "add", "path": "/" + draw(st.text(max_size=5)).replace("~", "~0"), "value": value})
+    return ops
+
+
+@given(ops=op_lists())
+@settings(max_examples=300)
+def test_spliced_patch_encoding_decodes_to_the_same_patch(ops: list[dict]) -> None:
+    encoded = admission.encode_patch(ops)
+    assert orjson.loads(base64.b64decode(encoded, validate=True)) == orjson.loads(orjson.dumps(ops))
+    # Padding, if any, only at the very end: the concatenation is one valid base64 string.
+    assert b"=" not in encoded.rstrip(b"=")
+
+
+def test_a_constant_is_encoded_once_and_copies_are_plain_dicts() -> None:
+    import copy
+
+    constant = admission.Constant({"name": "meshguard-proxy"})
+    first = constant.base64()
+    assert constant.base64() is first
+    clone = copy.deepcopy({"value": [constant]})["value"][0]
+    assert type(clone) is dict and clone == constant

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from .. import __version__, envoy
+from ..admission import Constant
 from .decision import INIT_NAME, PROXY_NAME
 from .settings import CERT_DIR, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, InjectionSettings
 
@@ -188,10 +189,12 @@ def build(settings: InjectionSettings) -> Sidecar:
     """Everything injected for pods with these effective settings (cached: the settings are frozen and hashable)."""
     native = settings.native_sidecar
     hold = not native and settings.hold_application_until_proxy_starts
-    proxy = proxy_container(settings, native, hold)
-    init = (init_container(settings), proxy) if native else (init_container(settings),)
+    # Constants: each is serialised for the wire once, not on every pod creation.
+    proxy = Constant(proxy_container(settings, native, hold))
+    init_c = Constant(init_container(settings))
+    init = (init_c, proxy) if native else (init_c,)
     front, back = ((), ()) if native else (((proxy,), ()) if hold else ((), (proxy,)))
-    vols = tuple(volumes(settings))
+    vols = tuple(Constant(v) for v in volumes(settings))
     status = {
         "initContainers": [c["name"] for c in init],
         "containers": [c["name"] for c in (*front, *back)],
