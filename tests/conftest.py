@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import yaml
 
@@ -79,6 +80,19 @@ class RunningServer:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_entries(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.logs().splitlines() if line.startswith("{")]
+
+    def admission_log(self, uid: str, timeout: float = 10) -> dict[str, Any]:
+        """The one admission log line for ``uid``, waiting for the server to write it (lines are batched)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = [e for e in self.log_entries() if e.get("msg") == "admission" and e.get("uid") == uid]
+            if entries or time.monotonic() > deadline:
+                assert len(entries) == 1, f"expected one admission line for {uid}, got {entries}"
+                return entries[0]
+            time.sleep(0.02)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:

@@ -178,10 +178,7 @@ def test_one_json_log_line_per_admission(server_factory) -> None:
     srv = server_factory()
     with srv.client() as client:
         client.post("/validate", json=review(POD, namespace="kube-system", uid="log-me"))
-    lines = [orjson.loads(line) for line in srv.logs().splitlines() if line.startswith("{")]
-    entries = [e for e in lines if e.get("msg") == "admission" and e.get("uid") == "log-me"]
-    assert len(entries) == 1
-    entry = entries[0]
+    entry = srv.admission_log("log-me")
     assert entry["kind"] == "Pod" and entry["namespace"] == "kube-system" and entry["operation"] == "CREATE"
     assert entry["decision"] == "allowed" and isinstance(entry["duration_ms"], float)
 
@@ -192,7 +189,6 @@ def test_answers_with_a_message_are_logged_too(server_factory) -> None:
     body["request"]["operation"] = "PATCH"
     with srv.client() as client:
         assert client.post("/mutate", json=body).json()["response"]["allowed"] is False
-    lines = [orjson.loads(line) for line in srv.logs().splitlines() if line.startswith("{")]
-    entry = next(e for e in lines if e.get("msg") == "admission" and e.get("uid") == "bad-op")
+    entry = srv.admission_log("bad-op")
     assert entry["decision"] == "error" and "request.operation" in entry["status_message"]
-    assert not any(e.get("msg") == "recording an admission failed" for e in lines)
+    assert not any(e.get("msg") == "recording an admission failed" for e in srv.log_entries())

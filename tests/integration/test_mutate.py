@@ -43,9 +43,7 @@ def names(containers: list[dict[str, Any]] | None) -> list[str]:
 
 
 def admission_log(server: RunningServer, uid: str) -> dict[str, Any]:
-    lines = [orjson.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
-    (entry,) = [e for e in lines if e.get("msg") == "admission" and e.get("uid") == uid]
-    return entry
+    return server.admission_log(uid)
 
 
 def test_injects_a_controller_pod_and_second_pass_is_a_no_op(server: RunningServer) -> None:
