@@ -1,0 +1,1 @@
+"""Benchmark harness for meshguard's admission path (``python -m bench.run``)."""

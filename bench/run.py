@@ -1,0 +1,267 @@
+"""Throughput and latency of meshguard's admission endpoints against a no-op floor, driven by wrk over HTTPS.
+
+    python -m bench.run                 # full run (about 2 minutes)
+    python -m bench.run --quick         # a few seconds per case: keeps the harness working in CI
+
+Each case runs wrk twice against a server started here: sequentially (1 connection) for latency, and at
+saturation (16 connections) for throughput. The server is one process with one uvicorn worker, as in the
+targets; wrk runs with one thread on the other core. Results go to ``bench/results/<timestamp>.json`` and a
+table is printed. CPU seconds used by the server and by wrk are reported for every case, so it is visible
+which side was saturated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import yaml
+
+from tests.conftest import CORPUS, free_port, review
+from webhook import certs, manifests, workloads
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests": %d, "duration_us": %d, "errors": %d, "non2xx": %d, ' ..
+    '"p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d, "mean_us": %.1f}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
+end
+"""
+
+
+@dataclass
+class Case:
+    name: str
+    target: str
+    path: str
+    connections: int
+    requests_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: int
+    server_cpu_s: float
+    wrk_cpu_s: float
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
+def boutique_pod() -> dict[str, Any]:
+    """The frontend Deployment's pod as the ReplicaSet controller submits it: generateName, no name."""
+    objects = manifests.load([CORPUS / "online-boutique" / "kubernetes-manifests.yaml"])
+    frontend = next(w for w in workloads.iter_workloads(objects, "shop") if w.name == "frontend")
+    template = json.loads(json.dumps(frontend.template))
+    template["metadata"]["generateName"] = "frontend-7d4d9c8f6b-"
+    return {"apiVersion": "v1", "kind": "Pod", **template}
+
+
+def boutique_deployment() -> dict[str, Any]:
+    objects = manifests.load([CORPUS / "online-boutique" / "kubernetes-manifests.yaml"])
+    return next(o for o in objects if o.get("kind") == "Deployment" and o["metadata"]["name"] == "frontend")
+
+
+def write_state(path: Path, namespaces: int, policies: int) -> None:
+    """``namespaces`` mesh-enabled namespaces holding ``policies`` NetworkPolicies between them, round robin."""
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": f"ns-{i:04d}", "labels": {"meshguard.io/inject": "enabled"}}}
+        for i in range(namespaces)
+    ]
+    for i in range(policies):
+        docs.append({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": f"np-{i:05d}", "namespace": f"ns-{i % namespaces:04d}"},
+            "spec": {"podSelector": {"matchLabels": {"app": f"svc-{i}"}}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": f"client-{i}"}}}]}]},
+        })
+    # The benchmarked namespace also has the policy that covers the benchmarked workload.
+    docs.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                 "metadata": {"name": "frontend", "namespace": "ns-0042"},
+                 "spec": {"podSelector": {"matchLabels": {"app": "frontend"}}, "policyTypes": ["Ingress"]}})
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+
+
+class Server:
+    def __init__(self, name: str, argv: list[str], port: int, health_port: int | None, log: Path) -> None:
+        self.name, self.port = name, port
+        self.health_port = health_port
+        self.log = log
+        self.process = subprocess.Popen(argv, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def wait(self, ca: Path) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-2000:]}")
+            try:
+                if self.health_port:
+                    ok = httpx.get(f"http://127.0.0.1:{self.health_port}/readyz", timeout=1).status_code == 200
+                else:
+                    ok = httpx.post(f"https://127.0.0.1:{self.port}/", content=orjson.dumps(review({})),
+                                    verify=_ctx(ca), timeout=1).status_code == 200
+                if ok:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not become ready")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _ctx(ca: Path) -> Any:
+    import ssl
+
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def run_wrk(url: str, body: Path, lua: Path, connections: int, seconds: float) -> tuple[dict[str, Any], float]:
+    env = {**os.environ, "BENCH_BODY": str(body)}
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(lua), url]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    # wrk's own CPU time, read from the kernel's accounting of the finished child.
+    _, status, usage = os.wait4(proc.pid, 0)
+    out = proc.stdout.read() if proc.stdout else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    match = re.search(r"^RESULT (.*)$", out, re.M)
+    if proc.returncode != 0 or not match:
+        raise RuntimeError(f"wrk failed:\n{out}")
+    return json.loads(match.group(1)), usage.ru_utime + usage.ru_stime
+
+
+def measure(name: str, server: Server, path: str, body: Path, lua: Path, connections: int, seconds: float) -> Case:
+    before = _cpu_seconds(server.process.pid)
+    result, wrk_cpu = run_wrk(f"https://127.0.0.1:{server.port}{path}", body, lua, connections, seconds)
+    server_cpu = _cpu_seconds(server.process.pid) - before
+    duration = result["duration_us"] / 1e6
+    return Case(
+        name=name, target=server.name, path=path, connections=connections,
+        requests_per_s=round(result["requests"] / duration, 1),
+        p50_ms=result["p50_us"] / 1000, p90_ms=result["p90_us"] / 1000, p99_ms=result["p99_us"] / 1000,
+        max_ms=result["max_us"] / 1000, errors=result["errors"] + result["non2xx"],
+        server_cpu_s=round(server_cpu, 2), wrk_cpu_s=round(wrk_cpu, 2),
+    )
+
+
+def check_answer(url: str, body: Path, ca: Path, expect: str) -> None:
+    """Make sure the benchmarked request gets the real answer, not an error that happens to be fast."""
+    data = httpx.post(url, content=body.read_bytes(), verify=_ctx(ca), timeout=5).json()["response"]
+    got = "patched" if data.get("patch") else ("allowed" if data["allowed"] else "denied")
+    if got != expect:
+        raise RuntimeError(f"{url} answered {got} ({data}), expected {expect}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 s per case (harness smoke test)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each wrk run")
+    parser.add_argument("--out", type=Path, help="result file (default bench/results/<timestamp>.json)")
+    args = parser.parse_args(argv)
+    seconds = 1.0 if args.quick else args.seconds
+    work = Path(tempfile.mkdtemp(prefix="meshguard-bench-"))
+    cert_dir = work / "certs"
+    certs.generate_serving(cert_dir, "meshguard", "meshguard", dev=True)
+    ca = cert_dir / certs.CA_CERT
+    lua = work / "post.lua"
+    lua.write_text(LUA)
+    bodies = {
+        "mutate": review(boutique_pod(), namespace="ns-0042"),
+        "validate": review(boutique_deployment(), namespace="ns-0042"),
+    }
+    for name, data in bodies.items():
+        (work / f"{name}.json").write_bytes(orjson.dumps(data))
+    state = work / "state"
+    state.mkdir()
+    write_state(state / "cluster.yaml", namespaces=100 if args.quick else 1000,
+                policies=1000 if args.quick else 10000)
+
+    noop_port = free_port()
+    port, health = free_port(), free_port()
+    config = work / "config.yaml"
+    config.write_text(yaml.safe_dump({"server": {"host": "127.0.0.1", "port": port, "health_host": "127.0.0.1",
+                                                 "health_port": health}, "tls": {"cert_dir": str(cert_dir)}}))
+    noop = Server("noop", [sys.executable, "-m", "bench.noop", "--cert-dir", str(cert_dir), "--port", str(noop_port)],
+                  noop_port, None, work / "noop.log")
+    meshguard = Server("meshguard", [sys.executable, "-m", "webhook", "serve", "--dev", "--config", str(config),
+                                     "--state", str(state)], port, health, work / "meshguard.log")
+    cases: list[Case] = []
+    try:
+        noop.wait(ca)
+        meshguard.wait(ca)
+        check_answer(f"https://127.0.0.1:{port}/mutate", work / "mutate.json", ca, "patched")
+        check_answer(f"https://127.0.0.1:{port}/validate", work / "validate.json", ca, "allowed")
+        plan = [
+            ("noop", noop, "/", "mutate"),
+            ("mutate", meshguard, "/mutate", "mutate"),
+            ("validate", meshguard, "/validate", "validate"),
+        ]
+        for name, server, path, body in plan:
+            for connections in (1, 16):
+                case = measure(name, server, path, work / f"{body}.json", lua, connections, seconds)
+                cases.append(case)
+                print(f"{case.name:9} c={connections:<3} {case.requests_per_s:9.0f} req/s  p50 {case.p50_ms:.3f} ms"
+                      f"  p99 {case.p99_ms:.3f} ms  max {case.max_ms:.2f} ms  errors {case.errors}"
+                      f"  cpu server {case.server_cpu_s} s / wrk {case.wrk_cpu_s} s", flush=True)
+        rss = _rss_mb(meshguard.process.pid)
+    finally:
+        noop.stop()
+        meshguard.stop()
+    saturated = {c.name: c.requests_per_s for c in cases if c.connections == 16}
+    summary = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "seconds_per_case": seconds,
+        "cases": [asdict(c) for c in cases],
+        "mutate_to_noop_ratio": round(saturated["mutate"] / saturated["noop"], 3),
+        "validate_to_noop_ratio": round(saturated["validate"] / saturated["noop"], 3),
+        "meshguard_rss_mb": round(rss, 1),
+    }
+    print(f"mutate/noop throughput ratio {summary['mutate_to_noop_ratio']}, "
+          f"validate/noop {summary['validate_to_noop_ratio']}, meshguard RSS {summary['meshguard_rss_mb']} MB")
+    out = args.out or RESULTS / f"{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 1 if any(c.errors for c in cases) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

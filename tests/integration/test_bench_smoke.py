@@ -1,0 +1,33 @@
+"""Keep the benchmark harness working: a one-second-per-case run (figures are not asserted, only sanity)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)")
+def test_bench_quick_run_produces_a_result(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    run = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    cases = {(c["name"], c["connections"]): c for c in result["cases"]}
+    assert set(cases) == {(n, c) for n in ("noop", "mutate", "validate") for c in (1, 16)}
+    assert all(c["errors"] == 0 and c["requests_per_s"] > 0 for c in cases.values())
+    assert 0 < result["mutate_to_noop_ratio"] and result["meshguard_rss_mb"] > 0
+
+
+def test_soak_smoke_run_has_no_failures() -> None:
+    run = subprocess.run([sys.executable, "-m", "bench.soak", "--minutes", "0.1", "--rate", "50"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "failed 0" in run.stdout
