@@ -23,7 +23,7 @@ def test_bench_quick_run_produces_a_result(tmp_path: Path) -> None:
     cases = {(c["name"], c["connections"]): c for c in result["cases"]}
     assert set(cases) == {(n, c) for n in ("noop", "mutate", "validate") for c in (1, 16)}
     assert all(c["errors"] == 0 and c["requests_per_s"] > 0 for c in cases.values())
-    assert 0 < result["mutate_to_noop_ratio"] and result["meshguard_rss_mb"] > 0
+    assert result["mutate_to_noop_ratio"] > 0 and result["meshguard_rss_mb"] > 0
 
 
 def test_soak_smoke_run_has_no_failures() -> None:
