@@ -39,6 +39,12 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(7 * MIB, ge=1024)
     # Slow clients must not pin connections: uvicorn closes a keep-alive connection idle this long.
     keepalive_timeout_seconds: float = Field(30.0, gt=0)
+    # ...and a request's head (request line and headers) or body must arrive within these, or the connection gets
+    # 408 and is closed (uvicorn has no such timeouts). The API server gives up on a webhook after 30 s at most.
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    body_timeout_seconds: float = Field(10.0, gt=0)
+    # The API server's headers take a few hundred bytes (a bearer token a few KiB); larger heads get 431.
+    max_header_bytes: int = Field(64 * 1024, ge=4096)
     # After SIGTERM the server reports not-ready for this long before it stops accepting, so the
     # endpoints controller can take the pod out of the Service first.
     shutdown_delay_seconds: float = Field(0.0, ge=0)
@@ -54,6 +60,23 @@ class TLSSettings(_Section):
     # Optional: require clients (the API server, via its admission kubeconfig) to present a certificate
     # signed by this CA.
     client_ca_file: Path | None = None
+    # A serving certificate this close to expiry is logged as a warning and flagged by a metric.
+    expiry_warning_days: int = Field(30, ge=0)
+
+
+class LimitSettings(_Section):
+    """How much one Pod or pod template may carry before meshguard refuses to look at it (HTTP code 400).
+
+    Far above any real workload (the API server caps annotations at 256 KiB in all, and a pod with more than a few
+    dozen containers is unheard of), so only a broken or hostile object meets them; they bound the work one request
+    can cause. Both webhooks deny such an object whatever their failure mode: padding an object must never be a way
+    around policy.
+    """
+
+    # initContainers, containers and ephemeralContainers together.
+    max_containers: int = Field(1000, ge=1)
+    max_labels: int = Field(1000, ge=1)
+    max_annotations: int = Field(1000, ge=1)
 
 
 class FailureSettings(_Section):
@@ -118,6 +141,7 @@ class Settings(BaseSettings):
     state_dir: Path | None = None
     server: ServerSettings = ServerSettings()
     tls: TLSSettings = TLSSettings()
+    limits: LimitSettings = LimitSettings()
     failure: FailureSettings = FailureSettings()
     injection: InjectionSettings = InjectionSettings()
     policy: PolicySettings = PolicySettings()

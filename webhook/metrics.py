@@ -61,6 +61,14 @@ class Metrics:
             "meshguard_serving_certificate_expiry_timestamp_seconds",
             "Unix time at which the serving certificate in use expires.", registry=r,
         )
+        self.certificate_expiring = Gauge(
+            "meshguard_serving_certificate_expiring",
+            "1 when the serving certificate in use expires within tls.expiry_warning_days, else 0.", registry=r,
+        )
+        self.unmeshed_pods = Counter(
+            "meshguard_unmeshed_pods_admitted", "Pods /validate admitted in the mesh without the sidecar, by reason.",
+            ["namespace", "reason"], registry=r,
+        )
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -37,6 +37,7 @@ from .admission import (
     parse_request,
 )
 from .config import Settings
+from .connections import guarded_protocol
 from .metrics import Metrics
 from .tls import CertificateReloader
 
@@ -74,10 +75,12 @@ class Webhook:
 class AdmissionApp:
     """ASGI app serving ``POST /<name>`` for each webhook (``/mutate``, ``/validate``)."""
 
-    def __init__(self, webhooks: Mapping[str, Webhook], metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, webhooks: Mapping[str, Webhook], metrics: Metrics, max_body_bytes: int,
+                 body_timeout: float | None = None) -> None:
         self._routes = {f"/{name}": (name, hook) for name, hook in webhooks.items()}
         self._metrics = metrics
         self._max_body = max_body_bytes
+        self._body_timeout = body_timeout  # seconds for the whole body to arrive; None: no deadline
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,7 +93,14 @@ class AdmissionApp:
             await _respond(send, 405, encode_error(405, "admission webhooks accept POST only"), [(b"allow", b"POST")])
             return
         name, hook = route
-        body = await self._read_body(scope, receive)
+        try:
+            body = await self._read_body(scope, receive)
+        except TimeoutError:
+            # A client trickling its body must not hold the connection: answer and close it.
+            self._metrics.rejected_bodies.labels(name, "408").inc()
+            late = f"request body not received within {self._body_timeout} seconds"
+            await _respond(send, 408, encode_error(408, late), [(b"connection", b"close")])
+            return
         if body is None:
             self._metrics.rejected_bodies.labels(name, "413").inc()
             limit = f"request body exceeds the {self._max_body} byte limit"
@@ -100,7 +110,10 @@ class AdmissionApp:
         await _respond(send, status, payload)
 
     async def _read_body(self, scope: dict[str, Any], receive: Receive) -> bytes | None:
-        """The whole body, or None once it is known to exceed the cap (stops reading right there)."""
+        """The whole body, or None once it is known to exceed the cap (stops reading right there).
+
+        Raises ``TimeoutError`` when the body has not arrived within the body timeout.
+        """
         for key, value in scope["headers"]:
             if key == b"content-length":
                 with contextlib.suppress(ValueError):
@@ -108,17 +121,18 @@ class AdmissionApp:
                         return None
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"".join(chunks)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        async with asyncio.timeout(self._body_timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return b"".join(chunks)
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self._max_body:
+                    return None
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def admit(self, name: str, hook: Webhook, body: bytes) -> tuple[int, bytes]:
         """Decode, decide, encode. Returns (HTTP status, body). Never raises."""
@@ -252,12 +266,14 @@ async def run(
 ) -> None:
     """Serve until SIGTERM/SIGINT: the admission app over TLS and the health app over HTTP."""
     reloader = CertificateReloader(
-        settings.tls, on_loaded=lambda cert: metrics.certificate_expiry.set(cert.not_valid_after_utc.timestamp())
+        settings.tls, on_loaded=lambda cert: metrics.certificate_expiry.set(cert.not_valid_after_utc.timestamp()),
+        on_expiry_checked=metrics.certificate_expiring.set,
     )
     readiness.set("certificates", True)
     readiness.set("accepting", True)
     admission_config = uvicorn.Config(
-        AdmissionApp(webhooks, metrics, settings.server.max_body_bytes),
+        AdmissionApp(webhooks, metrics, settings.server.max_body_bytes, settings.server.body_timeout_seconds),
+        http=guarded_protocol(settings.server.header_timeout_seconds, settings.server.max_header_bytes),
         host=settings.server.host,
         port=settings.server.port,
         lifespan="off",

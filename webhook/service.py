@@ -13,9 +13,11 @@ from . import selfcert
 from .certs import ensure_dev_certs
 from .config import Settings
 from .injection.handler import mutate_handler
+from .limits import within_limits
 from .manifests import ManifestError
 from .metrics import Metrics
 from .policy.handler import build_handler
+from .policy.unmeshed import report_unmeshed
 from .server import Readiness, Webhook, run
 from .state import files, kube
 from .state.store import Store
@@ -27,16 +29,19 @@ SERVICE_NAME = "meshguard"
 
 
 def build_webhooks(settings: Settings, metrics: Metrics, store: Store) -> dict[str, Webhook]:
+    validate = report_unmeshed(build_handler(settings, store, metrics), store, settings, metrics)
     return {
-        "mutate": Webhook(mutate_handler(settings, metrics), allow_on_error=settings.failure.mutate == "allow"),
-        "validate": Webhook(build_handler(settings, store, metrics),
+        "mutate": Webhook(within_limits(mutate_handler(settings, metrics), settings.limits),
+                          allow_on_error=settings.failure.mutate == "allow"),
+        "validate": Webhook(within_limits(validate, settings.limits),
                             allow_on_error=settings.failure.validate_ == "allow"),
     }
 
 
 def cluster_state(settings: Settings, metrics: Metrics, readiness: Readiness) -> tuple[Store, list[Job]]:
     """The store /validate reads, and the job that keeps it current: manifest files with ``state_dir``, nothing
-    with ``--dev`` alone (ready at once, empty), else the live API (ready after the first complete list)."""
+    with ``--dev`` alone (ready at once, empty), else the live API (ready after the first complete list, and
+    then while every kind is being followed)."""
     timeout = settings.policy.state.recheck_timeout_seconds
     if settings.state_dir is not None:
         source = files.FileSource(settings.state_dir)
@@ -58,7 +63,7 @@ def cluster_state(settings: Settings, metrics: Metrics, readiness: Readiness) ->
         raise SystemExit(f"meshguard: {exc} (use --dev to run without a cluster)") from exc
     store = Store(live.read_namespace, timeout, metrics)
     readiness.set("state", False)
-    return store, [lambda: live.run(store, lambda: readiness.set("state", True))]
+    return store, [lambda: live.run(store, lambda ok: readiness.set("state", ok))]
 
 
 async def serve(settings: Settings) -> None:

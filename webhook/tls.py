@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import logging
 import ssl
+import time
 from collections.abc import Callable
 
 from cryptography import x509
@@ -22,17 +23,33 @@ log = logging.getLogger("meshguard.tls")
 
 # Forward-secret AEAD suites only for TLS 1.2 (TLS 1.3 suites are fixed by OpenSSL and all modern).
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# While the certificate stays close to expiry, the warning is repeated this often (seconds), so that a log-based
+# alert sees it even when nobody restarts the server.
+WARNING_INTERVAL = 3600.0
+
+
+def expiring(not_after: dt.datetime, warning_days: int, now: dt.datetime | None = None) -> bool:
+    """Whether a certificate valid until ``not_after`` expires within ``warning_days`` (or has expired)."""
+    return not_after - (now or dt.datetime.now(dt.UTC)) < dt.timedelta(days=warning_days)
 
 
 class CertificateReloader:
-    """Owns the server's SSL context and reloads the certificate files into it when they change."""
+    """Owns the server's SSL context and reloads the certificate files into it when they change.
 
-    def __init__(self, settings: TLSSettings, on_loaded: Callable[[x509.Certificate], None] | None = None) -> None:
+    It also watches the expiry of the certificate in use: on load and at every check, ``on_expiry_checked`` gets
+    whether it is within ``expiry_warning_days`` of expiring, and a warning is logged (again every
+    :data:`WARNING_INTERVAL`) while it is.
+    """
+
+    def __init__(self, settings: TLSSettings, on_loaded: Callable[[x509.Certificate], None] | None = None,
+                 on_expiry_checked: Callable[[bool], None] | None = None) -> None:
         self._settings = settings
         self._cert_path = settings.cert_dir / TLS_CERT
         self._key_path = settings.cert_dir / TLS_KEY
         self._on_loaded = on_loaded
+        self._on_expiry_checked = on_expiry_checked
         self._loaded: tuple[bytes, bytes] | None = None
+        self._warned: tuple[dt.datetime, float] | None = None  # (not_after warned about, when: monotonic)
         self.not_after: dt.datetime | None = None
         self.context = self._new_context()
         self.reload()
@@ -63,7 +80,27 @@ class CertificateReloader:
         self.not_after = cert.not_valid_after_utc
         if self._on_loaded:
             self._on_loaded(cert)
+        self.check_expiry()
         return True
+
+    def check_expiry(self, now: dt.datetime | None = None) -> bool:
+        """Whether the certificate in use is close to expiry; reports it (callback, and a log line when due)."""
+        if self.not_after is None:
+            return False
+        close = expiring(self.not_after, self._settings.expiry_warning_days, now)
+        if self._on_expiry_checked:
+            self._on_expiry_checked(close)
+        if close and (self._warned is None or self._warned[0] != self.not_after
+                      or time.monotonic() - self._warned[1] >= WARNING_INTERVAL):
+            self._warned = (self.not_after, time.monotonic())
+            left = self.not_after - (now or dt.datetime.now(dt.UTC))
+            log.warning(
+                "serving certificate expires soon; renew it" if left.total_seconds() > 0
+                else "serving certificate has expired; renew it",
+                extra={"not_after": self.not_after.isoformat(), "days_left": round(left.total_seconds() / 86400, 1),
+                       "warning_days": self._settings.expiry_warning_days},
+            )
+        return close
 
     async def watch(self) -> None:
         """Poll for rotated files until cancelled; polling works on every volume type, unlike inotify."""
@@ -75,3 +112,4 @@ class CertificateReloader:
                     log.info("serving certificate reloaded", extra={"not_after": not_after})
             except (OSError, ssl.SSLError, ValueError) as exc:
                 log.warning("serving certificate not reloaded, keeping the previous one", extra={"error": str(exc)})
+            self.check_expiry()

@@ -42,7 +42,10 @@ def _pods_of(workload: Workload) -> tuple[Any, ...]:
 
 def _unchanged(workload: Workload, old: Mapping[str, Any] | None) -> bool:
     previous = as_workload(dict(old), workload.namespace) if isinstance(old, Mapping) else None
-    return previous is not None and _pods_of(previous) == _pods_of(workload)
+    try:
+        return previous is not None and _pods_of(previous) == _pods_of(workload)
+    except RecursionError:  # nested deeper than Python compares (JSON allows 1024 levels): checked as changed
+        return False
 
 
 def _deleting(obj: Mapping[str, Any]) -> bool:

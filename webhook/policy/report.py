@@ -13,9 +13,10 @@ from typing import Any
 import orjson
 
 from ..config import Settings
-from ..injection.decision import PROXY_NAME, decide, selected_for_mesh
+from ..injection.decision import PROXY_NAME
 from ..workloads import Workload, as_workload, controller_owner
-from .engine import Engine, Evaluation, Snapshot, proxy_container_present
+from .engine import Engine, Evaluation, Snapshot
+from .unmeshed import unmeshed_reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +52,7 @@ def audit(engine: Engine, state: Snapshot, settings: Settings, objects: Iterable
 
 
 def _lacks_sidecar(pod: Workload, state: Snapshot, settings: Settings) -> bool:
-    if proxy_container_present(pod.template):
-        return False
-    if not selected_for_mesh(state.namespace_labels(pod.namespace), pod.labels):
-        return False
-    return decide(pod.template, pod.namespace, settings.injection, settings.namespace).inject
+    return unmeshed_reason(pod, state.namespace_labels(pod.namespace), settings) is not None
 
 
 def _entry(evaluation: Evaluation) -> dict[str, Any]:
