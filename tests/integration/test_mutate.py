@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import RunningServer, review
 from tests.fixtures.injection.podcheck import all_containers, pod_spec_problems, uninjected
+from tests.unit.test_injection_overrides import INVALID
 from webhook.injection.decision import INIT_NAME, PROXY_NAME, STATUS_ANNOTATION
 
 
@@ -118,6 +119,16 @@ def test_invalid_override_is_denied_with_400_naming_the_annotation(server: Runni
     assert "\n" not in message
     metrics = httpx.get(f"{server.health_url}/metrics").text
     assert 'meshguard_injections_total{reason="invalid-override",result="denied"}' in metrics
+
+
+def test_every_invalid_override_is_named_in_one_denial(server: RunningServer) -> None:
+    bad = {f"meshguard.io/{name}": value for name, value, _ in INVALID}  # the last invalid value of each
+    response = mutate(server, review(pod(annotations=bad), namespace="shop"))
+    assert response["allowed"] is False and response["status"]["code"] == 400
+    message = response["status"]["message"]
+    for annotation, value in bad.items():
+        assert f'annotation {annotation}: "{value}" is invalid; expected ' in message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize(("where", "item"), [

@@ -114,3 +114,8 @@ def test_config_file_and_environment_set_injection(tmp_path: Path, monkeypatch: 
     assert settings.injection.native_sidecar is False
     assert settings.injection.exclude_outbound_ports == (5432,)
     assert settings.injection.proxy_image == "mirror.local/envoy:v1"
+
+
+def test_every_override_annotation_has_an_invalid_case() -> None:
+    """A new override cannot be added without a test that its invalid values are named."""
+    assert {f"meshguard.io/{name}" for name, _, _ in INVALID} == set(ANNOTATIONS)
