@@ -39,10 +39,10 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(7 * MIB, ge=1024)
     # Slow clients must not pin connections: uvicorn closes a keep-alive connection idle this long.
     keepalive_timeout_seconds: float = Field(30.0, gt=0)
-    # ...and a request's head (request line and headers) or body must arrive within these, or the connection gets
-    # 408 and is closed (uvicorn has no such timeouts). The API server gives up on a webhook after 30 s at most.
-    header_timeout_seconds: float = Field(10.0, gt=0)
-    body_timeout_seconds: float = Field(10.0, gt=0)
+    # ...and a whole request (head and body) must arrive within this, from the connection's opening or the request's
+    # first byte, or the client gets 408 and the connection is closed (uvicorn has no such timeout; this is Go's
+    # http.Server ReadTimeout). The API server gives up on a webhook after 30 s at most.
+    read_timeout_seconds: float = Field(10.0, gt=0)
     # The API server's headers take a few hundred bytes (a bearer token a few KiB); larger heads get 431.
     max_header_bytes: int = Field(64 * 1024, ge=4096)
     # After SIGTERM the server reports not-ready for this long before it stops accepting, so the

@@ -1,13 +1,15 @@
-"""A deadline and a size cap for the head of every request on the admission port (slow and oversized clients).
+"""A read deadline for every request on the admission port, and a size cap for its head (slow and big clients).
 
-uvicorn closes idle keep-alive connections, but sets no limit on how long a request's head (request line and
-headers) may take to arrive, nor on its size: a client that opens TLS connections and trickles header bytes holds
-each one for ever, and one that streams headers without end grows the server's memory without bound. asyncio
+uvicorn closes idle keep-alive connections, but sets no limit on how long a request may take to arrive, nor on
+the size of its head (request line and headers): a client that opens TLS connections and trickles bytes holds each
+one for ever, and one that streams headers without end grows the server's memory without bound. The event loop
 serves every connection on its own, so other clients are answered meanwhile; the deadline and the cap are what
 keep the number of open connections and the memory bounded.
 
-The body has its own deadline (``AdmissionApp._read_body``). The TLS handshake is bounded by asyncio's own
-``ssl_handshake_timeout`` (60 seconds), which uvicorn does not expose.
+The deadline is Go's ``http.Server.ReadTimeout``: the whole request, head and body, must arrive within it. It is
+one timer per request, armed when the connection opens or the request's first byte arrives and cancelled when the
+last arrives, so it costs nothing on top of what the head alone would. The TLS handshake is bounded by the event
+loop's own ``ssl_handshake_timeout`` (60 seconds), which uvicorn does not expose.
 """
 
 from __future__ import annotations
@@ -28,19 +30,21 @@ class _Refused(Exception):
 
 
 class GuardedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, plus: each request's head must arrive within ``header_timeout`` seconds of
-    the connection opening or of the request's first byte, and be at most ``max_header_bytes`` long; otherwise the
-    client gets 408 or 431 (when no response is under way) and the connection is closed.
+    """uvicorn's httptools protocol, plus: each request must arrive whole within ``read_timeout`` seconds of the
+    connection opening or of the request's first byte, and its head be at most ``max_header_bytes`` long.
+    Otherwise the client gets 408 or 431 (unless a response is already under way) and the connection is closed; an
+    application waiting for the rest of the body is told the client has gone.
 
     Configure it with :func:`guarded_protocol`.
     """
 
-    header_timeout: float
+    read_timeout: float
     max_header_bytes: int
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_bytes = 0
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_done = False
+        self._timer: asyncio.TimerHandle | None = None
         self._refused = False
         super().connection_made(transport)
         self._arm()
@@ -52,6 +56,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
+        self._head_done = False
         self._arm()
 
     def on_url(self, url: bytes) -> None:
@@ -63,25 +68,30 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._head_done = True
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         if not self._refused:  # after a refusal the answer is already written and the connection closing
             super().send_400_response(msg)
 
     def _arm(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.header_timeout, self._late)
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.read_timeout, self._late)
 
     def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _late(self) -> None:
-        self._head_timer = None
-        self._refuse(408, f"request headers not received within {self.header_timeout} seconds")
+        self._timer = None
+        part = "body" if self._head_done else "headers"
+        self._refuse(408, f"request {part} not received within {self.read_timeout} seconds")
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
@@ -94,17 +104,23 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         self._refused = True
         self._disarm()
-        log.info("refused a request head", extra={"status": status, "error": message,
-                                                   "client": ":".join(map(str, self.client or ()))})
-        if self.cycle is None or self.cycle.response_complete:  # never cut into a response being written
+        log.info("refused a request", extra={"status": status, "error": message,
+                                              "client": ":".join(map(str, self.client or ()))})
+        # The request being read has a cycle once its head is done; before that, self.cycle is the previous one.
+        cycle = self.cycle if self._head_done else None
+        previous = None if self._head_done else self.cycle
+        if (cycle is None or not cycle.response_started) and (previous is None or previous.response_complete):
             body = encode_error(status, message)
             head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
                     f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
             self.transport.write(head.encode("ascii") + body)
+        if cycle is not None:  # the application may be waiting for the body: it is not coming
+            cycle.disconnected = True
+            cycle.message_event.set()
         self.transport.close()
 
 
-def guarded_protocol(header_timeout: float, max_header_bytes: int) -> type[GuardedProtocol]:
+def guarded_protocol(read_timeout: float, max_header_bytes: int) -> type[GuardedProtocol]:
     """The protocol class to pass to ``uvicorn.Config(http=...)``, with these limits."""
-    limits = {"header_timeout": header_timeout, "max_header_bytes": max_header_bytes}
+    limits = {"read_timeout": read_timeout, "max_header_bytes": max_header_bytes}
     return type("GuardedProtocol", (GuardedProtocol,), limits)

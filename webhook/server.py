@@ -72,15 +72,17 @@ class Webhook:
     allow_on_error: bool
 
 
+class _ClientGone(Exception):
+    """The client's connection ended before its request body did."""
+
+
 class AdmissionApp:
     """ASGI app serving ``POST /<name>`` for each webhook (``/mutate``, ``/validate``)."""
 
-    def __init__(self, webhooks: Mapping[str, Webhook], metrics: Metrics, max_body_bytes: int,
-                 body_timeout: float | None = None) -> None:
+    def __init__(self, webhooks: Mapping[str, Webhook], metrics: Metrics, max_body_bytes: int) -> None:
         self._routes = {f"/{name}": (name, hook) for name, hook in webhooks.items()}
         self._metrics = metrics
         self._max_body = max_body_bytes
-        self._body_timeout = body_timeout  # seconds for the whole body to arrive; None: no deadline
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,12 +97,8 @@ class AdmissionApp:
         name, hook = route
         try:
             body = await self._read_body(scope, receive)
-        except TimeoutError:
-            # A client trickling its body must not hold the connection: answer and close it.
-            self._metrics.rejected_bodies.labels(name, "408").inc()
-            late = f"request body not received within {self._body_timeout} seconds"
-            await _respond(send, 408, encode_error(408, late), [(b"connection", b"close")])
-            return
+        except _ClientGone:
+            return  # it left, or its connection was cut at the read deadline (408): nobody to answer
         if body is None:
             self._metrics.rejected_bodies.labels(name, "413").inc()
             limit = f"request body exceeds the {self._max_body} byte limit"
@@ -112,7 +110,7 @@ class AdmissionApp:
     async def _read_body(self, scope: dict[str, Any], receive: Receive) -> bytes | None:
         """The whole body, or None once it is known to exceed the cap (stops reading right there).
 
-        Raises ``TimeoutError`` when the body has not arrived within the body timeout.
+        Raises ``_ClientGone`` when the connection ends before the body does.
         """
         for key, value in scope["headers"]:
             if key == b"content-length":
@@ -121,18 +119,17 @@ class AdmissionApp:
                         return None
         chunks: list[bytes] = []
         size = 0
-        async with asyncio.timeout(self._body_timeout):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return b"".join(chunks)
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self._max_body:
-                    return None
-                chunks.append(chunk)
-                if not message.get("more_body"):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def admit(self, name: str, hook: Webhook, body: bytes) -> tuple[int, bytes]:
         """Decode, decide, encode. Returns (HTTP status, body). Never raises."""
@@ -272,8 +269,8 @@ async def run(
     readiness.set("certificates", True)
     readiness.set("accepting", True)
     admission_config = uvicorn.Config(
-        AdmissionApp(webhooks, metrics, settings.server.max_body_bytes, settings.server.body_timeout_seconds),
-        http=guarded_protocol(settings.server.header_timeout_seconds, settings.server.max_header_bytes),
+        AdmissionApp(webhooks, metrics, settings.server.max_body_bytes),
+        http=guarded_protocol(settings.server.read_timeout_seconds, settings.server.max_header_bytes),
         host=settings.server.host,
         port=settings.server.port,
         lifespan="off",

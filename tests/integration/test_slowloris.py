@@ -20,7 +20,7 @@ from tests.conftest import RunningServer, review
 POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
        "spec": {"containers": [{"name": "app", "image": "nginx"}]}}
 SLOW = 8  # connections of each kind
-DEADLINE = 3.0  # the server's header and body timeouts in this test, seconds
+DEADLINE = 3.0  # the server's read timeout in this test, seconds
 INTERVAL = 0.02  # between two bytes of a trickle: far shorter than the deadline
 
 
@@ -63,9 +63,9 @@ def head_bytes() -> Iterator[bytes]:
     yield from itertools.repeat(b"a")
 
 
-def body_bytes() -> Iterator[bytes]:
+def body_bytes(content_length: int = 100_000) -> Iterator[bytes]:
     """A complete head announcing a body that then arrives a byte at a time."""
-    yield b"POST /mutate HTTP/1.1\r\nHost: meshguard\r\nContent-Length: 100000\r\n\r\n"
+    yield b"POST /mutate HTTP/1.1\r\nHost: meshguard\r\nContent-Length: %d\r\n\r\n" % content_length
     yield from itertools.repeat(b" ")
 
 
@@ -94,7 +94,7 @@ class Load:
 
 @pytest.fixture
 def slow_server(server_factory: Callable[..., RunningServer]) -> RunningServer:
-    return server_factory(config={"server": {"header_timeout_seconds": DEADLINE, "body_timeout_seconds": DEADLINE}})
+    return server_factory(config={"server": {"read_timeout_seconds": DEADLINE}})
 
 
 def test_slow_clients_are_cut_off_while_others_are_served(slow_server: RunningServer) -> None:
@@ -139,11 +139,13 @@ def test_slow_clients_are_cut_off_while_others_are_served(slow_server: RunningSe
         head, _, answer = trickler.received.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in head
         assert orjson.loads(answer)["error"] == f"request body not received within {DEADLINE} seconds"
+    # The application was told each trickling client had gone: it parsed no half body and answered nothing more.
+    assert not [e for e in slow_server.log_entries() if e["msg"] == "rejected request body"]
     print(f"\nslowloris: {2 * SLOW} trickling connections answered 408 and closed, {SLOW} stuck handshakes, "
           f"{len(load.statuses)} normal requests meanwhile, all 200")
 
 
-def test_an_idle_connection_is_closed_at_the_head_deadline(slow_server: RunningServer) -> None:
+def test_an_idle_connection_is_closed_at_the_read_deadline(slow_server: RunningServer) -> None:
     with open_tls(slow_server) as sock:
         received = b""
         while chunk := sock.recv(65536):  # nothing sent: the server answers and closes, or recv times out
@@ -152,10 +154,23 @@ def test_an_idle_connection_is_closed_at_the_head_deadline(slow_server: RunningS
 
 
 def test_keep_alive_connections_serve_several_requests(slow_server: RunningServer) -> None:
-    """The head deadline is per request: a connection reused after it would have passed still works."""
+    """The read deadline is per request: a connection reused after it would have passed still works."""
     body = orjson.dumps(review(POD, namespace="kube-system"))
     with slow_server.client() as client:
         first = client.post("/mutate", content=body)
-        time.sleep(DEADLINE + 0.5)  # idle longer than the head deadline, shorter than keep-alive (30 s)
+        time.sleep(DEADLINE + 0.5)  # idle longer than the read deadline, shorter than keep-alive (30 s)
         second = client.post("/mutate", content=body)
     assert (first.status_code, second.status_code) == (200, 200)
+
+
+def test_a_request_answered_early_gets_no_second_answer_at_the_deadline(slow_server: RunningServer) -> None:
+    """413 on the announced size, then the client trickles the body it announced: the deadline closes the
+    connection without writing a 408 after the 413."""
+    trickler = Trickler(open_tls(slow_server), body_bytes(content_length=8 * 1024 * 1024))
+    give_up = time.monotonic() + 60
+    while not trickler.closed and time.monotonic() < give_up:
+        trickler.step()
+        time.sleep(INTERVAL)
+    trickler.sock.close()
+    assert trickler.closed and trickler.received.startswith(b"HTTP/1.1 413 ")
+    assert trickler.received.count(b"HTTP/1.1 ") == 1
