@@ -6,8 +6,15 @@ each have their own counters.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# Label values the admission series keep as they are; anything else is counted as "other".
+KNOWN_KINDS = frozenset({"Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "ReplicationController",
+                         "Job", "CronJob", "unknown"})
+KNOWN_OPERATIONS = frozenset({"CREATE", "UPDATE", "DELETE", "CONNECT", "unknown"})
 
 # Admission latency: most answers take well under a millisecond; the API server's timeout is seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -72,3 +79,34 @@ class Metrics:
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class Series:
+    """The labelled children of one collector, each looked up once.
+
+    ``collector.labels()`` validates and locks on every call; the admission path asks for the same few children
+    on every request. At most ``limit`` label sets are kept (label values come from requests); past that the
+    lookup still works, uncached.
+    """
+
+    def __init__(self, collector: Any, limit: int = 4096) -> None:
+        self._collector = collector
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._limit = limit
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._collector.labels(*labels)
+            if len(self._children) < self._limit:
+                self._children[labels] = child
+        return child
+
+
+def kind_label(kind: str) -> str:
+    """``kind`` if meshguard handles it, else ``other``: a request cannot grow the number of series."""
+    return kind if kind in KNOWN_KINDS else "other"
+
+
+def operation_label(operation: str) -> str:
+    return operation if operation in KNOWN_OPERATIONS else "other"

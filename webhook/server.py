@@ -38,10 +38,13 @@ from .admission import (
 )
 from .config import Settings
 from .connections import guarded_protocol
-from .metrics import Metrics
+from .logs import EventLog
+from .metrics import Metrics, Series, kind_label, operation_label
 from .tls import CertificateReloader
 
 log = logging.getLogger("meshguard.admission")
+# The one-line-per-admission log, written without building a LogRecord (it is on every request's path).
+_events = EventLog(log)
 
 Handler = Callable[[AdmissionRequest], Awaitable[AdmissionResponse]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -82,6 +85,9 @@ class AdmissionApp:
     def __init__(self, webhooks: Mapping[str, Webhook], metrics: Metrics, max_body_bytes: int) -> None:
         self._routes = {f"/{name}": (name, hook) for name, hook in webhooks.items()}
         self._metrics = metrics
+        self._requests = Series(metrics.requests)
+        self._durations = Series(metrics.duration)
+        self._body_bytes = Series(metrics.body_bytes)
         self._max_body = max_body_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -134,7 +140,7 @@ class AdmissionApp:
     async def admit(self, name: str, hook: Webhook, body: bytes) -> tuple[int, bytes]:
         """Decode, decide, encode. Returns (HTTP status, body). Never raises."""
         start = time.perf_counter()
-        self._metrics.body_bytes.labels(name).observe(len(body))
+        self._body_bytes(name).observe(len(body))
         try:
             uid, raw = parse_envelope(body)
         except ReviewError as exc:
@@ -168,25 +174,28 @@ class AdmissionApp:
         kind = request.kind if request else "unknown"
         operation = request.operation if request else "unknown"
         decision = _decision(response)
-        self._metrics.requests.labels(name, kind, operation, decision).inc()
-        self._metrics.duration.labels(name, kind, operation, decision).observe(seconds)
-        log.info(
-            "admission",
-            extra={
-                "webhook": name,
-                "uid": uid,
-                "kind": kind,
-                "namespace": request.namespace if request else "",
-                "object": request.name if request else "",
-                "operation": operation,
-                "dry_run": request.dry_run if request else False,
-                "decision": decision,
-                "reason": response.reason,
-                "duration_ms": round(seconds * 1000, 3),
-                **({"status_message": response.message} if response.message else {}),
-                **response.details,
-            },
-        )
+        labels = (name, kind_label(kind), operation_label(operation), decision)
+        self._requests(*labels).inc()
+        self._durations(*labels).observe(seconds)
+        if not _events.enabled():
+            return
+        fields = {
+            "webhook": name,
+            "uid": uid,
+            "kind": kind,
+            "namespace": request.namespace if request else "",
+            "object": request.name if request else "",
+            "operation": operation,
+            "dry_run": request.dry_run if request else False,
+            "decision": decision,
+            "reason": response.reason,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        if response.message:
+            fields["status_message"] = response.message
+        if response.details:
+            fields.update(response.details)
+        _events.write("admission", fields)
 
 
 def _decision(response: AdmissionResponse) -> str:
@@ -302,6 +311,7 @@ async def run(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        _events.flush()
 
 
 __all__ = ["AdmissionApp", "Handler", "Readiness", "Webhook", "build_health_app", "run"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 # kind -> path from the object to its PodTemplateSpec ({metadata, spec}); a Pod is its own template.
@@ -24,7 +25,7 @@ TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
 WORKLOAD_KINDS = frozenset(TEMPLATE_PATHS)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Workload:
     """A Pod or pod controller, seen through its pod template.
 
@@ -39,11 +40,12 @@ class Workload:
     template: dict[str, Any]
     pointer: str
 
-    @property
+    # Read several times per admission (selectors, exemptions, messages): computed once per workload.
+    @cached_property
     def labels(self) -> Mapping[str, str]:
         return labels_of(self.template)
 
-    @property
+    @cached_property
     def annotations(self) -> Mapping[str, str]:
         return annotations_of(self.template)
 

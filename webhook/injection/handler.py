@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied, patched
 from ..config import Settings
-from ..metrics import Metrics
+from ..metrics import Metrics, Series
 from ..server import Handler
 from ..workloads import as_workload
 from .overrides import OverrideError
@@ -42,9 +42,11 @@ def mutate_handler(settings: Settings, metrics: Metrics) -> Handler:
             return "skipped", allowed(reason=outcome.decision.reason)
         return "injected", patched(outcome.ops, reason="injected")
 
+    injections = Series(metrics.injections)
+
     async def handle(request: AdmissionRequest) -> AdmissionResponse:
         result, response = respond(request)
-        metrics.injections.labels(result, response.reason).inc()
+        injections(result, response.reason).inc()
         return response
 
     return handle

@@ -22,7 +22,7 @@ from typing import Any
 from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied
 from ..config import Settings
 from ..injection.decision import INJECT_KEY
-from ..metrics import Metrics
+from ..metrics import Metrics, Series
 from ..server import Handler
 from ..state.store import Store
 from ..workloads import Workload, as_workload
@@ -55,6 +55,7 @@ def _deleting(obj: Mapping[str, Any]) -> bool:
 
 def build_handler(settings: Settings, store: Store, metrics: Metrics) -> Handler:
     engine = Engine(settings)
+    results = Series(metrics.policy_results)
 
     async def handle(request: AdmissionRequest) -> AdmissionResponse:
         obj = request.object
@@ -74,7 +75,7 @@ def build_handler(settings: Settings, store: Store, metrics: Metrics) -> Handler
             if not fresh:
                 cap, notes = "warn", (UNCONFIRMED,)
             evaluation = engine.evaluate(workload, store, cap)
-        return _respond(evaluation, metrics, notes)
+        return _respond(evaluation, results, notes)
 
     return handle
 
@@ -83,11 +84,11 @@ def _denial_line(result: RuleResult) -> str:
     return result.message + (ORDERING_HINT if result.rule == NETWORK_POLICY else "")
 
 
-def _respond(evaluation: Evaluation, metrics: Metrics, notes: tuple[str, ...]) -> AdmissionResponse:
+def _respond(evaluation: Evaluation, results: Series, notes: tuple[str, ...]) -> AdmissionResponse:
     if evaluation.exempt:
         return replace(allowed(reason="exempt"), details={"exempt": evaluation.exempt})
     for result in evaluation.results:
-        metrics.policy_results.labels(result.rule, result.action, "pass" if result.passed else "fail").inc()
+        results(result.rule, result.action, "pass" if result.passed else "fail").inc()
     warnings = (*(r.warning for r in evaluation.failing("warn")), *notes)
     enforced = evaluation.failing("enforce")
     if enforced:
