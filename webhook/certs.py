@@ -59,6 +59,15 @@ def _builder(
     )
 
 
+def _key_usage(ca: bool) -> x509.KeyUsage:
+    """A CA signs certificates (and CRLs); an ECDSA leaf signs handshakes and agrees keys."""
+    return x509.KeyUsage(
+        digital_signature=True, key_cert_sign=ca, crl_sign=ca, content_commitment=False,
+        key_encipherment=False, data_encipherment=False, key_agreement=not ca,
+        encipher_only=False, decipher_only=False,
+    )
+
+
 def generate_ca(common_name: str = "meshguard-ca", days: int = 3650) -> Issued:
     """A self-signed CA that may sign leaf certificates only (path length 0)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -71,14 +80,7 @@ def generate_ca(common_name: str = "meshguard-ca", days: int = 3650) -> Issued:
     cert = (
         _builder(name, name, key.public_key(), days)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .sign(key, hashes.SHA256())
     )
     return Issued(cert, key)
@@ -112,14 +114,7 @@ def issue_leaf(
     builder = (
         _builder(subject, ca.cert.subject, key.public_key(), days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=True,
-                encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(

@@ -263,6 +263,11 @@ class _AdmissionServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self._loop.call_later, self._delay, super().handle_exit, sig, frame)
 
 
+# Both listeners: no ASGI lifespan, no access log (the admission line replaces it), logging left to logs.py.
+_UVICORN_DEFAULTS: dict[str, Any] = {"lifespan": "off", "access_log": False, "log_config": None,
+                                     "server_header": False}
+
+
 async def run(
     settings: Settings,
     webhooks: Mapping[str, Webhook],
@@ -282,10 +287,7 @@ async def run(
         http=guarded_protocol(settings.server.read_timeout_seconds, settings.server.max_header_bytes),
         host=settings.server.host,
         port=settings.server.port,
-        lifespan="off",
-        access_log=False,
-        log_config=None,
-        server_header=False,
+        **_UVICORN_DEFAULTS,
         timeout_keep_alive=int(settings.server.keepalive_timeout_seconds),
         timeout_graceful_shutdown=int(settings.server.graceful_timeout_seconds),
         ssl_context_factory=lambda _config, _default: reloader.context,
@@ -294,10 +296,7 @@ async def run(
         build_health_app(readiness, metrics),
         host=settings.server.health_host,
         port=settings.server.health_port,
-        lifespan="off",
-        access_log=False,
-        log_config=None,
-        server_header=False,
+        **_UVICORN_DEFAULTS,
     )
     admission = _AdmissionServer(admission_config, readiness, settings.server.shutdown_delay_seconds)
     health = _QuietServer(health_config)
