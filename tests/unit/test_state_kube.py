@@ -63,7 +63,8 @@ def status(code: int) -> tuple[int, dict[str, Any]]:
 class FakeAPI:
     """Scripted responses per path: ``lists[path]`` and ``watches[path]`` are queues (the last list answer
     repeats; once the watch scripts run out, a watch is held open until the test ends). A watch script is a list
-    of events, then the stream ends; an int is an HTTP error status instead."""
+    of events, then the stream ends (a ``threading.Event`` in it holds the stream until set); an int is an HTTP
+    error status instead."""
 
     def __init__(self) -> None:
         self.lists: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
@@ -123,6 +124,9 @@ class FakeAPI:
             self.closing.wait(30)
             script = []
         for item in script:
+            if isinstance(item, threading.Event):
+                item.wait(30)
+                continue
             line = json.dumps(item).encode() + b"\n"
             handler.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
             handler.wfile.flush()
@@ -167,7 +171,11 @@ class Running:
         self.metrics = Metrics()
         self.source = KubeSource(cluster(fake), FAST, self.metrics)
         self.store = Store(self.source.read_namespace, 5, self.metrics)
-        self.synced = False
+        self.readiness: list[bool] = []  # every call of the source's ready callback
+
+    @property
+    def synced(self) -> bool:
+        return self.readiness[-1:] == [True]
 
     def policies(self, namespace: str = "shop") -> list[str]:
         return [p.name for p in self.store.network_policies_selecting(namespace, {})]
@@ -181,7 +189,7 @@ def follow(fake: FakeAPI, scenario: Callable[[Running], Any]) -> Running:
     running = Running(fake)
 
     async def main() -> None:
-        task = asyncio.create_task(running.source.run(running.store, lambda: setattr(running, "synced", True)))
+        task = asyncio.create_task(running.source.run(running.store, running.readiness.append))
         try:
             await scenario(running)
         finally:
@@ -236,6 +244,7 @@ def test_410_gone_lists_again_and_watches_from_the_new_list(fake: FakeAPI, expir
     first_watch = "watch@20"
     assert fake.calls(POLICIES) == ["list", first_watch, "list", "watch@40"]
     assert r.metric('meshguard_state_watch_restarts_total{kind="NetworkPolicy",reason="expired"} 1.0')
+    assert r.readiness == [True]  # an expired watch is routine: readiness never dropped
 
 
 def test_errors_back_off_and_resume_the_watch_without_listing_again(fake: FakeAPI) -> None:
@@ -249,6 +258,41 @@ def test_errors_back_off_and_resume_the_watch_without_listing_again(fake: FakeAP
     r = follow(fake, scenario)
     assert fake.calls(POLICIES) == ["list", "list", "watch@20", "watch@20", "watch@21"]
     assert r.metric('meshguard_state_watch_restarts_total{kind="NetworkPolicy",reason="error"} 2.0')
+
+
+def test_readiness_is_withdrawn_while_a_kind_cannot_be_followed_and_restored_after(fake: FakeAPI) -> None:
+    # Once everything is synced, the namespace watch ends and the API server refuses it three times (a restart).
+    restart = threading.Event()
+    fake.watches[NAMESPACES] = [[restart], 503, 503, 503]
+
+    async def scenario(r: Running) -> None:
+        await eventually(lambda: r.synced, "first sync")
+        restart.set()
+        await eventually(lambda: fake.calls(NAMESPACES).count("watch@10") == 5, "the watch retried until accepted")
+        await eventually(lambda: r.synced, "ready again")
+
+    r = follow(fake, scenario)
+    # Not ready from the first failure until a watch was accepted again; only changes are reported.
+    assert r.readiness == [True, False, True]
+    assert fake.calls(NAMESPACES) == ["list"] + ["watch@10"] * 5
+    assert r.metric('meshguard_state_watch_restarts_total{kind="Namespace",reason="error"} 3.0')
+
+
+def test_peer_authentication_crd_deleted_empties_the_kind_without_losing_readiness(fake: FakeAPI) -> None:
+    pa = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+          "metadata": {"name": "default", "namespace": "shop", "resourceVersion": "50"},
+          "spec": {"mtls": {"mode": "PERMISSIVE"}}}
+    # Listed once; then the CRD is deleted: the watch and every later list are 404, in both versions.
+    fake.lists[PA_V1] = [listing([pa], "50"), status(404)]
+    fake.watches[PA_V1] = [404]
+
+    async def scenario(r: Running) -> None:
+        await eventually(lambda: fake.calls(PA_V1BETA1) == ["list"], "listed again after the 404")
+        await eventually(lambda: r.store.count("PeerAuthentication") == 0, "the kind emptied")
+
+    r = follow(fake, scenario)
+    assert fake.calls(PA_V1) == ["list", "watch@50", "list"]  # then it waits crd_poll_seconds to look again
+    assert r.readiness == [True]
 
 
 def test_not_ready_until_every_kind_has_been_listed(fake: FakeAPI) -> None:

@@ -11,8 +11,12 @@ the request path never waits for the API server. The loop per kind is client-go'
 * on any other failure wait with exponential backoff (with jitter, so replicas do not stampede) and resume.
 
 PeerAuthentications are read only when their CRD is served (``security.istio.io/v1``, else ``v1beta1``); when
-it is not, the kind counts as synced and empty, and the CRD is looked for again every ``crd_poll_seconds``.
-Readiness is reported once every kind has completed its first list.
+it is not, the kind counts as synced and empty, and the CRD is looked for again every ``crd_poll_seconds``. A
+watch answered 404 means the CRD was deleted: the kind is listed again, which finds it absent.
+
+Readiness is reported once every kind has completed its first list, withdrawn while any kind cannot be followed
+(a list or watch failed, e.g. the API server restarts: the store may be missing changes), and reported again
+once every kind is followed again. A watch that simply ends, or a 410, is routine and changes nothing.
 
 Objects stay the JSON dicts the API server sent (``_preload_content=False``): typed models would cost time on
 10,000 policies and drop fields this code does not know.
@@ -212,17 +216,22 @@ class KubeSource:
     def read_namespace(self, namespace: str) -> NamespaceState:
         return self.cluster.read_namespace(namespace, self._settings.recheck_timeout_seconds)
 
-    async def run(self, store: Store, on_synced: Callable[[], None]) -> None:
-        """Follow every kind until cancelled; ``on_synced`` is called (on the loop) once all have been listed."""
+    async def run(self, store: Store, ready: Callable[[bool], None]) -> None:
+        """Follow every kind until cancelled. ``ready`` is called (on the loop) with True once every kind has been
+        listed and is followed, with False when one can no longer be followed, and with True again after."""
         loop = asyncio.get_running_loop()
-        pending = set(KINDS)
+        lagging = set(KINDS)  # kinds not yet listed, or whose last list or watch request failed
 
-        def synced(kind: str) -> None:
-            if kind in pending:
-                pending.discard(kind)
-                if not pending:
-                    log.info("cluster state synced", extra={k: store.count(k) for k in KINDS})
-                    on_synced()
+        def following(kind: str, ok: bool) -> None:
+            before = not lagging
+            (lagging.discard if ok else lagging.add)(kind)
+            if before == (not lagging):
+                return
+            if lagging:
+                log.warning("cluster state not followed; not ready until it is", extra={"kinds": sorted(lagging)})
+            else:
+                log.info("cluster state synced", extra={k: store.count(k) for k in KINDS})
+            ready(not lagging)
 
         def post(function: Callable[..., None], *args: Any) -> None:
             try:
@@ -232,7 +241,7 @@ class KubeSource:
 
         self._stopping.clear()
         for kind in KINDS:
-            threading.Thread(target=self._follow, args=(kind, store, post, synced), name=f"watch-{kind}",
+            threading.Thread(target=self._follow, args=(kind, store, post, following), name=f"watch-{kind}",
                              daemon=True).start()
         try:
             await asyncio.Event().wait()
@@ -247,7 +256,8 @@ class KubeSource:
                 with contextlib.suppress(Exception):  # already finished or released: nothing to interrupt
                     response.shutdown()
 
-    def _follow(self, kind: str, store: Store, post: Callable[..., None], synced: Callable[[str], None]) -> None:
+    def _follow(self, kind: str, store: Store, post: Callable[..., None],
+                following: Callable[[str, bool], None]) -> None:
         settings = self._settings
         delay = settings.backoff_initial_seconds
         version: str | None = None
@@ -261,14 +271,14 @@ class KubeSource:
                             log.info("PeerAuthentication CRD not installed; mTLS resolves without PeerAuthentications")
                         absent = True
                         post(self._install, store, kind, [])
-                        post(synced, kind)
+                        post(following, kind, True)
                         self._stopping.wait(settings.crd_poll_seconds)
                         continue
                     absent = False
                     items, version = listed
                     post(self._install, store, kind, items)
-                    post(synced, kind)
-                version = self._watch(kind, version, store, post)
+                    post(following, kind, True)
+                version = self._watch(kind, version, store, post, following)
                 delay = settings.backoff_initial_seconds
             except ApiException as exc:
                 if self._stopping.is_set():
@@ -278,10 +288,16 @@ class KubeSource:
                     self._metrics.watch_restarts.labels(kind, "expired").inc()
                     version = None
                     continue
+                if exc.status == NOT_FOUND and kind == PEER_AUTHENTICATION:
+                    log.info("PeerAuthentication CRD gone; listing again")  # finds it absent, or at another version
+                    version = None
+                    continue
+                post(following, kind, False)
                 delay = self._back_off(kind, f"HTTP {exc.status} {exc.reason}", delay)
             except Exception as exc:  # connection refused/reset, read timeout, bad JSON: resume after a pause
                 if self._stopping.is_set():
                     return
+                post(following, kind, False)
                 delay = self._back_off(kind, f"{type(exc).__name__}: {exc}", delay)
 
     def _back_off(self, kind: str, error: str, delay: float) -> float:
@@ -290,7 +306,8 @@ class KubeSource:
         self._stopping.wait(delay * random.uniform(0.8, 1.2))
         return min(delay * 2, self._settings.backoff_max_seconds)
 
-    def _watch(self, kind: str, version: str, store: Store, post: Callable[..., None]) -> str:
+    def _watch(self, kind: str, version: str, store: Store, post: Callable[..., None],
+               following: Callable[[str, bool], None]) -> str:
         """One watch request from ``version``; returns the last resourceVersion seen when it ends normally.
 
         The request is made with the typed API's list call (``watch=True``) and the stream read line by line
@@ -306,6 +323,7 @@ class KubeSource:
                 response.release_conn()
                 return version
             self._streams.add(response)
+        post(following, kind, True)  # the API server accepted the watch: this kind is followed again
         try:
             for line in iter_resp_lines(response):
                 if not line.strip():
