@@ -1,0 +1,92 @@
+"""Session fixtures: a real control plane, meshguard serving it from loopback, and the Helm chart installed.
+
+The chart is installed with its ``webhooks.url`` override pointing at the meshguard process, so the webhook
+configurations and RBAC the API server uses are the chart's own. Component logs are kept under
+``artifacts/e2e/`` when a test fails (CI keeps that folder) and removed otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e.cluster import ControlPlane, Meshguard, binaries, wait_for
+from tests.e2e.objects import EXEMPT, MESH, webhooks_answering
+
+ARTIFACTS = ROOT / "artifacts" / "e2e"
+_serial = itertools.count()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def cluster(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    plane = ControlPlane(binaries(), ARTIFACTS / "cluster")
+    try:
+        plane.start()
+        yield plane
+    finally:
+        plane.stop()
+        if request.session.testsfailed == 0:
+            shutil.rmtree(ARTIFACTS, ignore_errors=True)
+        else:
+            print(f"\ne2e logs kept in {ARTIFACTS}")
+
+
+@pytest.fixture(scope="session")
+def meshguard(cluster: ControlPlane) -> Iterator[Meshguard]:
+    """meshguard serving the cluster through the chart's webhooks; returned once both webhooks answer."""
+    mg = Meshguard(cluster, ARTIFACTS / "meshguard")
+    mg.install()
+    mg.start()
+    try:
+        wait_until_admitting(cluster)
+        yield mg
+    finally:
+        mg.stop(signal.SIGKILL)
+
+
+def wait_until_admitting(cluster: ControlPlane) -> None:
+    """Wait until the API server calls both webhooks (it loads webhook configurations asynchronously)."""
+    mesh = create_namespace(cluster, "probe-mesh", {**MESH, **EXEMPT})
+    plain = create_namespace(cluster, "probe-plain", {})
+    try:
+        wait_for("the API server to call meshguard", lambda: webhooks_answering(cluster, mesh, plain) == (True, True))
+    finally:
+        cluster.kubectl("delete", "namespace", mesh, plain, "--wait=false")
+
+
+def create_namespace(cluster: ControlPlane, prefix: str, labels: dict[str, str]) -> str:
+    """A fresh namespace with ``labels``, returned once its default ServiceAccount exists (the ServiceAccount
+    admission plugin refuses pods until the controller manager has made it)."""
+    name = f"{prefix[:48].rstrip('-')}-{next(_serial)}"
+    cluster.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}])
+    wait_for(f"the default ServiceAccount of {name}", lambda: cluster.kubectl(
+        "get", "serviceaccount", "default", "-n", name, check=False).returncode == 0)
+    return name
+
+
+@pytest.fixture
+def make_namespace(cluster: ControlPlane, request: pytest.FixtureRequest) -> Iterator[Callable[..., str]]:
+    """``make_namespace(labels)``: a fresh namespace named after the test; all are deleted afterwards."""
+    created: list[str] = []
+    test = request.node.name.lower().removeprefix("test_")
+    prefix = "t-" + "".join(c if c.isalnum() else "-" for c in test)[:20].strip("-")
+
+    def make(labels: dict[str, str] | None = None) -> str:
+        created.append(create_namespace(cluster, prefix, labels or {}))
+        return created[-1]
+
+    yield make
+    if created:
+        cluster.kubectl("delete", "namespace", *created, "--wait=false", check=False)

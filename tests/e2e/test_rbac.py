@@ -1,0 +1,73 @@
+"""Least privilege, checked by the real API server's RBAC authorizer: what the chart's ServiceAccount may do,
+from ``kubectl auth can-i --list --as=system:serviceaccount:<namespace>:<name>``.
+
+Every authenticated identity gets a few things from the cluster's default roles (self reviews, discovery URLs):
+that baseline is measured with an account no role is bound to, and everything above it must be exactly the
+chart's grants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.e2e.cluster import RELEASE_NAMESPACE, ControlPlane, Meshguard
+
+READ = ("get", "list", "watch")
+STATE = {(resource, "", "", verb) for resource in ("namespaces", "networkpolicies.networking.k8s.io",
+                                                   "peerauthentications.security.istio.io") for verb in READ}
+Rules = set[tuple[str, str, str, str]]
+
+
+def account(namespace: str, name: str) -> str:
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
+def granted(cluster: ControlPlane, namespace: str, name: str, where: str) -> Rules:
+    """What the ServiceAccount may do in namespace ``where``, above what any authenticated account may."""
+    baseline = cluster.rules_of(account(namespace, "no-role-bound-to-this"), where)
+    return cluster.rules_of(account(namespace, name), where) - baseline
+
+
+def test_the_release_account_reads_namespaces_network_policies_and_peer_authentications_only(
+        cluster: ControlPlane, meshguard: Meshguard, make_namespace: Callable[..., str]) -> None:
+    elsewhere = make_namespace()
+    for where in (RELEASE_NAMESPACE, elsewhere):
+        assert granted(cluster, RELEASE_NAMESPACE, meshguard.service_account, where) == STATE
+    user = account(RELEASE_NAMESPACE, meshguard.service_account)
+    for verb, resource in (("list", "pods"), ("get", "secrets"), ("create", "networkpolicies"),
+                           ("delete", "namespaces"), ("update", "mutatingwebhookconfigurations")):
+        answer = cluster.kubectl("auth", "can-i", verb, resource, "-A", f"--as={user}", check=False)
+        assert answer.stdout.strip() == "no", (verb, resource)
+    # And it is enough: the meshguard serving this suite runs with a token of this account, and follows the state.
+    assert meshguard.readyz().json()["ready"] is True
+    assert meshguard.metric('meshguard_state_objects{kind="Namespace"}') > 0
+
+
+@pytest.fixture
+def self_managed_rbac(cluster: ControlPlane, make_namespace: Callable[..., str]) -> Iterator[tuple[str, str]]:
+    """The chart's ServiceAccount and RBAC in selfManaged certificate mode (the in-cluster default), applied
+    alone: installing the whole chart would point webhooks at a Service no pod backs."""
+    namespace = make_namespace()
+    release = "rbac-check"
+    rendered = cluster.helm("template", release, str(ROOT / "charts" / "meshguard"), "--namespace", namespace,
+                            "--set", "certificates.mode=selfManaged", "--show-only", "templates/serviceaccount.yaml",
+                            "--show-only", "templates/rbac.yaml").stdout
+    objects = [o for o in yaml.safe_load_all(rendered) if o]
+    cluster.apply(objects, "-n", namespace)
+    yield namespace, f"{release}-meshguard"
+    cluster.kubectl("delete", "clusterrole,clusterrolebinding", f"{release}-meshguard", check=False)
+
+
+def test_self_managed_mode_adds_its_own_secret_and_webhook_configurations_by_name(
+        cluster: ControlPlane, self_managed_rbac: tuple[str, str], make_namespace: Callable[..., str]) -> None:
+    namespace, name = self_managed_rbac
+    webhooks = {(f"{kind}.admissionregistration.k8s.io", "", name, verb)
+                for kind in ("mutatingwebhookconfigurations", "validatingwebhookconfigurations")
+                for verb in ("get", "update")}
+    secret = {("secrets", "", f"{name}-tls", verb) for verb in ("get", "update")}
+    assert granted(cluster, namespace, name, namespace) == STATE | webhooks | secret
+    assert granted(cluster, namespace, name, make_namespace()) == STATE | webhooks
