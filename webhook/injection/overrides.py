@@ -45,7 +45,7 @@ _OVERRIDES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "proxy-memory": ("proxy_memory", values.quantity, "a memory quantity such as 128Mi, 1Gi or 500M"),
     "proxy-cpu-limit": ("proxy_cpu_limit", values.quantity, "a CPU quantity such as 500m or 2"),
     "proxy-memory-limit": ("proxy_memory_limit", values.quantity, "a memory quantity such as 512Mi or 1Gi"),
-    "proxy-image": ("proxy_image", values.image, "an image reference such as envoyproxy/envoy:v1.31.2"),
+    "proxy-image": ("proxy_image", values.image, "an image reference such as envoyproxy/envoy:v1.40.0"),
     "log-level": ("log_level", values.log_level, "one of " + ", ".join(values.LOG_LEVELS)),
     "exclude-inbound-ports": ("exclude_inbound_ports", _ports, "comma-separated ports 1-65535, e.g. 8081,9090"),
     "exclude-outbound-ports": ("exclude_outbound_ports", _ports, "comma-separated ports 1-65535, e.g. 5432,6379"),

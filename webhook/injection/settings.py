@@ -31,7 +31,7 @@ IncludeRange = Annotated[str, AfterValidator(values.include_range)]
 
 
 class InjectionSettings(_Section):
-    proxy_image: Image = "envoyproxy/envoy:v1.31.2"
+    proxy_image: Image = "envoyproxy/envoy:v1.40.0"
     # The init container runs meshguard's own image (``meshguard netinit ...``).
     init_image: Image = "meshguard:0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
