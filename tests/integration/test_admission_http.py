@@ -192,3 +192,21 @@ def test_answers_with_a_message_are_logged_too(server_factory) -> None:
     entry = srv.admission_log("bad-op")
     assert entry["decision"] == "error" and "request.operation" in entry["status_message"]
     assert not any(e.get("msg") == "recording an admission failed" for e in srv.log_entries())
+
+
+def test_each_response_leaves_in_one_write(server: RunningServer) -> None:
+    """The head and body of an answer are one TLS write: read back as a single record carrying both."""
+    body = orjson.dumps(review({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                                "spec": {"containers": [{"name": "a", "image": "b"}]}}, namespace="kube-system"))
+    host, port = server.url.removeprefix("https://").split(":")
+    ctx = ssl.create_default_context(cafile=server.ca)
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        for _ in range(3):  # keep-alive: every response on the connection, not just the first
+            tls.sendall(b"POST /validate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            first = tls.recv(65536)  # one TLS record holds one write
+            assert first.startswith(b"HTTP/1.1 200 ")
+            head, _, rest = first.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            assert len(rest) == length, "the body did not arrive with the head"
