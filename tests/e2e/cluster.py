@@ -4,20 +4,22 @@ etcd, kube-apiserver (RBAC, admission webhooks on) and kube-controller-manager (
 ReplicaSets and Pods exactly as in production) run as child processes on free ports, with certificates made
 here. There is no kubelet or scheduler: admission happens before scheduling, so Pods are created (and stay
 Pending), which is all an admission webhook's tests need.
+
+:class:`Meshguard` runs ``meshguard serve`` against it, called through the Helm chart's own webhook
+configurations; the benchmark ``bench/e2e_throughput.py`` uses the same harness.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
 import ssl
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,9 @@ EXEMPT_LABEL = "e2e.meshguard.io/exempt"
 
 def binaries() -> Path:
     """The directory of kube-apiserver, kube-controller-manager, etcd, kubectl and helm (built once, cached)."""
-    out = subprocess.run(["bash", str(ROOT / "hack" / "e2e-binaries.sh")], check=True, capture_output=True, text=True)
+    out = subprocess.run(["bash", str(ROOT / "hack" / "e2e-binaries.sh")], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"hack/e2e-binaries.sh failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return Path(out.stdout.strip().splitlines()[-1])
 
 
@@ -49,13 +53,11 @@ class Component:
     name: str
     args: list[str]
     log: Path
-    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         handle = self.log.open("ab")
-        self.process = subprocess.Popen(self.args, stdout=handle, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **self.env}, start_new_session=True)
+        self.process = subprocess.Popen(self.args, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         handle.close()
 
     def stop(self, timeout: float = 20) -> None:
@@ -95,6 +97,9 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, component
 
 
 class ControlPlane:
+    """etcd, kube-apiserver and kube-controller-manager on free loopback ports under ``workdir``, with an admin
+    kubeconfig (client certificate in ``system:masters``) and kubectl/helm helpers that use it."""
+
     def __init__(self, bin_dir: Path, workdir: Path) -> None:
         self.bin = bin_dir
         self.dir = workdir
@@ -315,7 +320,7 @@ class Meshguard:
         """``helm upgrade --install`` the chart pointing at this server; ``values`` are extra helm arguments."""
         ca_bundle = base64.b64encode((self.cert_dir / "ca.crt").read_bytes()).decode()
         self.cluster.helm("upgrade", "--install", RELEASE, str(ROOT / "charts" / "meshguard"),
-                          "--namespace", RELEASE_NAMESPACE, "--create-namespace", "--wait=false",
+                          "--namespace", RELEASE_NAMESPACE, "--create-namespace", "--wait=hookOnly",
                           "--set", f"webhooks.url={self.url}", "--set", f"webhooks.caBundle={ca_bundle}", *values)
         if not self.kubeconfig.exists():
             self.cluster.service_account_kubeconfig(self.kubeconfig, RELEASE_NAMESPACE, self.service_account)

@@ -2,15 +2,18 @@
 
 The chart is installed with its ``webhooks.url`` override pointing at the meshguard process, so the webhook
 configurations and RBAC the API server uses are the chart's own. Component logs are kept under
-``artifacts/e2e/`` when a test fails (CI keeps that folder) and removed otherwise.
+``artifacts/e2e/<run>/`` when a test fails (CI keeps that folder) and removed otherwise.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import signal
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -29,24 +32,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    plane = ControlPlane(binaries(), ARTIFACTS / "cluster")
+def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """This session's folder under ``artifacts/e2e/`` (one per run, so concurrent runs never share one): kept
+    when a test failed, removed otherwise."""
+    path = ARTIFACTS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    path.mkdir(parents=True)
+    yield path
+    if request.session.testsfailed == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        print(f"\ne2e logs kept in {path}")
+
+
+@pytest.fixture(scope="session")
+def cluster(workdir: Path) -> Iterator[ControlPlane]:
+    plane = ControlPlane(binaries(), workdir / "cluster")
     try:
         plane.start()
         yield plane
     finally:
         plane.stop()
-        if request.session.testsfailed == 0:
-            shutil.rmtree(ARTIFACTS, ignore_errors=True)
-        else:
-            print(f"\ne2e logs kept in {ARTIFACTS}")
 
 
 @pytest.fixture(scope="session")
-def meshguard(cluster: ControlPlane) -> Iterator[Meshguard]:
+def meshguard(cluster: ControlPlane, workdir: Path) -> Iterator[Meshguard]:
     """meshguard serving the cluster through the chart's webhooks; returned once both webhooks answer."""
-    mg = Meshguard(cluster, ARTIFACTS / "meshguard")
+    mg = Meshguard(cluster, workdir / "meshguard")
     mg.install()
     mg.start()
     try:

@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 
 from bench.e2e_throughput import Batch, create_pods
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.e2e.cluster import RELEASE, RELEASE_NAMESPACE, ControlPlane, Meshguard, wait_for
 from tests.e2e.objects import EXEMPT, MESH, deployment, injected, network_policy, pod
 from webhook import certs
@@ -64,26 +64,43 @@ def test_injector_down_refuses_mesh_pods_and_controllers_recover_on_their_own(
     assert injected(created)
 
 
-def test_injector_down_with_failure_policy_ignore_admits_pods_that_audit_then_reports(
+def point_injection_at(cluster: ControlPlane, url: str) -> None:
+    cluster.kubectl("patch", "mutatingwebhookconfiguration", RELEASE, "--type=json", "-p", json.dumps([
+        {"op": "replace", "path": f"/webhooks/{i}/clientConfig/url", "value": url} for i in (0, 1)]))
+
+
+def test_injector_unavailable_with_failure_policy_ignore_leaves_nothing_silently_unmeshed(
         cluster: ControlPlane, meshguard: Meshguard, make_namespace: Callable[..., str]) -> None:
     mesh = make_namespace(MESH)
     cluster.apply([network_policy()], "-n", mesh)
     meshguard.install("--reuse-values", "--set", "webhooks.injection.failurePolicy=Ignore")
+    unmeshed = f'meshguard_unmeshed_pods_admitted_total{{namespace="{mesh}",reason="not-injected"}}'
     try:
+        # The injector unreachable (a dead address here; in a cluster, say, timing out) while validation answers:
+        # a controller's pod gets in without the sidecar (owned pods are only warned on), and /validate counts it.
+        point_injection_at(cluster, f"https://127.0.0.1:{free_port()}/mutate")
+        cluster.apply([deployment("api")], "-n", mesh)
+        (slipped,) = wait_for("the ReplicaSet's pod", lambda: pods(cluster, mesh), timeout=120)
+        assert not injected(slipped)
+        assert meshguard.metric(unmeshed) == 1
+        # meshguard down altogether: a pod gets in that it never sees.
         meshguard.stop()
-        # Polled: the API server picks up the changed webhook configuration asynchronously.
-        wait_for("the pod admitted without the injector",
+        # Polled: the API server picks up changed webhook configurations asynchronously.
+        wait_for("the pod admitted without meshguard",
                  lambda: cluster.apply([pod("web")], "-n", mesh, check=False).returncode == 0)
         assert not injected(cluster.kubectl_json("get", "pod", "web", "-n", mesh))
     finally:
-        meshguard.start()
+        if not meshguard.alive():
+            meshguard.start()
+        # The chart's own value back before Helm applies it again, so that Helm's server-side apply sees no conflict.
+        point_injection_at(cluster, f"{meshguard.url}/mutate")
         meshguard.install("--reuse-values", "--set", "webhooks.injection.failurePolicy=Fail")
-    # Nothing stays silently un-meshed: `meshguard audit` names the pod and the fix.
+    # `meshguard audit` lists both, with the fix.
     audit = subprocess.run([sys.executable, "-m", "webhook", "audit", "--kubeconfig", str(cluster.kubeconfig),
                             "-o", "json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert audit.returncode == 1, audit.stderr  # 1: something fails (this pod, and other tests' leftovers)
-    (found,) = [p for p in json.loads(audit.stdout)["podsWithoutSidecar"] if p["namespace"] == mesh]
-    assert found["name"] == "web" and "web" in found["message"], found
+    assert audit.returncode == 1, audit.stderr  # 1: something fails (these pods, and other tests' leftovers)
+    found = {p["name"]: p["message"] for p in json.loads(audit.stdout)["podsWithoutSidecar"] if p["namespace"] == mesh}
+    assert sorted(found) == sorted(["web", slipped["metadata"]["name"]]), found
 
 
 def test_api_server_restart_readiness_shows_the_gap_and_watches_resume(
