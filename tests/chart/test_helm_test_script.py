@@ -24,7 +24,7 @@ import pytest
 
 from tests.chart.conftest import CHART
 from tests.conftest import RunningServer, review
-from tests.unit.test_selfcert import JSONHandler
+from tests.fakehttp import JSONHandler
 from webhook import certs
 from webhook.injection.decision import PROXY_NAME
 

@@ -13,8 +13,8 @@ import jsonpatch
 import orjson
 import pytest
 
-from tests.conftest import RunningServer, review, start_server
-from tests.integration.test_validate import MESH, deny_all, namespace, write_state
+from tests.conftest import RunningServer, review
+from tests.integration.test_validate import MESH, deny_all, namespace, serve_state
 from tests.unit.test_unmeshed import pod
 from webhook.injection.decision import STATUS_ANNOTATION
 
@@ -24,10 +24,7 @@ STATE = [namespace("shop", **MESH), namespace("quiet", **MESH, **{"meshguard.io/
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    work = tmp_path_factory.mktemp("unmeshed")
-    running = start_server(work, args=("--state", str(write_state(work / "state", STATE))))
-    yield running
-    running.stop()
+    yield from serve_state(tmp_path_factory, "unmeshed", STATE)
 
 
 def post(server: RunningServer, path: str, obj: dict[str, Any], **kwargs: Any) -> dict[str, Any]:

@@ -51,12 +51,18 @@ def write_state(directory: Path, objects: list[dict[str, Any]]) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    work = tmp_path_factory.mktemp("validate")
-    running = start_server(work, args=("--state", str(write_state(work / "state", STATE))))
+def serve_state(tmp_path_factory: pytest.TempPathFactory, name: str,
+                objects: list[dict[str, Any]]) -> Iterator[RunningServer]:
+    """A server reading ``objects`` as its cluster state, for a module-scoped fixture to yield from."""
+    work = tmp_path_factory.mktemp(name)
+    running = start_server(work, args=("--state", str(write_state(work / "state", objects))))
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    yield from serve_state(tmp_path_factory, "validate", STATE)
 
 
 def validate(server: RunningServer, obj: dict[str, Any] | None, ns: str, **kwargs: Any) -> dict[str, Any]:

@@ -20,13 +20,14 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
 
+from tests.fakehttp import JSONHandler
 from webhook import certs, config, selfcert
 from webhook.config import CertificateSettings, TLSSettings
 from webhook.selfcert import (
@@ -64,21 +65,6 @@ def webhook_configuration(kind: WebhookKind, names: tuple[str, ...]) -> dict[str
             for name in names
         ],
     }
-
-
-class JSONHandler(BaseHTTPRequestHandler):
-    """A quiet request handler that answers JSON, for the stand-in API servers of the tests."""
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def answer(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 class FakeCluster:

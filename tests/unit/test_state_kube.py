@@ -12,13 +12,14 @@ import json
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from kubernetes import client
 
+from tests.fakehttp import JSONHandler
 from webhook.metrics import Metrics
 from webhook.policy.settings import StateSettings
 from webhook.state.kube import Cluster, ClusterError, KubeSource, api_client, read_all
@@ -74,11 +75,8 @@ class FakeAPI:
         self._lock = threading.Lock()
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, and chunked watch streams, as kube-apiserver answers
-
-            def log_message(self, *args: Any) -> None:
-                pass
 
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
@@ -95,26 +93,18 @@ class FakeAPI:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def _send(self, handler: BaseHTTPRequestHandler, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        handler.send_response(code)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
-
-    def _list(self, handler: BaseHTTPRequestHandler, path: str) -> None:
+    def _list(self, handler: JSONHandler, path: str) -> None:
         with self._lock:
             queue = self.lists.get(path)
             answer = (queue.pop(0) if len(queue) > 1 else queue[0]) if queue else status(404)
-        self._send(handler, *answer)
+        handler.answer(*answer)
 
-    def _watch(self, handler: BaseHTTPRequestHandler, path: str) -> None:
+    def _watch(self, handler: JSONHandler, path: str) -> None:
         with self._lock:
             queue = self.watches.get(path)
             script = queue.pop(0) if queue else None
         if isinstance(script, int):
-            self._send(handler, *status(script))
+            handler.answer(*status(script))
             return
         handler.send_response(200)
         handler.send_header("Content-Type", "application/json")
