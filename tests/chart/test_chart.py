@@ -42,7 +42,7 @@ MATRIX: dict[str, dict[str, Any]] = {
     "url": {"webhooks": {"url": "https://dev.example.com:8443/", "caBundle": CA_BUNDLE}},
     "strict": {"podAntiAffinity": "hard", "replicaCount": 5, "webhooks": {
         "excludeNamespaces": ["monitoring"],
-        "injection": {"failurePolicy": "Ignore", "timeoutSeconds": 10},
+        "injection": {"failurePolicy": "Ignore", "timeoutSeconds": 10, "reinvocationPolicy": "IfNeeded"},
         "validation": {"failurePolicy": "Fail", "timeoutSeconds": 30,
                        "namespaceMatchExpressions": [{"key": "team", "operator": "Exists"}]}}},
     "single": {"replicaCount": 1, "podAntiAffinity": "none", "priorityClassName": "", "topologySpreadConstraints": [],
@@ -223,7 +223,7 @@ def test_webhook_settings_every_good_practice(render: Render) -> None:
         assert hook["sideEffects"] == "None" and hook["matchPolicy"] == "Equivalent"
         assert hook["timeoutSeconds"] == 5
     for hook in mutating["webhooks"]:
-        assert hook["reinvocationPolicy"] == "IfNeeded" and hook["failurePolicy"] == "Fail"
+        assert hook["reinvocationPolicy"] == "Never" and hook["failurePolicy"] == "Fail"
         assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
                                   "resources": ["pods"], "scope": "Namespaced"}]
         assert hook["clientConfig"]["service"] == {"name": FULLNAME, "namespace": NAMESPACE, "path": "/mutate",
@@ -239,10 +239,11 @@ def test_webhook_settings_every_good_practice(render: Render) -> None:
     assert all(rule["operations"] == ["CREATE", "UPDATE"] and rule["scope"] == "Namespaced" for rule in hook["rules"])
 
 
-def test_failure_policies_and_timeouts_come_from_values_and_reach_the_server(render: Render, tmp_path: Path) -> None:
+def test_failure_and_reinvocation_policies_and_timeouts_come_from_values_and_reach_the_server(render: Render, tmp_path: Path) -> None:
     objects = render(MATRIX["strict"])
     mutating, validating = _webhook_configs(objects)
-    assert {(h["failurePolicy"], h["timeoutSeconds"]) for h in mutating["webhooks"]} == {("Ignore", 10)}
+    assert {(h["failurePolicy"], h["timeoutSeconds"], h["reinvocationPolicy"])
+            for h in mutating["webhooks"]} == {("Ignore", 10, "IfNeeded")}
     assert {(h["failurePolicy"], h["timeoutSeconds"]) for h in validating["webhooks"]} == {("Fail", 30)}
     assert {"key": "team", "operator": "Exists"} in validating["webhooks"][0]["namespaceSelector"]["matchExpressions"]
     # What the server answers when it cannot evaluate a request follows the same choice.

@@ -58,7 +58,7 @@ def test_injects_a_controller_pod_and_second_pass_is_a_no_op(server: RunningServ
     assert uninjected(result, original) == original
     log = admission_log(server, body["request"]["uid"])
     assert (log["decision"], log["reason"], log["namespace"]) == ("patched", "injected", "shop")
-    # reinvocationPolicy: IfNeeded sends the injected pod again: nothing more happens.
+    # A second call with the injected pod (reinvocationPolicy: IfNeeded, a re-applied pod): nothing more happens.
     again = review(result, namespace="shop")
     second = mutate(server, again)
     assert second["allowed"] is True and "patch" not in second
