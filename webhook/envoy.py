@@ -197,7 +197,6 @@ def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
             "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
             stat_prefix=stat_prefix,
             cluster=cluster,
-            access_log=_access_log(),
         ),
     }
 
@@ -236,6 +235,10 @@ def _capture_listener(options: BootstrapOptions, name: str, port: int, direction
         "name": name,
         "address": _socket_address("0.0.0.0", port),
         "traffic_direction": direction,
+        # One access log for the listener, not one per filter chain's tcp_proxy: it sees the same connection
+        # (tcp_proxy fills in the upstream host and cluster), and the bootstrap travels in every injected pod's
+        # spec, where each copy of the log configuration cost about 600 bytes.
+        "access_log": _access_log(),
     }
     if options.ipv6:
         listener["additional_addresses"] = [{"address": _socket_address("::", port)}]

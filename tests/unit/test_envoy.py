@@ -127,7 +127,7 @@ def test_inbound_forwards_to_loopback_on_the_original_port() -> None:
     assert state["format_string"]["text_format_source"]["inline_string"] == "127.0.0.1:%DOWNSTREAM_LOCAL_PORT%"
     assert filters[1]["typed_config"]["cluster"] == envoy.INBOUND_CLUSTER
     assert _cluster(config, envoy.INBOUND_CLUSTER)["type"] == "ORIGINAL_DST"
-    assert "%DOWNSTREAM_PEER_URI_SAN%" in json.dumps(filters[1]["typed_config"]["access_log"])
+    assert "%DOWNSTREAM_PEER_URI_SAN%" in json.dumps(inbound["access_log"])
 
 
 @pytest.mark.parametrize(("listener", "ports"), [("inbound", {16006, 16001, 16000}), ("outbound", {16001})])
