@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -137,6 +138,29 @@ def _netinit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bootstrap_args(p: argparse.ArgumentParser) -> None:
+    from . import envoy
+
+    p.add_argument("--out", type=Path, required=True, help="file to write the bootstrap to (a volume the proxy mounts)")
+    envoy.add_option_arguments(p)
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from . import envoy
+
+    try:
+        options = envoy.options_from(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        envoy.write(options, args.out, os.environ)
+    except (ValueError, OSError) as exc:
+        print(f"meshguard bootstrap: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 1
+    print(f"meshguard bootstrap: wrote the Envoy bootstrap to {args.out}")
+    return 0
+
+
 def _inject_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR|-",
                    help="manifests to inject (YAML or JSON, multi-document, kind: List); repeatable; - reads stdin")
@@ -243,6 +267,8 @@ COMMANDS: list[Command] = [
     ("audit", "report every workload of a live cluster against the policy", _audit_args, _audit),
     ("netinit", "install the pod's iptables rules that send its TCP traffic through the sidecar",
      _netinit_args, _netinit),
+    ("bootstrap", "write the sidecar's Envoy bootstrap for this pod (run by the injected init container)",
+     _bootstrap_args, _bootstrap),
 ]
 
 

@@ -10,20 +10,28 @@ Traffic reaches Envoy through the iptables rules of ``meshguard netinit`` (see :
   to the original destination (that pod's inbound listener), everything else passes through untouched. Envoy's
   own connections (netinit's ``--proxy-uid``, 1337) are not captured.
 
-Pod identity is not known when the injected spec is built (it is built once, not per pod), so the bootstrap names
-the node with ``$(POD_NAME)``-style references that the kubelet expands in container ``args``.
+The bootstrap is not carried in the pod spec: it is kilobytes, and the API server would store it, send it to
+every watcher and to the validating webhook for each pod. The injector passes its options as flags to the
+``meshguard-bootstrap`` init container (:func:`option_args`), which renders it into a volume shared with the
+proxy (:func:`write`). Pod identity is not known when the injected spec is built (it is built once, not per pod),
+so the rendered bootstrap names the node with ``$(POD_NAME)``-style references, filled in by :func:`write` from
+the Downward API environment of that container.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 MTLS_MODES = ("STRICT", "PERMISSIVE")
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
-# Kubelet expands these in container args from the env vars the injector sets through the Downward API.
+# Filled in from the env vars the injector sets through the Downward API.
 POD_VARIABLES = ("POD_NAME", "POD_NAMESPACE", "POD_IP", "SERVICE_ACCOUNT")
 # The paths the readiness listener answers on: the documented one and the one the injected probes use.
 READY_PATHS = ("/healthz/ready", "/ready")
@@ -462,9 +470,74 @@ def render(options: BootstrapOptions) -> str:
     return json.dumps(bootstrap(options), separators=(",", ":"))
 
 
-def expand_pod_variables(rendered: str, values: dict[str, str]) -> str:
-    """Do what the kubelet does to ``$(VAR)`` references in container args (for running a bootstrap outside
-    Kubernetes: tests, local debugging)."""
+def expand_pod_variables(rendered: str, values: Mapping[str, str]) -> str:
+    """Replace the ``$(VAR)`` references of a rendered bootstrap with the pod's values (JSON-escaped)."""
     for name in POD_VARIABLES:
-        rendered = rendered.replace(f"$({name})", values[name])
+        rendered = rendered.replace(f"$({name})", json.dumps(values[name])[1:-1])
     return rendered
+
+
+def write(options: BootstrapOptions, path: Path, environ: Mapping[str, str]) -> None:
+    """Render the bootstrap for the pod described by ``environ`` (:data:`POD_VARIABLES`) into ``path``.
+
+    The file appears whole or not at all (written aside, then renamed), readable by the proxy's user. Raises
+    ``ValueError`` when a variable is missing and ``OSError`` when the file cannot be written.
+    """
+    missing = [name for name in POD_VARIABLES if name not in environ]
+    if missing:
+        raise ValueError(f"the environment lacks {', '.join(missing)}; the injector sets them from the Downward API")
+    text = expand_pod_variables(render(options), environ)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.chmod(0o644)
+    os.replace(partial, path)
+
+
+# --- options as command-line flags -----------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def option_args(options: BootstrapOptions) -> list[str]:
+    """Flags for :func:`add_option_arguments` that rebuild ``options``. Every field is written, so what the
+    sidecar gets never depends on the defaults of the init image's version."""
+    args: list[str] = []
+    for spec in fields(options):
+        value = getattr(options, spec.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(value)
+        else:
+            text = str(value)
+        args += [_flag(spec.name), text]
+    return args
+
+
+def _boolean(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text == "true"
+
+
+def _items(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`BootstrapOptions` field, defaulting to the field's default."""
+    defaults = BootstrapOptions()
+    for spec in fields(BootstrapOptions):
+        default = getattr(defaults, spec.name)
+        kind: Any = {bool: _boolean, tuple: _items, int: int}.get(type(default), str)
+        parser.add_argument(_flag(spec.name), dest=spec.name, type=kind, default=default,
+                            metavar=spec.name.upper())
+
+
+def options_from(args: argparse.Namespace) -> BootstrapOptions:
+    """The options parsed by :func:`add_option_arguments`; ``ValueError`` names every invalid one."""
+    return BootstrapOptions(**{spec.name: getattr(args, spec.name) for spec in fields(BootstrapOptions)})

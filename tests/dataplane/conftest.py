@@ -25,10 +25,9 @@ from typing import Any
 
 import pytest
 
-from tests.dataplane.tools import envoy_binary, write_workload_certs
-from webhook import envoy
+from tests.dataplane.tools import envoy_binary, localize, run_bootstrap_container, write_workload_certs
 from webhook.injection import spec
-from webhook.injection.decision import INIT_NAME, PROXY_NAME
+from webhook.injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
 from webhook.injection.settings import InjectionSettings
 
 PROXY_UID = 1337
@@ -222,31 +221,34 @@ class Mesh:
     ca_dir: Path  # the mesh CA both pods' certificates come from
 
 
-def injected(settings: InjectionSettings) -> tuple[list[str], list[str], str]:
-    """The init container's args, the proxy's command line and the Secret's mount path, as the injector builds
-    them for these settings."""
+def injected(settings: InjectionSettings) -> tuple[list[str], list[str], list[str], str]:
+    """The init container's args, the bootstrap container's args, the proxy's command line and the Secret's
+    mount path, as the injector builds them for these settings."""
     sidecar = spec.build(settings)
     containers = {c["name"]: c for c in (*sidecar.init_containers, *sidecar.containers_front,
                                          *sidecar.containers_back)}
-    init, proxy = containers[INIT_NAME], containers[PROXY_NAME]
+    init, boot, proxy = containers[INIT_NAME], containers[BOOTSTRAP_NAME], containers[PROXY_NAME]
     (secret_volume,) = [v["name"] for v in sidecar.volumes if "secret" in v]
     (cert_dir,) = [m["mountPath"] for m in proxy["volumeMounts"] if m["name"] == secret_volume]
-    return list(init["args"]), [*proxy["command"], *proxy["args"]], cert_dir
+    return list(init["args"]), list(boot["args"]), [*proxy["command"], *proxy["args"]], cert_dir
 
 
 def _start_pod(lab: Lab, pod: Pod, ip: str, settings: InjectionSettings, identity: tuple[str, str],
                ca_dir: Path) -> None:
-    init_args, proxy_argv, cert_dir = injected(settings)
-    # The init container: meshguard's own CLI, run with the injector's arguments.
+    init_args, boot_args, proxy_argv, cert_dir = injected(settings)
+    # The init containers: meshguard's own CLI, run with the injector's arguments.
     pod.run(sys.executable, "-m", "webhook", *init_args)
     # The workload Secret, mounted where Envoy finds it; 0444 like the injected volume, since Envoy is not root.
     certs = write_workload_certs(ca_dir, lab.workdir / f"{pod.role}-certs", *identity)
     for path in (certs, *certs.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o444)
+    state = lab.workdir / f"{pod.role}-state"  # the emptyDir the bootstrap container and the proxy share
+    state.mkdir()
+    paths = {cert_dir: str(certs), spec.STATE_DIR: str(state)}
     namespace, service_account = identity
-    values = {"POD_NAME": f"{pod.role}-0", "POD_NAMESPACE": namespace, "POD_IP": ip,
-              "SERVICE_ACCOUNT": service_account}
-    argv = [envoy.expand_pod_variables(arg, values).replace(cert_dir, str(certs)) for arg in proxy_argv]
+    run_bootstrap_container(localize(boot_args, paths), {"POD_NAME": f"{pod.role}-0", "POD_NAMESPACE": namespace,
+                                                         "POD_IP": ip, "SERVICE_ACCOUNT": service_account})
+    argv = localize(proxy_argv, paths)
     assert argv[0] == "envoy"
     pod.access_log = lab.workdir / f"{pod.role}-envoy.out"
     pod.start("envoy", envoy_binary(), *argv[1:], uid=PROXY_UID)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import pytest
 from webhook import certs, envoy
 from webhook.cli import main
 
-# Concrete values for the $(VAR) references the kubelet would expand.
+# Concrete values for the Downward API variables the bootstrap container gets.
 POD_VALUES = {"POD_NAME": "web-7d4b9", "POD_NAMESPACE": "shop", "POD_IP": "10.213.1.2", "SERVICE_ACCOUNT": "web"}
 
 
@@ -28,12 +31,29 @@ def envoy_binary() -> str:
 
 
 def validate(options: envoy.BootstrapOptions, values: dict[str, str] = POD_VALUES) -> subprocess.CompletedProcess[str]:
-    """``envoy --mode validate`` on the rendered bootstrap, passed the way the sidecar gets it (--config-yaml)."""
+    """``envoy --mode validate`` on the rendered bootstrap."""
     config = envoy.expand_pod_variables(envoy.render(options), values)
     return subprocess.run(
         [envoy_binary(), "--mode", "validate", "--config-yaml", config, "--log-level", "warn"],
         capture_output=True, text=True, timeout=120,
     )
+
+
+def localize(args: Sequence[str], paths: Mapping[str, str]) -> list[str]:
+    """Container arguments with the in-pod directories in ``paths`` replaced by directories of this machine."""
+    out = []
+    for arg in args:
+        for pod_path, here in paths.items():
+            arg = arg.replace(pod_path, here)
+        out.append(arg)
+    return out
+
+
+def run_bootstrap_container(args: Sequence[str], values: Mapping[str, str] = POD_VALUES) -> None:
+    """Run the injected ``meshguard-bootstrap`` container's command (already :func:`localize`-d) as the kubelet
+    would: meshguard's own CLI, with the Downward API values in its environment."""
+    subprocess.run([sys.executable, "-m", "webhook", *args], env={**os.environ, **values}, check=True,
+                   capture_output=True, timeout=60)
 
 
 def write_workload_certs(ca_dir: Path, out: Path, namespace: str, service_account: str) -> Path:

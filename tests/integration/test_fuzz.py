@@ -38,7 +38,7 @@ junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dict
 string_maps = st.one_of(st.none(), st.dictionaries(keys, st.one_of(text, st.sampled_from(
     ["true", "false", "enabled", "100m", "2Gi", "-1", "1e9", "15001,abc"])), max_size=5), st.none(), junk)
 container_names = st.one_of(st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True),
-                            st.sampled_from(["meshguard-proxy", "meshguard-init"]), text)
+                            st.sampled_from(["meshguard-proxy", "meshguard-init", "meshguard-bootstrap"]), text)
 
 
 @st.composite

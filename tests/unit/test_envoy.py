@@ -3,6 +3,7 @@ which also opens the certificate files), and the config says what the data plane
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from tests.dataplane.tools import POD_VALUES, validate, write_workload_certs
 from webhook import envoy
+from webhook.cli import main
 from webhook.envoy import BootstrapOptions
 
 
@@ -211,3 +213,55 @@ def test_bad_options_are_refused_with_a_readable_reason(changes: dict[str, Any],
 
 def test_options_are_hashable_for_the_injectors_cache() -> None:
     assert hash(BootstrapOptions(mesh_cidrs=("10.0.0.0/8",))) == hash(BootstrapOptions(mesh_cidrs=("10.0.0.0/8",)))
+
+
+# -- the bootstrap container: options as flags, the file in the pod -------------------------------------------------
+
+def _parse(args: list[str]) -> BootstrapOptions:
+    parser = argparse.ArgumentParser()
+    envoy.add_option_arguments(parser)
+    return envoy.options_from(parser.parse_args(args))
+
+
+@pytest.mark.parametrize("options", [
+    BootstrapOptions(),
+    BootstrapOptions(mtls_mode="PERMISSIVE", mesh_cidrs=("10.0.0.0/8", "fd00::/8"), trust_domain="corp.example",
+                     log_level="debug", xds_address="istiod.mesh:15012", xds_tls=False, ipv6=False,
+                     inbound_port=16006, cert_dir="/certs"),
+])
+def test_options_survive_the_trip_through_flags(options: BootstrapOptions) -> None:
+    assert _parse(envoy.option_args(options)) == options
+
+
+def test_write_fills_in_the_pod_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    out = tmp_path / "envoy.json"
+    odd = {**POD_VALUES, "POD_NAME": 'we"b\\0'}  # never valid in Kubernetes, but must not break the JSON
+    envoy.write(BootstrapOptions(), out, odd)
+    config = json.loads(out.read_text())
+    assert config["node"]["metadata"]["pod_name"] == 'we"b\\0'
+    assert config["node"]["cluster"] == f"{POD_VALUES['SERVICE_ACCOUNT']}.{POD_VALUES['POD_NAMESPACE']}"
+    assert "$(" not in out.read_text()
+    assert out.stat().st_mode & 0o777 == 0o644  # Envoy runs as another user than whoever wrote it
+    assert [p.name for p in tmp_path.iterdir()] == ["envoy.json"]
+
+
+def test_write_names_the_missing_downward_api_variables(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="lacks POD_IP, SERVICE_ACCOUNT"):
+        envoy.write(BootstrapOptions(), tmp_path / "envoy.json", {"POD_NAME": "web", "POD_NAMESPACE": "shop"})
+    assert not list(tmp_path.iterdir())
+
+
+def test_bootstrap_command_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "envoy.json"
+    assert main(["bootstrap", "--out", str(out), "--mtls-mode", "NOPE"]) == 2
+    assert "mtls_mode 'NOPE' is not one of STRICT, PERMISSIVE" in capsys.readouterr().err
+    for name in POD_VALUES:
+        monkeypatch.delenv(name, raising=False)
+    assert main(["bootstrap", "--out", str(out)]) == 1
+    assert "the injector sets them from the Downward API" in capsys.readouterr().err
+    for name, value in POD_VALUES.items():
+        monkeypatch.setenv(name, value)
+    assert main(["bootstrap", "--out", str(out), "--mesh-cidrs", "10.0.0.0/8"]) == 0
+    assert json.loads(out.read_text()) == json.loads(
+        envoy.expand_pod_variables(envoy.render(BootstrapOptions(mesh_cidrs=("10.0.0.0/8",))), POD_VALUES))

@@ -1,4 +1,4 @@
-"""The injected proxy container's command line, as the kubelet would run it, is accepted by the real Envoy."""
+"""The injected bootstrap container writes a bootstrap that the real Envoy accepts with the proxy's arguments."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import jsonpatch
 import pytest
 
-from tests.dataplane.tools import POD_VALUES, envoy_binary, write_workload_certs
-from webhook import envoy
-from webhook.injection.decision import PROXY_NAME
+from tests.dataplane.tools import envoy_binary, localize, run_bootstrap_container, write_workload_certs
+from webhook.injection.decision import BOOTSTRAP_NAME, PROXY_NAME
 from webhook.injection.patch import plan
 from webhook.injection.settings import CERT_DIR, InjectionSettings
+from webhook.injection.spec import STATE_DIR
 from webhook.workloads import as_workload
 
 
@@ -24,16 +24,14 @@ def test_real_envoy_accepts_the_injected_arguments(tmp_path: Path, annotations: 
     workload = as_workload(pod, "shop")
     assert workload is not None
     injected = jsonpatch.apply_patch(pod, plan(workload, InjectionSettings(), "meshguard").ops)
-    (proxy,) = [c for c in injected["spec"].get("initContainers", []) + injected["spec"]["containers"]
-                if c["name"] == PROXY_NAME]
-    # The kubelet expands $(VAR) from the container's env (all Downward API values here) ...
-    assert {e["name"] for e in proxy["env"]} == set(POD_VALUES)
-    args = [envoy.expand_pod_variables(arg, POD_VALUES) for arg in proxy["args"]]
-    assert not any("$(" in arg for arg in args)
-    # ... and the certificate Secret is mounted at CERT_DIR; here it lives in a temporary directory.
+    containers = {c["name"]: c for c in injected["spec"].get("initContainers", []) + injected["spec"]["containers"]}
+    # The certificate Secret is mounted at CERT_DIR and the shared volume at STATE_DIR; here both are directories.
     certs = write_workload_certs(tmp_path / "ca", tmp_path / "web", "shop", "web")
-    args = [arg.replace(CERT_DIR, str(certs)) for arg in args]
+    paths = {CERT_DIR: str(certs), STATE_DIR: str(tmp_path / "state")}
+    (tmp_path / "state").mkdir()
+    run_bootstrap_container(localize(containers[BOOTSTRAP_NAME]["args"], paths))
+    proxy = containers[PROXY_NAME]
     assert proxy["command"] == ["envoy"]
-    done = subprocess.run([envoy_binary(), "--mode", "validate", *args], capture_output=True, text=True, timeout=120,
-                          check=False)
+    done = subprocess.run([envoy_binary(), "--mode", "validate", *localize(proxy["args"], paths)],
+                          capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -20,6 +20,7 @@ STATUS_ANNOTATION = "meshguard.io/status"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 PROXY_NAME = "meshguard-proxy"
 INIT_NAME = "meshguard-init"
+BOOTSTRAP_NAME = "meshguard-bootstrap"
 NAMESPACE_ENABLED = "enabled"
 POD_ENABLED = "true"
 SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})

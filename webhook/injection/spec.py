@@ -1,15 +1,19 @@
-"""What is injected: the ``meshguard-init`` init container, the ``meshguard-proxy`` sidecar and their volumes.
+"""What is injected: the ``meshguard-init`` and ``meshguard-bootstrap`` init containers, the ``meshguard-proxy``
+sidecar and their volumes.
 
-Nothing here depends on the individual pod: pod identity reaches Envoy through the Downward API (``$(POD_NAME)``
-and friends, expanded by the kubelet in ``args``), so the whole injected spec is a function of the effective
-settings alone and is built once per distinct settings value (in practice: once, plus once per distinct set of
-override annotations). The Envoy bootstrap is rendered once per distinct :class:`~webhook.envoy.BootstrapOptions`.
+Nothing here depends on the individual pod: pod identity reaches the bootstrap through the Downward API
+(``POD_NAME`` and friends, in the environment of ``meshguard-bootstrap``), so the whole injected spec is a
+function of the effective settings alone and is built once per distinct settings value (in practice: once, plus
+once per distinct set of override annotations). The Envoy bootstrap itself is rendered in the pod, by
+``meshguard-bootstrap``, into the volume the proxy reads it from: carried inline it made every injected pod
+object 8 KB larger, a cost the API server paid on every write, watch event and webhook call for the pod.
 The returned dicts are shared: callers serialise them and must not mutate them.
 """
 
 from __future__ import annotations
 
 import functools
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +21,12 @@ import orjson
 
 from .. import __version__, envoy
 from ..admission import Constant
-from .decision import INIT_NAME, PROXY_NAME
+from .decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
 from .settings import CERT_DIR, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, InjectionSettings
 
 STATE_DIR = "/var/run/meshguard"
 STATE_VOLUME = "meshguard-envoy"
+BOOTSTRAP_FILE = posixpath.join(STATE_DIR, "envoy.json")
 CERT_VOLUME = "meshguard-certs"
 # The proxy reports ready only once its listeners are up; kubelet probes it on the readiness port.
 READY_PATH = "/ready"
@@ -65,11 +70,6 @@ class Sidecar:
     containers_back: tuple[dict[str, Any], ...]
     volumes: tuple[dict[str, Any], ...]
     status: str
-
-
-@functools.lru_cache(maxsize=64)
-def _bootstrap(options: envoy.BootstrapOptions) -> str:
-    return envoy.render(options)
 
 
 def netinit_args(settings: InjectionSettings) -> list[str]:
@@ -121,6 +121,36 @@ def init_container(settings: InjectionSettings) -> dict[str, Any]:
     }
 
 
+def _unprivileged(uid: int) -> dict[str, Any]:
+    return {
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "runAsNonRoot": True,
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def bootstrap_container(settings: InjectionSettings) -> dict[str, Any]:
+    """Renders the proxy's Envoy bootstrap for this pod into the shared volume; needs no privilege at all."""
+    return {
+        "name": BOOTSTRAP_NAME,
+        "image": settings.init_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": ["bootstrap", "--out", BOOTSTRAP_FILE, *envoy.option_args(settings.bootstrap_options())],
+        "env": [
+            {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+            for name, path in _DOWNWARD_API
+        ],
+        "resources": _resources(settings),
+        "securityContext": _unprivileged(settings.proxy_uid),
+        "volumeMounts": [{"name": STATE_VOLUME, "mountPath": STATE_DIR}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
 def _ready_probe(period: int, failures: int) -> dict[str, Any]:
     return {"httpGet": {"path": READY_PATH, "port": READINESS_PORT}, "periodSeconds": period, "timeoutSeconds": 3,
             "failureThreshold": failures}
@@ -133,28 +163,16 @@ def proxy_container(settings: InjectionSettings, native: bool, hold: bool) -> di
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["envoy"],
         "args": [
-            "--config-yaml", _bootstrap(settings.bootstrap_options()),
+            "--config-path", BOOTSTRAP_FILE,
             "--log-level", settings.log_level,
             # No shared-memory hot restart: a pod restarts its container instead, and /dev/shm stays unused.
             "--disable-hot-restart",
             "--drain-time-s", str(settings.drain_seconds),
         ],
-        "env": [
-            {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
-            for name, path in _DOWNWARD_API
-        ],
         "ports": [{"name": "meshguard-stats", "containerPort": STATS_PORT, "protocol": "TCP"}],
         "readinessProbe": _ready_probe(period=2, failures=3),
         "resources": _resources(settings),
-        "securityContext": {
-            "runAsUser": settings.proxy_uid,
-            "runAsGroup": settings.proxy_uid,
-            "runAsNonRoot": True,
-            "privileged": False,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": _unprivileged(settings.proxy_uid),
         "volumeMounts": [
             {"name": STATE_VOLUME, "mountPath": STATE_DIR},
             {"name": CERT_VOLUME, "mountPath": CERT_DIR, "readOnly": True},
@@ -191,8 +209,8 @@ def build(settings: InjectionSettings) -> Sidecar:
     hold = not native and settings.hold_application_until_proxy_starts
     # Constants: each is serialised for the wire once, not on every pod creation.
     proxy = Constant(proxy_container(settings, native, hold))
-    init_c = Constant(init_container(settings))
-    init = (init_c, proxy) if native else (init_c,)
+    first = (Constant(init_container(settings)), Constant(bootstrap_container(settings)))
+    init = (*first, proxy) if native else first
     front, back = ((), ()) if native else (((proxy,), ()) if hold else ((), (proxy,)))
     vols = tuple(Constant(v) for v in volumes(settings))
     status = {
