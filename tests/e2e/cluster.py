@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -28,7 +30,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import ROOT, RunningServer, free_port, start_server
+from tests.conftest import ROOT, RunningServer, start_server
 from webhook import certs
 
 RELEASE = "meshguard"
@@ -44,6 +46,30 @@ def binaries() -> Path:
     if out.returncode != 0:
         raise RuntimeError(f"hack/e2e-binaries.sh failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def restartable_port(*taken: int) -> int:
+    """A free loopback port below the kernel's ephemeral range, for a server that is restarted on the same address.
+
+    A port the kernel hands out for binding to port 0 comes from the ephemeral range; while the server is down,
+    one of the many connections the API server and the tests open can take it as its source port, and the
+    restart then fails with "address already in use". Ports below the range are never handed out that way.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(20000, max(low, 20001))
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 @dataclass
@@ -104,7 +130,9 @@ class ControlPlane:
         self.bin = bin_dir
         self.dir = workdir
         self.pki = workdir / "pki"
-        self.etcd_port, self.peer_port, self.api_port = free_port(), free_port(), free_port()
+        self.etcd_port = restartable_port()
+        self.peer_port = restartable_port(self.etcd_port)
+        self.api_port = restartable_port(self.etcd_port, self.peer_port)
         self.kubeconfig = workdir / "kubeconfig"
         self.components: dict[str, Component] = {}
 
@@ -303,7 +331,7 @@ class Meshguard:
         self.workdir = workdir
         self.cert_dir = workdir / "certs"
         certs.generate_serving(self.cert_dir, RELEASE, RELEASE_NAMESPACE, dev=True)
-        self.port = free_port()
+        self.port = restartable_port()
         self.kubeconfig = workdir / "kubeconfig"
         self.server: RunningServer | None = None
         self.runs = 0

@@ -9,7 +9,8 @@ from tests.e2e.objects import injected, pod
 
 def test_throughput_benchmark_runs_and_leaves_meshguard_answering(cluster: ControlPlane, meshguard: Meshguard) -> None:
     namespaces = prepare(cluster)
-    result = measure(cluster, meshguard, namespaces, pods=6, rounds=1, concurrency=2)
+    # 30 pods: meshguard spends under 2 ms of CPU per pod, and the kernel counts CPU time in 10 ms ticks.
+    result = measure(cluster, meshguard, namespaces, pods=30, rounds=1, concurrency=2)
     assert result.failures == 0 and sorted(p.mode for p in result.phases) == sorted(MODES)
     summary = result.summary()
     assert summary["retained_vs_off"] > 0 and summary["cpu_ms_per_pod"]["meshguard"]["webhook"] > 0
