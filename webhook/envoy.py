@@ -10,12 +10,13 @@ Traffic reaches Envoy through the iptables rules of ``meshguard netinit`` (see :
   to the original destination (that pod's inbound listener), everything else passes through untouched. Envoy's
   own connections (netinit's ``--proxy-uid``, 1337) are not captured.
 
-The bootstrap is not carried in the pod spec: it is kilobytes, and the API server would store it, send it to
-every watcher and to the validating webhook for each pod. The injector passes its options as flags to the
-``meshguard-bootstrap`` init container (:func:`option_args`), which renders it into a volume shared with the
-proxy (:func:`write`). Pod identity is not known when the injected spec is built (it is built once, not per pod),
-so the rendered bootstrap names the node with ``$(POD_NAME)``-style references, filled in by :func:`write` from
-the Downward API environment of that container.
+Pod identity is not known when the injected spec is built (it is built once, not per pod), so the bootstrap names
+the node with ``$(POD_NAME)``-style references. By default the bootstrap is inline in the proxy's ``args``
+(``--config-yaml``), where the kubelet expands them. With ``injection.bootstrap: init-container`` the injector
+instead passes the options as flags (:func:`option_args`) to a ``meshguard-bootstrap`` init container, which
+renders the file into a volume shared with the proxy (:func:`write`, filling them in from its Downward API
+environment): the bootstrap is kilobytes, and out of the pod object the API server no longer stores it, sends it
+to every watcher and to the validating webhook for each pod.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.dataplane.tools import envoy_binary, localize, run_bootstrap_container, write_workload_certs
+from webhook import envoy
 from webhook.injection import spec
 from webhook.injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
 from webhook.injection.settings import InjectionSettings
@@ -221,34 +222,39 @@ class Mesh:
     ca_dir: Path  # the mesh CA both pods' certificates come from
 
 
-def injected(settings: InjectionSettings) -> tuple[list[str], list[str], list[str], str]:
-    """The init container's args, the bootstrap container's args, the proxy's command line and the Secret's
-    mount path, as the injector builds them for these settings."""
+def injected(settings: InjectionSettings) -> tuple[list[list[str]], list[str], str]:
+    """The args of each init container meshguard runs (``meshguard-init``, and ``meshguard-bootstrap`` when the
+    bootstrap is rendered in the pod), the proxy's command line and the Secret's mount path, as the injector
+    builds them for these settings."""
     sidecar = spec.build(settings)
     containers = {c["name"]: c for c in (*sidecar.init_containers, *sidecar.containers_front,
                                          *sidecar.containers_back)}
-    init, boot, proxy = containers[INIT_NAME], containers[BOOTSTRAP_NAME], containers[PROXY_NAME]
+    inits = [list(containers[name]["args"]) for name in (INIT_NAME, BOOTSTRAP_NAME) if name in containers]
+    proxy = containers[PROXY_NAME]
     (secret_volume,) = [v["name"] for v in sidecar.volumes if "secret" in v]
     (cert_dir,) = [m["mountPath"] for m in proxy["volumeMounts"] if m["name"] == secret_volume]
-    return list(init["args"]), list(boot["args"]), [*proxy["command"], *proxy["args"]], cert_dir
+    return inits, [*proxy["command"], *proxy["args"]], cert_dir
 
 
 def _start_pod(lab: Lab, pod: Pod, ip: str, settings: InjectionSettings, identity: tuple[str, str],
                ca_dir: Path) -> None:
-    init_args, boot_args, proxy_argv, cert_dir = injected(settings)
-    # The init containers: meshguard's own CLI, run with the injector's arguments.
-    pod.run(sys.executable, "-m", "webhook", *init_args)
+    (netinit_args, *bootstrap_args), proxy_argv, cert_dir = injected(settings)
+    # The init container: meshguard's own CLI, run with the injector's arguments.
+    pod.run(sys.executable, "-m", "webhook", *netinit_args)
     # The workload Secret, mounted where Envoy finds it; 0444 like the injected volume, since Envoy is not root.
     certs = write_workload_certs(ca_dir, lab.workdir / f"{pod.role}-certs", *identity)
     for path in (certs, *certs.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o444)
-    state = lab.workdir / f"{pod.role}-state"  # the emptyDir the bootstrap container and the proxy share
+    state = lab.workdir / f"{pod.role}-state"  # the emptyDir shared by meshguard-bootstrap and the proxy
     state.mkdir()
     paths = {cert_dir: str(certs), spec.STATE_DIR: str(state)}
     namespace, service_account = identity
-    run_bootstrap_container(localize(boot_args, paths), {"POD_NAME": f"{pod.role}-0", "POD_NAMESPACE": namespace,
-                                                         "POD_IP": ip, "SERVICE_ACCOUNT": service_account})
-    argv = localize(proxy_argv, paths)
+    values = {"POD_NAME": f"{pod.role}-0", "POD_NAMESPACE": namespace, "POD_IP": ip,
+              "SERVICE_ACCOUNT": service_account}
+    for args in bootstrap_args:  # meshguard-bootstrap, with the Downward API values in its environment
+        run_bootstrap_container(localize(args, paths), values)
+    # Inline, the kubelet expands the bootstrap's $(VAR) references in the proxy's args.
+    argv = localize([envoy.expand_pod_variables(arg, values) for arg in proxy_argv], paths)
     assert argv[0] == "envoy"
     pod.access_log = lab.workdir / f"{pod.role}-envoy.out"
     pod.start("envoy", envoy_binary(), *argv[1:], uid=PROXY_UID)
@@ -273,8 +279,10 @@ def build_mesh(lab: Lab, mtls_mode: str) -> Mesh:
     lab.plug(client, f"{CLIENT_IP}/24", f"{CLIENT_IP6}/64")
     lab.plug(server, f"{SERVER_IP}/24", f"{SERVER_IP6}/64")
     lab.plug(outside, f"{OUTSIDE_IP}/24", f"{OUTSIDE_EXCLUDED_IP}/24")
-    # One cluster-wide configuration, as the webhook would hold it.
+    # One cluster-wide configuration, as the webhook would hold it. The PERMISSIVE mesh's proxies get their
+    # bootstrap from meshguard-bootstrap, the STRICT mesh's inline: both ways carry the traffic.
     settings = InjectionSettings(
+        bootstrap="init-container" if mtls_mode == "PERMISSIVE" else "inline",
         mtls_mode=mtls_mode,
         mesh_cidrs=MESH_CIDRS,
         exclude_inbound_ports=(BYPASS_PORT,),

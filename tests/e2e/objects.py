@@ -13,7 +13,6 @@ from tests.e2e.cluster import EXEMPT_LABEL, ControlPlane
 MESH = {"meshguard.io/inject": "enabled"}
 EXEMPT = {EXEMPT_LABEL: "true"}
 INIT = "meshguard-init"
-BOOTSTRAP = "meshguard-bootstrap"
 PROXY = "meshguard-proxy"
 STATUS = "meshguard.io/status"
 IMAGE = "registry.example/app:1"  # never pulled: no kubelet runs, admission is all that happens

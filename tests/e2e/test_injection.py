@@ -11,7 +11,6 @@ import yaml
 from tests.conftest import CORPUS
 from tests.e2e.cluster import ControlPlane, Meshguard, wait_for
 from tests.e2e.objects import (
-    BOOTSTRAP,
     EXEMPT,
     INIT,
     MESH,
@@ -61,14 +60,14 @@ def test_online_boutique_deployments_are_admitted_and_their_pods_injected(
         assert meta["generateName"] and meta["name"].startswith(meta["generateName"])
         assert meta["ownerReferences"][0]["kind"] == "ReplicaSet"
         inits = p["spec"]["initContainers"]
-        assert [c["name"] for c in inits[:3]] == [INIT, BOOTSTRAP, PROXY], app
-        assert inits[2]["restartPolicy"] == "Always"  # the native sidecar
+        assert [c["name"] for c in inits[:2]] == [INIT, PROXY], app
+        assert inits[1]["restartPolicy"] == "Always"  # the native sidecar
         assert PROXY not in container_names(p)
         status = json.loads(meta["annotations"][STATUS])
-        assert status["initContainers"] == [INIT, BOOTSTRAP, PROXY] and "meshguard-certs" in status["volumes"], status
+        assert status["initContainers"] == [INIT, PROXY] and "meshguard-certs" in status["volumes"], status
         assert meta["annotations"]["kubectl.kubernetes.io/default-container"] == p["spec"]["containers"][0]["name"]
-    # The app's own init container is kept, after the redirect, the bootstrap and the proxy.
-    assert init_names(by_app["loadgenerator"])[3:] == ["frontend-check"]
+    # The app's own init container is kept, after the redirect and the proxy.
+    assert init_names(by_app["loadgenerator"])[2:] == ["frontend-check"]
 
 
 def test_namespace_without_the_label_gets_no_sidecar(
@@ -111,7 +110,7 @@ def test_an_injected_pod_sent_again_is_left_as_it_is(
     copy.pop("status", None)
     cluster.apply([copy], "-n", ns)
     second = cluster.kubectl_json("get", "pod", "web-copy", "-n", ns)
-    assert init_names(second) == init_names(first) == [INIT, BOOTSTRAP, PROXY]
+    assert init_names(second) == init_names(first) == [INIT, PROXY]
     assert second["spec"]["volumes"] == first["spec"]["volumes"]
     assert second["metadata"]["annotations"][STATUS] == first["metadata"]["annotations"][STATUS]
 
@@ -121,7 +120,7 @@ def test_server_side_dry_run_is_injected_and_stores_nothing(
     ns = make_namespace(MESH)
     cluster.apply([network_policy()], "-n", ns)
     shown = json.loads(cluster.apply([pod("web")], "--dry-run=server", "-n", ns, "-o", "json").stdout)
-    assert init_names(shown) == [INIT, BOOTSTRAP, PROXY]
+    assert init_names(shown) == [INIT, PROXY]
     assert "NotFound" in cluster.kubectl("get", "pod", "web", "-n", ns, check=False).stderr
 
 
@@ -134,4 +133,4 @@ def test_updating_a_deployment_rolls_out_injected_pods(
     cluster.kubectl("label", "deployment", "web", "team=shop", "-n", ns)
     rolled = wait_for("a pod of the new image", lambda: [
         p for p in pods(cluster, ns) if p["spec"]["containers"][0]["image"].endswith(":2")], timeout=120)
-    assert init_names(rolled[0]) == [INIT, BOOTSTRAP, PROXY]
+    assert init_names(rolled[0]) == [INIT, PROXY]

@@ -111,7 +111,7 @@ def test_limits_apply_to_pod_templates_and_are_configurable(server_factory: Any)
 
 
 def test_at_the_limit_is_still_injected(server: RunningServer) -> None:
-    obj = pod(containers=containers(LIMITS.max_containers - 3))  # meshguard adds three: init, bootstrap, proxy
+    obj = pod(containers=containers(LIMITS.max_containers - 2))
     answer = post(server, "/mutate", orjson.dumps(review(obj, namespace="shop"))).json()["response"]
     result = jsonpatch.apply_patch(obj, orjson.loads(base64.b64decode(answer["patch"])))
     assert len(result["spec"]["containers"]) + len(result["spec"]["initContainers"]) == LIMITS.max_containers

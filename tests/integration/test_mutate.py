@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import RunningServer, review
 from tests.fixtures.injection.podcheck import all_containers, pod_spec_problems, uninjected
 from tests.unit.test_injection_overrides import INVALID
-from webhook.injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME, STATUS_ANNOTATION
+from webhook.injection.decision import INIT_NAME, PROXY_NAME, STATUS_ANNOTATION
 
 
 def pod(**meta: Any) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def test_injects_a_controller_pod_and_second_pass_is_a_no_op(server: RunningServ
     body = review(original, namespace="shop")
     response = mutate(server, body)
     result = applied(original, response)
-    assert names(result["spec"]["initContainers"]) == [INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME]
+    assert names(result["spec"]["initContainers"]) == [INIT_NAME, PROXY_NAME]
     assert names(result["spec"]["containers"]) == ["web"]
     assert pod_spec_problems(result["spec"]) == []
     assert uninjected(result, original) == original
@@ -183,7 +183,7 @@ def test_classic_mode_by_config(server_factory: Any) -> None:
                                                "proxy_image": "mirror.local/envoy:v1.31.2"}})
     original = pod()
     result = applied(original, mutate(srv, review(original, namespace="shop")))
-    assert names(result["spec"]["initContainers"]) == [INIT_NAME, BOOTSTRAP_NAME]
+    assert names(result["spec"]["initContainers"]) == [INIT_NAME]
     assert names(result["spec"]["containers"]) == [PROXY_NAME, "web"]
     assert result["spec"]["containers"][0]["image"] == "mirror.local/envoy:v1.31.2"
     assert "postStart" in result["spec"]["containers"][0]["lifecycle"]

@@ -1,4 +1,5 @@
-"""The injected bootstrap container writes a bootstrap that the real Envoy accepts with the proxy's arguments."""
+"""The injected proxy's command line, as the kubelet would run it, is accepted by the real Envoy: with the
+bootstrap inline in its arguments, or written by the injected ``meshguard-bootstrap`` container."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import jsonpatch
 import pytest
 
-from tests.dataplane.tools import envoy_binary, localize, run_bootstrap_container, write_workload_certs
+from tests.dataplane.tools import POD_VALUES, envoy_binary, localize, run_bootstrap_container, write_workload_certs
+from webhook import envoy
 from webhook.injection.decision import BOOTSTRAP_NAME, PROXY_NAME
 from webhook.injection.patch import plan
 from webhook.injection.settings import CERT_DIR, InjectionSettings
@@ -16,22 +18,32 @@ from webhook.injection.spec import STATE_DIR
 from webhook.workloads import as_workload
 
 
+@pytest.mark.parametrize("bootstrap", ["inline", "init-container"])
 @pytest.mark.parametrize("annotations", [{}, {"meshguard.io/log-level": "debug"},
                                          {"meshguard.io/native-sidecar": "false"}])
-def test_real_envoy_accepts_the_injected_arguments(tmp_path: Path, annotations: dict[str, str]) -> None:
+def test_real_envoy_accepts_the_injected_arguments(tmp_path: Path, annotations: dict[str, str],
+                                                   bootstrap: str) -> None:
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-7d4b9", "annotations": annotations},
            "spec": {"serviceAccountName": "web", "containers": [{"name": "web", "image": "shop/web:1"}]}}
     workload = as_workload(pod, "shop")
     assert workload is not None
-    injected = jsonpatch.apply_patch(pod, plan(workload, InjectionSettings(), "meshguard").ops)
+    settings = InjectionSettings(bootstrap=bootstrap)  # type: ignore[arg-type]
+    injected = jsonpatch.apply_patch(pod, plan(workload, settings, "meshguard").ops)
     containers = {c["name"]: c for c in injected["spec"].get("initContainers", []) + injected["spec"]["containers"]}
+    proxy = containers[PROXY_NAME]
+    assert proxy["command"] == ["envoy"]
     # The certificate Secret is mounted at CERT_DIR and the shared volume at STATE_DIR; here both are directories.
     certs = write_workload_certs(tmp_path / "ca", tmp_path / "web", "shop", "web")
     paths = {CERT_DIR: str(certs), STATE_DIR: str(tmp_path / "state")}
     (tmp_path / "state").mkdir()
-    run_bootstrap_container(localize(containers[BOOTSTRAP_NAME]["args"], paths))
-    proxy = containers[PROXY_NAME]
-    assert proxy["command"] == ["envoy"]
-    done = subprocess.run([envoy_binary(), "--mode", "validate", *localize(proxy["args"], paths)],
+    if bootstrap == "inline":
+        # The kubelet expands $(VAR) from the container's env (all Downward API values here).
+        assert {e["name"] for e in proxy["env"]} == set(POD_VALUES)
+        args = [envoy.expand_pod_variables(arg, POD_VALUES) for arg in proxy["args"]]
+        assert not any("$(" in arg for arg in args) and BOOTSTRAP_NAME not in containers
+    else:
+        run_bootstrap_container(localize(containers[BOOTSTRAP_NAME]["args"], paths))
+        args = proxy["args"]
+    done = subprocess.run([envoy_binary(), "--mode", "validate", *localize(args, paths)],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import CORPUS, ROOT
 from webhook.cli import main
-from webhook.injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME, STATUS_ANNOTATION
+from webhook.injection.decision import INIT_NAME, PROXY_NAME, STATUS_ANNOTATION
 from webhook.workloads import TEMPLATE_PATHS, as_workload
 
 CONTAINERS = {"containers": [{"name": "app", "image": "app:1"}]}
@@ -57,7 +57,7 @@ def test_every_controller_kind_and_nothing_else(tmp_path: Path, capsys: pytest.C
     result = list(yaml.safe_load_all(out))
     assert [o["kind"] for o in result] == [*TEMPLATE_PATHS, "Service"]
     for obj in result[:-1]:
-        assert proxy_names(obj) == [INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME], obj["kind"]
+        assert proxy_names(obj) == [INIT_NAME, PROXY_NAME], obj["kind"]
         assert STATUS_ANNOTATION in as_workload(obj).annotations  # type: ignore[union-attr]
     assert result[-1] == service
     assert "&id" not in out  # each manifest gets its own copy, not a YAML alias of a shared one
@@ -71,7 +71,7 @@ def test_json_list_in_json_out_and_second_pass_is_a_no_op(tmp_path: Path,
     code, out, _ = run(capsys, "-f", str(source), "-o", "json")
     assert code == 0
     items = orjson.loads(out)["items"]
-    assert [proxy_names(o) for o in items] == [[INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME]] * 2
+    assert [proxy_names(o) for o in items] == [[INIT_NAME, PROXY_NAME]] * 2
     again = tmp_path / "again.json"
     again.write_text(out)
     code, out2, err = run(capsys, "-f", str(again), "-o", "json")
@@ -89,7 +89,7 @@ def test_directory_and_skips_reported_on_stderr(tmp_path: Path, capsys: pytest.C
     assert code == 0
     first, second = yaml.safe_load_all(out)
     assert first == opted_out
-    assert proxy_names(second) == [INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME]
+    assert proxy_names(second) == [INIT_NAME, PROXY_NAME]
     assert err == ("meshguard: left Deployment shop/deployment unchanged: "
                    "the pod opted out with the label meshguard.io/inject=false\n")
 
@@ -142,6 +142,5 @@ def test_stdin_through_the_installed_command() -> None:
     assert done.returncode == 0, done.stderr
     objects = list(yaml.safe_load_all(done.stdout))
     deployments = [o for o in objects if o["kind"] == "Deployment"]
-    assert len(deployments) == 6 and all(proxy_names(d)[:3] == [INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME]
-                                        for d in deployments)
+    assert len(deployments) == 6 and all(proxy_names(d)[:2] == [INIT_NAME, PROXY_NAME] for d in deployments)
     assert len(objects) == len([o for o in yaml.safe_load_all(source) if o])

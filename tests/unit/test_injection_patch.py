@@ -73,25 +73,24 @@ def flag(args: list[str], name: str) -> str | None:
 
 PLACEMENT = [
     # (case, pod, settings, initContainers after, containers after)
-    ("native default", pod(), DEFAULTS, [INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME], ["app"]),
+    ("native default", pod(), DEFAULTS, [INIT_NAME, PROXY_NAME], ["app"]),
     ("native keeps app init containers after the proxy",
-     pod(initContainers=[{"name": "migrate", "image": "m"}]), DEFAULTS,
-     [INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME, "migrate"], ["app"]),
-    ("classic by config", pod(), CLASSIC, [INIT_NAME, BOOTSTRAP_NAME], ["app", PROXY_NAME]),
+     pod(initContainers=[{"name": "migrate", "image": "m"}]), DEFAULTS, [INIT_NAME, PROXY_NAME, "migrate"], ["app"]),
+    ("classic by config", pod(), CLASSIC, [INIT_NAME], ["app", PROXY_NAME]),
     ("classic by annotation", pod(annotations={"meshguard.io/native-sidecar": "false"}), DEFAULTS,
-     [INIT_NAME, BOOTSTRAP_NAME], ["app", PROXY_NAME]),
+     [INIT_NAME], ["app", PROXY_NAME]),
     ("native by annotation over classic config", pod(annotations={"meshguard.io/native-sidecar": "true"}), CLASSIC,
-     [INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME], ["app"]),
+     [INIT_NAME, PROXY_NAME], ["app"]),
     ("classic with existing init containers", pod(initContainers=[{"name": "a", "image": "a"}]), CLASSIC,
-     [INIT_NAME, BOOTSTRAP_NAME, "a"], ["app", PROXY_NAME]),
+     [INIT_NAME, "a"], ["app", PROXY_NAME]),
     ("hold puts the proxy first", pod(annotations={"meshguard.io/hold-application-until-proxy-starts": "true"}),
-     CLASSIC, [INIT_NAME, BOOTSTRAP_NAME], [PROXY_NAME, "app"]),
+     CLASSIC, [INIT_NAME], [PROXY_NAME, "app"]),
     ("hold by config", pod(), InjectionSettings(native_sidecar=False, hold_application_until_proxy_starts=True),
-     [INIT_NAME, BOOTSTRAP_NAME], [PROXY_NAME, "app"]),
+     [INIT_NAME], [PROXY_NAME, "app"]),
     ("hold is moot in native mode", pod(annotations={"meshguard.io/hold-application-until-proxy-starts": "true"}),
-     DEFAULTS, [INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME], ["app"]),
+     DEFAULTS, [INIT_NAME, PROXY_NAME], ["app"]),
     ("two app containers, classic", pod(containers=[{"name": "a", "image": "a"}, {"name": "b", "image": "b"}]),
-     CLASSIC, [INIT_NAME, BOOTSTRAP_NAME], ["a", "b", PROXY_NAME]),
+     CLASSIC, [INIT_NAME], ["a", "b", PROXY_NAME]),
 ]
 
 
@@ -163,7 +162,7 @@ def test_template_without_spec_gets_one() -> None:
     ops = patch_ops(template, build(CLASSIC))
     result = jsonpatch.apply_patch(template, ops)
     assert names(result["spec"]["containers"]) == [PROXY_NAME]
-    assert names(result["spec"]["initContainers"]) == [INIT_NAME, BOOTSTRAP_NAME]
+    assert names(result["spec"]["initContainers"]) == [INIT_NAME]
     assert "kubectl.kubernetes.io/default-container" not in result["metadata"]["annotations"]
 
 
@@ -192,7 +191,7 @@ def test_unknown_fields_managed_fields_and_other_webhooks_containers_are_preserv
     assert not any("managedFields" in op["path"] or op["path"].split("/")[1] == "status" for op in ops)
     result = inject(obj)
     assert result["spec"]["futureSpecField"] == {"enabled": True}
-    assert result["spec"]["initContainers"][3]["futureField"] == {"x": 1}
+    assert result["spec"]["initContainers"][2]["futureField"] == {"x": 1}
     assert result["metadata"]["managedFields"] == obj["metadata"]["managedFields"]
 
 
@@ -206,7 +205,7 @@ def test_patch_applies_to_controller_templates_at_their_pointer() -> None:
     assert all(op["path"].startswith("/spec/jobTemplate/spec/template/") for op in ops)
     result = jsonpatch.apply_patch(cronjob, ops)
     template = result["spec"]["jobTemplate"]["spec"]["template"]
-    assert names(template["spec"]["initContainers"]) == [INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME]
+    assert names(template["spec"]["initContainers"]) == [INIT_NAME, PROXY_NAME]
     assert STATUS_ANNOTATION in template["metadata"]["annotations"]
 
 
@@ -226,31 +225,15 @@ def test_init_container_args_and_security_context() -> None:
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
 
 
-def test_bootstrap_container() -> None:
-    """It renders the bootstrap into the volume the proxy reads it from, unprivileged, from the settings' options."""
-    injected = inject(pod())
-    boot = next(c for c in injected["spec"]["initContainers"] if c["name"] == BOOTSTRAP_NAME)
-    assert boot["image"] == DEFAULTS.init_image
-    assert boot["args"][:3] == ["bootstrap", "--out", BOOTSTRAP_FILE]
-    parser = argparse.ArgumentParser()
-    envoy.add_option_arguments(parser)
-    assert envoy.options_from(parser.parse_args(boot["args"][3:])) == DEFAULTS.bootstrap_options()
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in boot["env"]}
-    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP",
-                   "SERVICE_ACCOUNT": "spec.serviceAccountName"}
-    sc = boot["securityContext"]
-    assert (sc["runAsUser"], sc["runAsNonRoot"], sc["capabilities"]) == (1337, True, {"drop": ["ALL"]})
-    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
-    proxy = proxy_of(injected)
-    shared = {m["name"] for m in boot["volumeMounts"]} & {m["name"] for m in proxy["volumeMounts"]}
-    assert shared == {"meshguard-envoy"}
-
-
 def test_proxy_container() -> None:
     proxy = proxy_of(inject(pod()))
     assert proxy["image"] == DEFAULTS.proxy_image
-    assert proxy["command"] == ["envoy"] and flag(proxy["args"], "--config-path") == BOOTSTRAP_FILE
-    assert "env" not in proxy  # the pod's identity is in the rendered bootstrap
+    args = proxy["args"]
+    expected = envoy.render(envoy.BootstrapOptions())
+    assert flag(args, "--config-yaml") == expected
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in proxy["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP",
+                   "SERVICE_ACCOUNT": "spec.serviceAccountName"}
     assert [p["containerPort"] for p in proxy["ports"]] == [15090]
     sc = proxy["securityContext"]
     assert (sc["runAsUser"], sc["runAsGroup"], sc["runAsNonRoot"]) == (1337, 1337, True)
@@ -260,6 +243,49 @@ def test_proxy_container() -> None:
     assert proxy["lifecycle"]["preStop"] == {"sleep": {"seconds": DEFAULTS.drain_seconds}}
     mounts = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}
     assert mounts["meshguard-certs"] == envoy.BootstrapOptions().cert_dir
+
+
+BOOTSTRAP_IN_POD = InjectionSettings(bootstrap="init-container")
+
+
+@pytest.mark.parametrize(("settings", "inits", "containers"), [
+    (BOOTSTRAP_IN_POD, [INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME], ["app"]),
+    (InjectionSettings(bootstrap="init-container", native_sidecar=False), [INIT_NAME, BOOTSTRAP_NAME],
+     ["app", PROXY_NAME]),
+])
+def test_bootstrap_init_container_placement(settings: InjectionSettings, inits: list[str],
+                                            containers: list[str]) -> None:
+    result = inject(pod(), settings)
+    assert names(result["spec"]["initContainers"]) == inits
+    assert names(result["spec"]["containers"]) == containers
+    assert pod_spec_problems(result["spec"]) == []
+
+
+def test_bootstrap_init_container() -> None:
+    """It renders the bootstrap into the volume the proxy reads it from, unprivileged, from the settings' options;
+    the proxy's arguments then name the file instead of carrying the bootstrap."""
+    settings = InjectionSettings(bootstrap="init-container", mtls_mode="PERMISSIVE", mesh_cidrs=("10.0.0.0/8",))
+    injected = inject(pod(annotations={"meshguard.io/log-level": "debug"}), settings)
+    boot = next(c for c in injected["spec"]["initContainers"] if c["name"] == BOOTSTRAP_NAME)
+    assert boot["image"] == settings.init_image
+    assert boot["args"][:3] == ["bootstrap", "--out", BOOTSTRAP_FILE]
+    parser = argparse.ArgumentParser()
+    envoy.add_option_arguments(parser)
+    expected = envoy.BootstrapOptions(mtls_mode="PERMISSIVE", mesh_cidrs=("10.0.0.0/8",), log_level="debug")
+    assert envoy.options_from(parser.parse_args(boot["args"][3:])) == expected
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in boot["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP",
+                   "SERVICE_ACCOUNT": "spec.serviceAccountName"}
+    sc = boot["securityContext"]
+    assert (sc["runAsUser"], sc["runAsNonRoot"], sc["capabilities"]) == (1337, True, {"drop": ["ALL"]})
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    proxy = proxy_of(injected)
+    assert flag(proxy["args"], "--config-path") == BOOTSTRAP_FILE and "--config-yaml" not in proxy["args"]
+    assert "env" not in proxy  # the pod's identity is in the rendered file
+    shared = {m["name"] for m in boot["volumeMounts"]} & {m["name"] for m in proxy["volumeMounts"]}
+    assert shared == {"meshguard-envoy"}
+    # The point of it: the pod object carries kilobytes less.
+    assert len(orjson.dumps(injected)) < len(orjson.dumps(inject(pod()))) - 5000
 
 
 def test_volumes() -> None:
@@ -303,12 +329,10 @@ def test_override(name: str, value: str, read: Any, expected: Any) -> None:
     assert read(inject(pod(annotations={f"meshguard.io/{name}": value}))) == expected
 
 
-def test_mtls_mode_and_log_level_reach_the_bootstrap_options() -> None:
-    injected = inject(pod(annotations={"meshguard.io/log-level": "debug"}),
-                      InjectionSettings(mtls_mode="PERMISSIVE", mesh_cidrs=("10.0.0.0/8",)))
-    boot = next(c for c in injected["spec"]["initContainers"] if c["name"] == BOOTSTRAP_NAME)
-    assert (flag(boot["args"], "--log-level"), flag(boot["args"], "--mtls-mode")) == ("debug", "PERMISSIVE")
-    assert flag(boot["args"], "--mesh-cidrs") == "10.0.0.0/8"
+def test_log_level_override_reaches_the_bootstrap() -> None:
+    proxy = proxy_of(inject(pod(annotations={"meshguard.io/log-level": "debug"})))
+    expected = envoy.render(envoy.BootstrapOptions(log_level="debug"))
+    assert flag(proxy["args"], "--config-yaml") == expected
 
 
 def test_specs_are_built_once_per_distinct_settings() -> None:

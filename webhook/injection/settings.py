@@ -59,6 +59,10 @@ class InjectionSettings(_Section):
     trust_domain: str = "cluster.local"
     # ADS server host:port for dynamic configuration; None runs Envoy from its static bootstrap.
     xds_address: str | None = None
+    # How the proxy gets its Envoy bootstrap. inline: in its arguments (--config-yaml), no extra container.
+    # init-container: rendered in the pod by a meshguard-bootstrap init container into the shared volume; the
+    # pod object is then about 7 KB smaller, which the API server pays for on every write, watch and webhook call.
+    bootstrap: Literal["inline", "init-container"] = "inline"
     # How long the proxy keeps serving after the pod is told to stop (preStop), so in-flight requests finish.
     drain_seconds: int = Field(5, ge=0, le=3600)
     # Namespaces never injected in addition to kube-system, kube-public, kube-node-lease and meshguard's own.

@@ -1,13 +1,12 @@
-"""What is injected: the ``meshguard-init`` and ``meshguard-bootstrap`` init containers, the ``meshguard-proxy``
-sidecar and their volumes.
+"""What is injected: the ``meshguard-init`` init container, the ``meshguard-proxy`` sidecar, their volumes, and
+with ``bootstrap: init-container`` the ``meshguard-bootstrap`` init container.
 
 Nothing here depends on the individual pod: pod identity reaches the bootstrap through the Downward API
-(``POD_NAME`` and friends, in the environment of ``meshguard-bootstrap``), so the whole injected spec is a
-function of the effective settings alone and is built once per distinct settings value (in practice: once, plus
-once per distinct set of override annotations). The Envoy bootstrap itself is rendered in the pod, by
-``meshguard-bootstrap``, into the volume the proxy reads it from: carried inline it made every injected pod
-object 8 KB larger, a cost the API server paid on every write, watch event and webhook call for the pod.
-The returned dicts are shared: callers serialise them and must not mutate them.
+(``$(POD_NAME)`` and friends, expanded by the kubelet in the proxy's ``args``, or read from the environment by
+``meshguard-bootstrap``), so the whole injected spec is a function of the effective settings alone and is built
+once per distinct settings value (in practice: once, plus once per distinct set of override annotations). An
+inline bootstrap is rendered once per distinct :class:`~webhook.envoy.BootstrapOptions`. The returned dicts are
+shared: callers serialise them and must not mutate them.
 """
 
 from __future__ import annotations
@@ -121,6 +120,16 @@ def init_container(settings: InjectionSettings) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=64)
+def _bootstrap(options: envoy.BootstrapOptions) -> str:
+    return envoy.render(options)
+
+
+def _downward_env() -> list[dict[str, Any]]:
+    return [{"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+            for name, path in _DOWNWARD_API]
+
+
 def _unprivileged(uid: int) -> dict[str, Any]:
     return {
         "runAsUser": uid,
@@ -140,10 +149,7 @@ def bootstrap_container(settings: InjectionSettings) -> dict[str, Any]:
         "image": settings.init_image,
         "imagePullPolicy": settings.image_pull_policy,
         "args": ["bootstrap", "--out", BOOTSTRAP_FILE, *envoy.option_args(settings.bootstrap_options())],
-        "env": [
-            {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
-            for name, path in _DOWNWARD_API
-        ],
+        "env": _downward_env(),
         "resources": _resources(settings),
         "securityContext": _unprivileged(settings.proxy_uid),
         "volumeMounts": [{"name": STATE_VOLUME, "mountPath": STATE_DIR}],
@@ -157,18 +163,23 @@ def _ready_probe(period: int, failures: int) -> dict[str, Any]:
 
 
 def proxy_container(settings: InjectionSettings, native: bool, hold: bool) -> dict[str, Any]:
+    inline = settings.bootstrap == "inline"
+    config = (["--config-yaml", _bootstrap(settings.bootstrap_options())] if inline
+              else ["--config-path", BOOTSTRAP_FILE])
     container: dict[str, Any] = {
         "name": PROXY_NAME,
         "image": settings.proxy_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["envoy"],
         "args": [
-            "--config-path", BOOTSTRAP_FILE,
+            *config,
             "--log-level", settings.log_level,
             # No shared-memory hot restart: a pod restarts its container instead, and /dev/shm stays unused.
             "--disable-hot-restart",
             "--drain-time-s", str(settings.drain_seconds),
         ],
+        # Inline, the kubelet expands the bootstrap's $(POD_NAME)... from these; else meshguard-bootstrap reads them.
+        **({"env": _downward_env()} if inline else {}),
         "ports": [{"name": "meshguard-stats", "containerPort": STATS_PORT, "protocol": "TCP"}],
         "readinessProbe": _ready_probe(period=2, failures=3),
         "resources": _resources(settings),
@@ -209,7 +220,9 @@ def build(settings: InjectionSettings) -> Sidecar:
     hold = not native and settings.hold_application_until_proxy_starts
     # Constants: each is serialised for the wire once, not on every pod creation.
     proxy = Constant(proxy_container(settings, native, hold))
-    first = (Constant(init_container(settings)), Constant(bootstrap_container(settings)))
+    first: tuple[Constant, ...] = (Constant(init_container(settings)),)
+    if settings.bootstrap == "init-container":
+        first += (Constant(bootstrap_container(settings)),)
     init = (*first, proxy) if native else first
     front, back = ((), ()) if native else (((proxy,), ()) if hold else ((), (proxy,)))
     vols = tuple(Constant(v) for v in volumes(settings))
