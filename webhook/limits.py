@@ -9,7 +9,7 @@ way around policy.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from .admission import AdmissionRequest, AdmissionResponse, denied
@@ -18,6 +18,9 @@ from .server import Handler
 from .workloads import Workload, as_workload
 
 OVER_LIMIT = "over-limit"
+# A webhook's handler, given the request's object already read as a workload (None when it is not one): the
+# workload is built once per request, here, and every layer after the limit check reuses it.
+WorkloadHandler = Callable[[AdmissionRequest, Workload | None], Awaitable[AdmissionResponse]]
 CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 
 
@@ -50,8 +53,9 @@ def problem(workload: Workload, limits: LimitSettings) -> str | None:
     return None
 
 
-def within_limits(handler: Handler, limits: LimitSettings) -> Handler:
-    """``handler``, but a workload over a limit is denied (code 400) without being looked at further."""
+def within_limits(handler: WorkloadHandler, limits: LimitSettings) -> Handler:
+    """The server's handler: reads the request's object as a workload, denies it (code 400) without looking
+    further when it is over a limit, else passes it to ``handler``."""
 
     async def handle(request: AdmissionRequest) -> AdmissionResponse:
         obj = request.object
@@ -59,6 +63,6 @@ def within_limits(handler: Handler, limits: LimitSettings) -> Handler:
         found = problem(workload, limits) if workload is not None else None
         if found is not None:
             return denied(found, reason=OVER_LIMIT, code=400)
-        return await handler(request)
+        return await handler(request, workload)
 
     return handle

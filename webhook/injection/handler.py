@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied, patched
 from ..config import Settings
+from ..limits import WorkloadHandler
 from ..metrics import Metrics, Series
-from ..server import Handler
-from ..workloads import as_workload
+from ..workloads import Workload
 from .overrides import OverrideError
 from .patch import NameConflict, plan
 
@@ -20,17 +20,12 @@ INVALID_OVERRIDE = "invalid-override"
 NAME_CONFLICT = "name-conflict"
 
 
-def mutate_handler(settings: Settings, metrics: Metrics) -> Handler:
+def mutate_handler(settings: Settings, metrics: Metrics) -> WorkloadHandler:
     injection, own_namespace = settings.injection, settings.namespace
 
-    def respond(request: AdmissionRequest) -> tuple[str, AdmissionResponse]:
-        obj = request.object
-        workload = (
-            as_workload(obj, request.namespace)
-            if obj is not None and request.operation == "CREATE" and request.kind == "Pod" and request.group == ""
-            else None
-        )
-        if workload is None or workload.kind != "Pod":
+    def respond(request: AdmissionRequest, workload: Workload | None) -> tuple[str, AdmissionResponse]:
+        pod_create = request.operation == "CREATE" and request.kind == "Pod" and request.group == ""
+        if not pod_create or workload is None or workload.kind != "Pod":
             return "skipped", allowed(reason=NOT_A_POD_CREATE)
         try:
             outcome = plan(workload, injection, own_namespace)
@@ -44,8 +39,8 @@ def mutate_handler(settings: Settings, metrics: Metrics) -> Handler:
 
     injections = Series(metrics.injections)
 
-    async def handle(request: AdmissionRequest) -> AdmissionResponse:
-        result, response = respond(request)
+    async def handle(request: AdmissionRequest, workload: Workload | None) -> AdmissionResponse:
+        result, response = respond(request, workload)
         injections(result, response.reason).inc()
         return response
 

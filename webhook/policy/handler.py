@@ -22,8 +22,8 @@ from typing import Any
 from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied
 from ..config import Settings
 from ..injection.decision import INJECT_KEY
+from ..limits import WorkloadHandler
 from ..metrics import Metrics, Series
-from ..server import Handler
 from ..state.store import Store
 from ..workloads import Workload, as_workload
 from .engine import NETWORK_POLICY, ORDERING_HINT, Engine, Evaluation, RuleResult
@@ -53,15 +53,14 @@ def _deleting(obj: Mapping[str, Any]) -> bool:
     return isinstance(meta, Mapping) and bool(meta.get("deletionTimestamp"))
 
 
-def build_handler(settings: Settings, store: Store, metrics: Metrics) -> Handler:
+def build_handler(settings: Settings, store: Store, metrics: Metrics) -> WorkloadHandler:
     engine = Engine(settings)
     results = Series(metrics.policy_results)
 
-    async def handle(request: AdmissionRequest) -> AdmissionResponse:
+    async def handle(request: AdmissionRequest, workload: Workload | None) -> AdmissionResponse:
         obj = request.object
         if request.operation not in ("CREATE", "UPDATE") or obj is None:
             return allowed(reason="not-checked")
-        workload = as_workload(obj, request.namespace)
         if workload is None or request.kind != workload.kind or GROUPS[workload.kind] != request.group:
             return allowed(reason="not-a-workload")
         cap: Action = "enforce"

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from ..admission import AdmissionRequest, AdmissionResponse
 from ..config import Settings
 from ..injection.decision import decide, selected_for_mesh
+from ..limits import WorkloadHandler
 from ..metrics import Metrics
-from ..server import Handler
-from ..workloads import Workload, as_workload
+from ..workloads import Workload
 from .engine import Snapshot, proxy_container_present
 
 log = logging.getLogger("meshguard.policy")
@@ -48,17 +48,16 @@ def unmeshed_reason(pod: Workload, namespace_labels: Mapping[str, str], settings
     return "status-without-proxy" if decision.reason == "already-injected" else None
 
 
-def report_unmeshed(handler: Handler, state: Snapshot, settings: Settings, metrics: Metrics) -> Handler:
+def report_unmeshed(handler: WorkloadHandler, state: Snapshot, settings: Settings,
+                    metrics: Metrics) -> WorkloadHandler:
     """``handler`` (``/validate``), counting and logging each Pod CREATE it admits that :func:`unmeshed_reason`
     finds. Dry runs admit nothing and are not counted."""
 
-    async def handle(request: AdmissionRequest) -> AdmissionResponse:
-        response = await handler(request)
-        obj = request.object
-        if (not response.allowed or request.dry_run or obj is None or request.operation != "CREATE"
+    async def handle(request: AdmissionRequest, pod: Workload | None) -> AdmissionResponse:
+        response = await handler(request, pod)
+        if (not response.allowed or request.dry_run or request.object is None or request.operation != "CREATE"
                 or request.kind != "Pod" or request.group != ""):
             return response
-        pod = as_workload(obj, request.namespace)
         if pod is None or pod.kind != "Pod":
             return response
         reason = unmeshed_reason(pod, state.namespace_labels(pod.namespace), settings)
