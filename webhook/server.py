@@ -39,7 +39,7 @@ from .admission import (
 from .config import Settings
 from .connections import guarded_protocol
 from .logs import EventLog
-from .metrics import Metrics, Series, kind_label, operation_label
+from .metrics import Metrics, kind_label, operation_label
 from .tls import CertificateReloader
 
 log = logging.getLogger("meshguard.admission")
@@ -85,9 +85,6 @@ class AdmissionApp:
     def __init__(self, webhooks: Mapping[str, Webhook], metrics: Metrics, max_body_bytes: int) -> None:
         self._routes = {f"/{name}": (name, hook) for name, hook in webhooks.items()}
         self._metrics = metrics
-        self._requests = Series(metrics.requests)
-        self._durations = Series(metrics.duration)
-        self._body_bytes = Series(metrics.body_bytes)
         self._max_body = max_body_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -140,7 +137,7 @@ class AdmissionApp:
     async def admit(self, name: str, hook: Webhook, body: bytes) -> tuple[int, bytes]:
         """Decode, decide, encode. Returns (HTTP status, body). Never raises."""
         start = time.perf_counter()
-        self._body_bytes(name).observe(len(body))
+        self._metrics.body_bytes.labels(name).observe(len(body))
         try:
             uid, raw = parse_envelope(body)
         except ReviewError as exc:
@@ -175,8 +172,8 @@ class AdmissionApp:
         operation = request.operation if request else "unknown"
         decision = _decision(response)
         labels = (name, kind_label(kind), operation_label(operation), decision)
-        self._requests(*labels).inc()
-        self._durations(*labels).observe(seconds)
+        self._metrics.requests.labels(*labels).inc()
+        self._metrics.duration.labels(*labels).observe(seconds)
         if not _events.enabled():
             return
         fields = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied, patched
 from ..config import Settings
 from ..limits import WorkloadHandler
-from ..metrics import Metrics, Series
+from ..metrics import Metrics
 from ..workloads import Workload
 from .overrides import OverrideError
 from .patch import NameConflict, plan
@@ -37,11 +37,11 @@ def mutate_handler(settings: Settings, metrics: Metrics) -> WorkloadHandler:
             return "skipped", allowed(reason=outcome.decision.reason)
         return "injected", patched(outcome.ops, reason="injected")
 
-    injections = Series(metrics.injections)
+    injections = metrics.injections
 
     async def handle(request: AdmissionRequest, workload: Workload | None) -> AdmissionResponse:
         result, response = respond(request, workload)
-        injections(result, response.reason).inc()
+        injections.labels(result, response.reason).inc()
         return response
 
     return handle

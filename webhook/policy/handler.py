@@ -23,7 +23,7 @@ from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied
 from ..config import Settings
 from ..injection.decision import INJECT_KEY
 from ..limits import WorkloadHandler
-from ..metrics import Metrics, Series
+from ..metrics import LoopCounter, Metrics
 from ..state.store import Store
 from ..workloads import Workload, as_workload
 from .engine import NETWORK_POLICY, ORDERING_HINT, Engine, Evaluation, RuleResult
@@ -55,7 +55,6 @@ def _deleting(obj: Mapping[str, Any]) -> bool:
 
 def build_handler(settings: Settings, store: Store, metrics: Metrics) -> WorkloadHandler:
     engine = Engine(settings)
-    results = Series(metrics.policy_results)
 
     async def handle(request: AdmissionRequest, workload: Workload | None) -> AdmissionResponse:
         obj = request.object
@@ -74,7 +73,7 @@ def build_handler(settings: Settings, store: Store, metrics: Metrics) -> Workloa
             if not fresh:
                 cap, notes = "warn", (UNCONFIRMED,)
             evaluation = engine.evaluate(workload, store, cap)
-        return _respond(evaluation, results, notes)
+        return _respond(evaluation, metrics.policy_results, notes)
 
     return handle
 
@@ -83,11 +82,11 @@ def _denial_line(result: RuleResult) -> str:
     return result.message + (ORDERING_HINT if result.rule == NETWORK_POLICY else "")
 
 
-def _respond(evaluation: Evaluation, results: Series, notes: tuple[str, ...]) -> AdmissionResponse:
+def _respond(evaluation: Evaluation, results: LoopCounter, notes: tuple[str, ...]) -> AdmissionResponse:
     if evaluation.exempt:
         return replace(allowed(reason="exempt"), details={"exempt": evaluation.exempt})
     for result in evaluation.results:
-        results(result.rule, result.action, "pass" if result.passed else "fail").inc()
+        results.labels(result.rule, result.action, "pass" if result.passed else "fail").inc()
     warnings = (*(r.warning for r in evaluation.failing("warn")), *notes)
     enforced = evaluation.failing("enforce")
     if enforced:
