@@ -66,14 +66,18 @@ class EventLog:
         self._level_name = logging.getLevelName(level).lower()
         self._buffer = bytearray()
         self._scheduled = False
+        self._second, self._stamp = -1, ""
 
     def enabled(self) -> bool:
         return self._logger.isEnabledFor(self._level)
 
     def write(self, message: str, fields: dict[str, object]) -> None:
         now = time.time()
+        second = int(now)
+        if second != self._second:  # formatting the date and time costs more than the rest of the line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
+            "ts": f"{self._stamp}.{int((now - second) * 1000):03d}Z",
             "level": self._level_name,
             "logger": self._logger.name,
             "msg": message,

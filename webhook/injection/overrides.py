@@ -65,6 +65,8 @@ def apply_overrides(settings: InjectionSettings, annotations: Mapping[str, str])
 
     A pod without overrides (the common case) gets ``settings`` itself back, so caches keyed on it keep hitting.
     """
+    if not any(key.startswith(PREFIX) for key in annotations):
+        return settings  # the common case, on every pod creation: no meshguard annotation at all
     update: dict[str, Any] = {}
     problems: list[str] = []
     for name, (field, parse, accepted) in _OVERRIDES.items():
