@@ -40,8 +40,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     reloader = CertificateReloader(TLSSettings(cert_dir=args.cert_dir))
+    # The same uvicorn settings as meshguard's admission listener (webhook.server), so only the app differs.
     uvicorn.run(app, host="127.0.0.1", port=args.port, lifespan="off", access_log=False, log_level="warning",
-                server_header=False, ssl_context_factory=lambda _config, _default: reloader.context)
+                server_header=False, proxy_headers=False,
+                ssl_context_factory=lambda _config, _default: reloader.context)
 
 
 if __name__ == "__main__":

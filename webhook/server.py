@@ -260,9 +260,11 @@ class _AdmissionServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self._loop.call_later, self._delay, super().handle_exit, sig, frame)
 
 
-# Both listeners: no ASGI lifespan, no access log (the admission line replaces it), logging left to logs.py.
+# Both listeners: no ASGI lifespan, no access log (the admission line replaces it), logging left to logs.py, and
+# no X-Forwarded-* handling: the API server and Prometheus connect directly, so the headers could only be spoofed
+# (uvicorn trusts them from loopback by default), and reading them is work on every request.
 _UVICORN_DEFAULTS: dict[str, Any] = {"lifespan": "off", "access_log": False, "log_config": None,
-                                     "server_header": False}
+                                     "server_header": False, "proxy_headers": False}
 
 
 async def run(
