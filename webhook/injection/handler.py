@@ -37,11 +37,9 @@ def mutate_handler(settings: Settings, metrics: Metrics) -> WorkloadHandler:
             return "skipped", allowed(reason=outcome.decision.reason)
         return "injected", patched(outcome.ops, reason="injected")
 
-    injections = metrics.injections
-
     async def handle(request: AdmissionRequest, workload: Workload | None) -> AdmissionResponse:
         result, response = respond(request, workload)
-        injections.labels(result, response.reason).inc()
+        metrics.injections.labels(result, response.reason).inc()
         return response
 
     return handle
