@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -186,12 +187,25 @@ class Result:
         }
 
 
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (Go and Python servers run many) onto ``cpus``; threads started later inherit it."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
 def _phase(cluster: ControlPlane, modes: Modes, mode: str, namespace: str, pod: dict[str, Any], count: int,
-           concurrency: int) -> Phase:
+           concurrency: int, webhook_cpu: int | None = None) -> Phase:
     modes.switch(mode)
     pids = {name: c.process.pid for name, c in cluster.components.items() if c.process is not None}
     pids["client"] = os.getpid()
     server = modes.server_pid()
+    if webhook_cpu is not None:  # the webhook on a core of its own, as on a cluster where it runs on other nodes
+        others = set(range(os.cpu_count() or 1)) - {webhook_cpu}
+        for pid in pids.values():
+            _pin(pid, others)
+        if server:
+            _pin(server, {webhook_cpu})
     before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
     webhook_before = _cpu_seconds(server) if server else 0.0
     batch = create_pods(cluster, namespace, pod, count, concurrency)
@@ -205,16 +219,17 @@ def _phase(cluster: ControlPlane, modes: Modes, mode: str, namespace: str, pod: 
 
 
 def measure(cluster: ControlPlane, meshguard: Meshguard, namespaces: tuple[str, str, str], pods: int, rounds: int,
-            concurrency: int) -> Result:
+            concurrency: int, webhook_cpu: int | None = None) -> Result:
     """``rounds`` rounds of every mode, ``pods`` creations each, in ``namespaces[0]`` (mesh, covered by a
-    NetworkPolicy); ``namespaces[1:]`` are the probes of :class:`Modes`. Leaves meshguard answering."""
+    NetworkPolicy); ``namespaces[1:]`` are the probes of :class:`Modes`. Leaves meshguard answering. With
+    ``webhook_cpu``, the webhook server runs alone on that CPU and everything else on the others."""
     pod = boutique_pod()
     modes = Modes(cluster, meshguard, *namespaces[1:])
     phases: list[Phase] = []
     try:
         for index in range(rounds):
             for mode in MODES[index % len(MODES):] + MODES[:index % len(MODES)]:
-                phases.append(_phase(cluster, modes, mode, namespaces[0], pod, pods, concurrency))
+                phases.append(_phase(cluster, modes, mode, namespaces[0], pod, pods, concurrency, webhook_cpu))
     finally:
         modes.restore()
     return Result(pods, concurrency, phases)
@@ -237,6 +252,8 @@ def main() -> None:
     parser.add_argument("--pods", type=int, default=300, help="pod creations per phase")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the three modes")
     parser.add_argument("--concurrency", type=int, default=8, help="parallel clients")
+    parser.add_argument("--webhook-cpu", type=int, help="run the webhook server alone on this CPU, the rest on the "
+                        "others (the webhook's CPU is then not taken from the API server's, as on a cluster)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshguard-e2e-bench-") as tmp:
         cluster = ControlPlane(binaries(), Path(tmp) / "cluster")
@@ -246,7 +263,8 @@ def main() -> None:
             mg.install()
             mg.start()
             try:
-                result = measure(cluster, mg, prepare(cluster), args.pods, args.rounds, args.concurrency)
+                result = measure(cluster, mg, prepare(cluster), args.pods, args.rounds, args.concurrency,
+                                 args.webhook_cpu)
             finally:
                 mg.stop()
         finally:
@@ -254,7 +272,8 @@ def main() -> None:
     summary = result.summary()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"e2e-throughput-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps({**summary, "phases": [asdict(p) for p in result.phases]}, indent=1))
+    phases = [asdict(p) for p in result.phases]
+    out.write_text(json.dumps({**summary, "webhook_cpu": args.webhook_cpu, "phases": phases}, indent=1))
     print(json.dumps(summary, indent=1))
     for phase in result.phases:
         print(f"{phase.mode:>9}: {phase.rate:6.1f} pods/s")

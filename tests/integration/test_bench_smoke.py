@@ -36,3 +36,23 @@ def test_soak_smoke_run_holds_its_rate_without_failures() -> None:
     # The driver must keep up, or the soak measures its backlog instead of the server.
     achieved = re.search(r"at ([\d.]+) req/s \(asked 100\)", run.stdout)
     assert achieved and float(achieved.group(1)) > 85, run.stdout
+
+
+def test_e2e_benchmark_pins_every_thread_of_a_process() -> None:
+    """``--webhook-cpu`` relies on it: a server's threads all move, not just its main thread."""
+    from bench.e2e_throughput import _pin
+
+    script = "import threading, time\nfor _ in range(3): threading.Thread(target=time.sleep, args=(30,)).start()\n" \
+             "print('ready', flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        _pin(child.pid, {0})
+        tasks = list(Path(f"/proc/{child.pid}/task").iterdir())
+        assert len(tasks) == 4
+        for task in tasks:
+            allowed = re.search(r"Cpus_allowed_list:\s*(\S+)", (task / "status").read_text())
+            assert allowed and allowed.group(1) == "0", task
+    finally:
+        child.kill()
+        child.wait()
