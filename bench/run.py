@@ -1,6 +1,6 @@
 """Throughput and latency of meshguard's admission endpoints against a no-op floor, driven by wrk over HTTPS.
 
-    python -m bench.run                 # full run (about 2 minutes)
+    python -m bench.run                 # full run (about 4 minutes: 3 rounds of 6 cases of 10 s)
     python -m bench.run --quick         # a few seconds per case: keeps the harness working in CI
 
 Each case runs wrk twice against a server started here: sequentially (1 connection) for latency, and at
@@ -8,6 +8,10 @@ saturation (16 connections) for throughput. The server is one process with one u
 targets; wrk runs with one thread on the other core. Results go to ``bench/results/<timestamp>.json`` and a
 table is printed. CPU seconds used by the server and by wrk are reported for every case, so it is visible
 which side was saturated.
+
+On a shared machine the speed of everything drifts by tens of percent within minutes, so the cases run in
+``--rounds`` rounds (each in a rotated order): a ratio is taken between the floor and meshguard measured in
+the same round, and the reported figures are medians over the rounds.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +60,7 @@ end
 
 @dataclass
 class Case:
+    round: int
     name: str
     target: str
     path: str
@@ -167,18 +173,36 @@ def run_wrk(url: str, body: Path, lua: Path, connections: int, seconds: float) -
     return json.loads(match.group(1)), usage.ru_utime + usage.ru_stime
 
 
-def measure(name: str, server: Server, path: str, body: Path, lua: Path, connections: int, seconds: float) -> Case:
+def measure(round_: int, name: str, server: Server, path: str, body: Path, lua: Path, connections: int,
+            seconds: float) -> Case:
     before = _cpu_seconds(server.process.pid)
     result, wrk_cpu = run_wrk(f"https://127.0.0.1:{server.port}{path}", body, lua, connections, seconds)
     server_cpu = _cpu_seconds(server.process.pid) - before
     duration = result["duration_us"] / 1e6
     return Case(
-        name=name, target=server.name, path=path, connections=connections,
+        round=round_, name=name, target=server.name, path=path, connections=connections,
         requests_per_s=round(result["requests"] / duration, 1),
         p50_ms=result["p50_us"] / 1000, p90_ms=result["p90_us"] / 1000, p99_ms=result["p99_us"] / 1000,
         max_ms=result["max_us"] / 1000, errors=result["errors"] + result["non2xx"],
         server_cpu_s=round(server_cpu, 2), wrk_cpu_s=round(wrk_cpu, 2),
     )
+
+
+def medians(cases: list[Case]) -> dict[str, dict[str, float]]:
+    """Per case and connection count (``mutate c16``): the median over the rounds of rate and latencies."""
+    groups: dict[str, list[Case]] = {}
+    for case in cases:
+        groups.setdefault(f"{case.name} c{case.connections}", []).append(case)
+    fields = ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms")
+    return {key: {f: round(statistics.median(getattr(c, f) for c in group), 3) for f in fields}
+            for key, group in groups.items()}
+
+
+def ratio(cases: list[Case], name: str) -> float:
+    """Median over the rounds of ``name``'s saturation rate divided by the floor's in the same round."""
+    saturated = {(c.round, c.name): c.requests_per_s for c in cases if c.connections == 16}
+    rounds = sorted({r for r, _ in saturated})
+    return round(statistics.median(saturated[r, name] / saturated[r, "noop"] for r in rounds), 3)
 
 
 def check_answer(url: str, body: Path, ca: Path, expect: str) -> None:
@@ -193,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 s per case (harness smoke test)")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every case (--quick: 1)")
     parser.add_argument("--out", type=Path, help="result file (default bench/results/<timestamp>.json)")
     args = parser.parse_args(argv)
     seconds = 1.0 if args.quick else args.seconds
+    rounds = 1 if args.quick else args.rounds
     work = Path(tempfile.mkdtemp(prefix="meshguard-bench-"))
     cert_dir = work / "certs"
     certs.generate_serving(cert_dir, "meshguard", "meshguard", dev=True)
@@ -233,29 +259,35 @@ def main(argv: list[str] | None = None) -> int:
             ("mutate", meshguard, "/mutate", "mutate"),
             ("validate", meshguard, "/validate", "validate"),
         ]
-        for name, server, path, body in plan:
-            for connections in (1, 16):
-                case = measure(name, server, path, work / f"{body}.json", lua, connections, seconds)
-                cases.append(case)
-                print(f"{case.name:9} c={connections:<3} {case.requests_per_s:9.0f} req/s  p50 {case.p50_ms:.3f} ms"
-                      f"  p99 {case.p99_ms:.3f} ms  max {case.max_ms:.2f} ms  errors {case.errors}"
-                      f"  cpu server {case.server_cpu_s} s / wrk {case.wrk_cpu_s} s", flush=True)
+        for index in range(rounds):
+            for name, server, path, body in plan[index % len(plan):] + plan[:index % len(plan)]:
+                for connections in (1, 16):
+                    case = measure(index, name, server, path, work / f"{body}.json", lua, connections, seconds)
+                    cases.append(case)
+                    print(f"{index} {case.name:9} c={connections:<3} {case.requests_per_s:9.0f} req/s"
+                          f"  p50 {case.p50_ms:.3f} ms  p99 {case.p99_ms:.3f} ms  max {case.max_ms:.2f} ms"
+                          f"  errors {case.errors}  cpu server {case.server_cpu_s} s / wrk {case.wrk_cpu_s} s",
+                          flush=True)
         rss = _rss_mb(meshguard.process.pid)
     finally:
         noop.stop()
         meshguard.stop()
-    saturated = {c.name: c.requests_per_s for c in cases if c.connections == 16}
     summary = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "seconds_per_case": seconds,
+        "rounds": rounds,
         "cases": [asdict(c) for c in cases],
-        "mutate_to_noop_ratio": round(saturated["mutate"] / saturated["noop"], 3),
-        "validate_to_noop_ratio": round(saturated["validate"] / saturated["noop"], 3),
+        "medians": medians(cases),
+        **{f"{name}_to_noop_ratio": ratio(cases, name) for name in ("mutate", "validate")},
         "meshguard_rss_mb": round(rss, 1),
     }
+    for key, median in summary["medians"].items():
+        print(f"median {key:12} {median['requests_per_s']:9.0f} req/s  p50 {median['p50_ms']:.3f} ms"
+              f"  p99 {median['p99_ms']:.3f} ms")
     print(f"mutate/noop throughput ratio {summary['mutate_to_noop_ratio']}, "
-          f"validate/noop {summary['validate_to_noop_ratio']}, meshguard RSS {summary['meshguard_rss_mb']} MB")
+          f"validate/noop {summary['validate_to_noop_ratio']} (medians of the rounds' ratios), "
+          f"meshguard RSS {summary['meshguard_rss_mb']} MB")
     out = args.out or RESULTS / f"{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -25,6 +25,20 @@ def test_bench_quick_run_produces_a_result(tmp_path: Path) -> None:
     assert set(cases) == {(n, c) for n in ("noop", "mutate", "validate") for c in (1, 16)}
     assert all(c["errors"] == 0 and c["requests_per_s"] > 0 for c in cases.values())
     assert result["mutate_to_noop_ratio"] > 0 and result["meshguard_rss_mb"] > 0
+    assert set(result["medians"]) == {f"{n} c{c}" for n in ("noop", "mutate", "validate") for c in (1, 16)}
+
+
+def test_bench_ratio_pairs_cases_of_the_same_round() -> None:
+    """On a drifting machine only a floor and a meshguard figure measured side by side make a ratio."""
+    from bench.run import Case, medians, ratio
+
+    def case(round_: int, name: str, rate: float) -> Case:
+        return Case(round_, name, "server", "/", 16, rate, 1.0, 1.0, 1.0, 1.0, 0, 1.0, 1.0)
+
+    rates = [(100, 50), (200, 120), (150, 60)]  # per round: floor, mutate -> ratios 0.5, 0.6, 0.4
+    cases = [c for r, (floor, mutate) in enumerate(rates) for c in (case(r, "noop", floor), case(r, "mutate", mutate))]
+    assert ratio(cases, "mutate") == 0.5  # the ratio of the medians would say 60 / 150 = 0.4
+    assert medians(cases)["noop c16"]["requests_per_s"] == 150
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)")
