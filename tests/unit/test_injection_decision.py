@@ -9,6 +9,7 @@ import pytest
 
 from webhook.injection.decision import MESSAGES, PROXY_NAME, STATUS_ANNOTATION, decide, selected_for_mesh
 from webhook.injection.settings import InjectionSettings
+from webhook.workloads import Workload
 
 SETTINGS = InjectionSettings(exclude_namespaces=("legacy",))
 
@@ -55,7 +56,7 @@ CASES = [
 
 @pytest.mark.parametrize(("pod", "namespace", "inject", "reason"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_decide(pod: dict[str, Any], namespace: str, inject: bool, reason: str) -> None:
-    decision = decide(pod, namespace, SETTINGS, "mesh-system")
+    decision = decide(Workload("Pod", namespace, "", pod, pod, ""), SETTINGS, "mesh-system")
     assert (decision.inject, decision.reason) == (inject, reason)
     assert decision.message == MESSAGES[reason] and decision.message
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..workloads import annotations_of, labels_of
+from ..workloads import Workload
 from .settings import InjectionSettings
 
 INJECT_KEY = "meshguard.io/inject"
@@ -51,29 +51,26 @@ def _opts_out(value: str | None) -> bool:
     return value is not None and value.strip().lower() == "false"
 
 
-def has_proxy(pod: Mapping[str, Any]) -> bool:
-    """The status annotation or a container named ``meshguard-proxy`` (native or classic) is present."""
-    if STATUS_ANNOTATION in annotations_of(pod):
-        return True
-    spec = pod.get("spec")
-    if not isinstance(spec, dict):
-        return False
-    for key in ("initContainers", "containers"):
-        containers = spec.get(key)
-        if isinstance(containers, list) and any(
-            isinstance(c, dict) and c.get("name") == PROXY_NAME for c in containers
-        ):
-            return True
-    return False
+def proxy_container_present(template: Mapping[str, Any]) -> bool:
+    """A ``meshguard-proxy`` container or init container (native or classic sidecar) is in the pod spec."""
+    spec = template.get("spec")
+    spec = spec if isinstance(spec, Mapping) else {}
+    return any(
+        isinstance(c, Mapping) and c.get("name") == PROXY_NAME
+        for key in ("containers", "initContainers")
+        for c in (spec.get(key) if isinstance(spec.get(key), list) else ())
+    )
 
 
-def decide(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings, own_namespace: str) -> Decision:
-    """Decide for a Pod or a PodTemplateSpec (``{metadata, spec}``) that lives in ``namespace``.
+def decide(workload: Workload, settings: InjectionSettings, own_namespace: str) -> Decision:
+    """Decide for a Pod or pod controller, through its pod template and its namespace.
 
-    "Already injected" comes first because it is a fact about the pod, not a choice: whatever else applies, the
-    proxy is there. The pod label wins over the annotation, as the issue's users expect from Istio.
+    "Already injected" (the status annotation or the proxy container) comes first because it is a fact about the
+    pod, not a choice: whatever else applies, the proxy is there. The pod label wins over the annotation, as the
+    issue's users expect from Istio.
     """
-    if has_proxy(pod):
+    pod, namespace = workload.template, workload.namespace
+    if STATUS_ANNOTATION in workload.annotations or proxy_container_present(pod):
         return Decision(False, "already-injected")
     if namespace in SYSTEM_NAMESPACES:
         return Decision(False, "system-namespace")
@@ -81,10 +78,10 @@ def decide(pod: Mapping[str, Any], namespace: str, settings: InjectionSettings, 
         return Decision(False, "own-namespace")
     if namespace in settings.exclude_namespaces:
         return Decision(False, "excluded-namespace")
-    label = labels_of(pod).get(INJECT_KEY)
+    label = workload.labels.get(INJECT_KEY)
     if _opts_out(label):
         return Decision(False, "opt-out-label")
-    if label is None and _opts_out(annotations_of(pod).get(INJECT_KEY)):
+    if label is None and _opts_out(workload.annotations.get(INJECT_KEY)):
         return Decision(False, "opt-out-annotation")
     spec = pod.get("spec")
     if isinstance(spec, dict) and spec.get("hostNetwork") is True:

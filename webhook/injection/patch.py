@@ -84,7 +84,7 @@ def plan(workload: Workload, settings: InjectionSettings, own_namespace: str) ->
     """Decide and, when injecting, build the patch for ``workload.obj``. The server and ``meshguard inject`` both
     call this. Raises :class:`~webhook.injection.overrides.OverrideError` for an invalid override annotation and
     :class:`NameConflict` when the pod already uses a name injection adds."""
-    decision = decide(workload.template, workload.namespace, settings, own_namespace)
+    decision = decide(workload, settings, own_namespace)
     if not decision.inject:
         return Outcome(decision, [])
     sidecar = build(apply_overrides(settings, workload.annotations))

@@ -10,10 +10,17 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..config import Settings
-from ..injection.decision import INJECT_KEY, NAMESPACE_ENABLED, PROXY_NAME, decide, selected_for_mesh
+from ..injection.decision import (
+    INJECT_KEY,
+    NAMESPACE_ENABLED,
+    PROXY_NAME,
+    decide,
+    proxy_container_present,
+    selected_for_mesh,
+)
 from ..workloads import Workload, controller_owner
 from .mtls import STRICT, PeerAuthentication, resolve
 from .networkpolicy import NetworkPolicy, coverage
@@ -81,18 +88,6 @@ class Evaluation:
 
 def least_strict(a: Action, b: Action) -> Action:
     return a if ACTIONS.index(a) <= ACTIONS.index(b) else b
-
-
-def proxy_container_present(template: Mapping[str, Any]) -> bool:
-    """A ``meshguard-proxy`` container or init container is in the pod spec. The status annotation alone does
-    not count: a workload could write it itself, and only the container carries mTLS."""
-    spec = template.get("spec")
-    spec = spec if isinstance(spec, Mapping) else {}
-    return any(
-        isinstance(c, Mapping) and c.get("name") == PROXY_NAME
-        for key in ("containers", "initContainers")
-        for c in (spec.get(key) if isinstance(spec.get(key), list) else ())
-    )
 
 
 class Engine:
@@ -192,15 +187,15 @@ class Engine:
 
     def _why_no_sidecar(self, workload: Workload, ns_labels: Mapping[str, str]) -> tuple[str, str] | None:
         """None when the pods will carry the proxy, else (why not, the fix). A Pod is judged by its containers:
-        validation runs after mutation, so an injected Pod already has them."""
-        template = workload.template
-        if proxy_container_present(template):
+        validation runs after mutation, so an injected Pod already has them. The status annotation alone does not
+        count: a workload could write it itself, and only the container carries mTLS."""
+        if proxy_container_present(workload.template):
             return None
         ns = workload.namespace
         label_ns = f"label namespace {ns} {INJECT_KEY}={NAMESPACE_ENABLED}"
         if not selected_for_mesh(ns_labels, workload.labels):
             return f"namespace {ns} is not labeled {INJECT_KEY}={NAMESPACE_ENABLED}", label_ns
-        decision = decide(template, ns, self._settings.injection, self._settings.namespace)
+        decision = decide(workload, self._settings.injection, self._settings.namespace)
         if decision.reason in ("opt-out-label", "opt-out-annotation"):
             return decision.message, f"remove the {INJECT_KEY} opt-out"
         if decision.reason == "already-injected":

@@ -17,11 +17,11 @@ from collections.abc import Mapping
 
 from ..admission import AdmissionRequest, AdmissionResponse
 from ..config import Settings
-from ..injection.decision import decide, selected_for_mesh
+from ..injection.decision import decide, proxy_container_present, selected_for_mesh
 from ..limits import WorkloadHandler
 from ..metrics import Metrics
 from ..workloads import Workload
-from .engine import Snapshot, proxy_container_present
+from .engine import Snapshot
 
 log = logging.getLogger("meshguard.policy")
 
@@ -42,7 +42,7 @@ def unmeshed_reason(pod: Workload, namespace_labels: Mapping[str, str], settings
     """
     if proxy_container_present(pod.template) or not selected_for_mesh(namespace_labels, pod.labels):
         return None
-    decision = decide(pod.template, pod.namespace, settings.injection, settings.namespace)
+    decision = decide(pod, settings.injection, settings.namespace)
     if decision.inject:
         return "not-injected"
     return "status-without-proxy" if decision.reason == "already-injected" else None
