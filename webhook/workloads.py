@@ -7,8 +7,7 @@ Kubernetes has no common interface for "the pod a controller will create": a Dep
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 # kind -> path from the object to its PodTemplateSpec ({metadata, spec}); a Pod is its own template.
@@ -25,7 +24,7 @@ TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
 WORKLOAD_KINDS = frozenset(TEMPLATE_PATHS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Workload:
     """A Pod or pod controller, seen through its pod template.
 
@@ -39,15 +38,14 @@ class Workload:
     obj: dict[str, Any]
     template: dict[str, Any]
     pointer: str
+    # Read several times per admission (decision, selectors, exemptions, messages) by both webhooks: computed
+    # once, when the workload is built. (functools.cached_property takes a lock on every first read.)
+    labels: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    annotations: Mapping[str, str] = field(init=False, repr=False, compare=False)
 
-    # Read several times per admission (selectors, exemptions, messages): computed once per workload.
-    @cached_property
-    def labels(self) -> Mapping[str, str]:
-        return labels_of(self.template)
-
-    @cached_property
-    def annotations(self) -> Mapping[str, str]:
-        return annotations_of(self.template)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", labels_of(self.template))
+        object.__setattr__(self, "annotations", annotations_of(self.template))
 
     @property
     def pod_spec(self) -> dict[str, Any]:

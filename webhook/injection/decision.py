@@ -54,9 +54,9 @@ def _opts_out(value: str | None) -> bool:
 def proxy_container_present(template: Mapping[str, Any]) -> bool:
     """A ``meshguard-proxy`` container or init container (native or classic sidecar) is in the pod spec."""
     spec = template.get("spec")
-    spec = spec if isinstance(spec, Mapping) else {}
+    spec = spec if isinstance(spec, dict) else {}
     return any(
-        isinstance(c, Mapping) and c.get("name") == PROXY_NAME
+        isinstance(c, dict) and c.get("name") == PROXY_NAME
         for key in ("containers", "initContainers")
         for c in (spec.get(key) if isinstance(spec.get(key), list) else ())
     )
