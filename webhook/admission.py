@@ -193,9 +193,12 @@ class Constant(dict[str, Any]):
 def _constants(value: Any) -> list[Constant] | None:
     if isinstance(value, Constant):
         return [value]
-    if isinstance(value, list) and value and all(isinstance(item, Constant) for item in value):
-        return value
-    return None
+    if not isinstance(value, list) or not value:
+        return None
+    for item in value:  # a loop, not all() over a generator: this runs for every operation of every patch
+        if not isinstance(item, Constant):
+            return None
+    return value
 
 
 def encode_patch(ops: list[dict[str, Any]]) -> bytes:
@@ -238,9 +241,6 @@ def encode_patch(ops: list[dict[str, Any]]) -> bytes:
 def encode_response(uid: str, response: AdmissionResponse) -> bytes:
     """Serialise the AdmissionReview answer the API server expects."""
     body: dict[str, Any] = {"uid": uid, "allowed": response.allowed}
-    if response.patch:
-        body["patchType"] = "JSONPatch"
-        body["patch"] = encode_patch(response.patch).decode("ascii")
     if response.warnings:
         body["warnings"] = list(response.warnings)
     if not response.allowed or response.message:
@@ -248,7 +248,12 @@ def encode_response(uid: str, response: AdmissionResponse) -> bytes:
         if not response.allowed:
             status["code"] = response.code or 403
         body["status"] = status
-    return orjson.dumps({"apiVersion": API_VERSION, "kind": KIND, "response": body})
+    review = orjson.dumps({"apiVersion": API_VERSION, "kind": KIND, "response": body})
+    if not response.patch:
+        return review
+    # The patch goes in as bytes, before the closing braces of response and review: base64 needs no JSON
+    # escaping, and passing its kilobytes through a str and the serialiser again cost a tenth of the encoding.
+    return b"".join((review[:-2], b',"patchType":"JSONPatch","patch":"', encode_patch(response.patch), b'"}}'))
 
 
 def encode_error(status: int, message: str) -> bytes:

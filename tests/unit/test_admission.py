@@ -91,6 +91,23 @@ def test_spliced_patch_encoding_decodes_to_the_same_patch(ops: list[dict]) -> No
     assert b"=" not in encoded.rstrip(b"=")
 
 
+@given(ops=op_lists().filter(bool), uid=st.text(min_size=1, max_size=8),
+       warnings=st.lists(st.text(max_size=20), max_size=2), message=st.none() | st.text(max_size=20))
+@settings(max_examples=200)
+def test_patch_spliced_into_the_review_keeps_every_other_field(
+    ops: list[dict], uid: str, warnings: list[str], message: str | None
+) -> None:
+    response = admission.AdmissionResponse(allowed=True, patch=ops, warnings=tuple(warnings), message=message)
+    resp = _decode(admission.encode_response(uid, response))
+    expected = {"uid": uid, "allowed": True, "patchType": "JSONPatch", "patch": resp["patch"]}
+    if warnings:
+        expected["warnings"] = warnings
+    if message:
+        expected["status"] = {"message": message}
+    assert resp == expected
+    assert orjson.loads(base64.b64decode(resp["patch"], validate=True)) == orjson.loads(orjson.dumps(ops))
+
+
 def test_a_constant_is_encoded_once_and_copies_are_plain_dicts() -> None:
     import copy
 
