@@ -127,8 +127,8 @@ class Server:
         self.log = log
         self.process = subprocess.Popen(argv, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
-    def wait(self, ca: Path) -> None:
-        deadline = time.monotonic() + 120
+    def wait(self, ca: Path, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-2000:]}")
@@ -213,6 +213,49 @@ def check_answer(url: str, body: Path, ca: Path, expect: str) -> None:
         raise RuntimeError(f"{url} answered {got} ({data}), expected {expect}")
 
 
+@dataclass
+class Setup:
+    """What every benchmark here needs: a work directory with certificates, the wrk script, the request bodies
+    (``<work>/mutate.json``, ``<work>/validate.json``) and a state directory, and a way to start both servers."""
+
+    work: Path
+    ca: Path
+    lua: Path
+
+    @classmethod
+    def create(cls, namespaces: int, policies: int) -> Setup:
+        work = Path(tempfile.mkdtemp(prefix="meshguard-bench-"))
+        certs.generate_serving(work / "certs", "meshguard", "meshguard", dev=True)
+        lua = work / "post.lua"
+        lua.write_text(LUA)
+        bodies = {
+            "mutate": review(boutique_pod(), namespace="ns-0042"),
+            "validate": review(boutique_deployment(), namespace="ns-0042"),
+        }
+        for name, data in bodies.items():
+            (work / f"{name}.json").write_bytes(orjson.dumps(data))
+        (work / "state").mkdir()
+        write_state(work / "state" / "cluster.yaml", namespaces=namespaces, policies=policies)
+        return cls(work, work / "certs" / certs.CA_CERT, lua)
+
+    def noop(self, wrapper: tuple[str, ...] = ()) -> Server:
+        """Start the no-op floor; ``wrapper`` prefixes the command (a profiler, valgrind)."""
+        port = free_port()
+        return Server("noop", [*wrapper, sys.executable, "-m", "bench.noop", "--cert-dir", str(self.work / "certs"),
+                               "--port", str(port)], port, None, self.work / "noop.log")
+
+    def meshguard(self, wrapper: tuple[str, ...] = ()) -> Server:
+        """Start meshguard with the state directory; ``wrapper`` prefixes the command."""
+        port, health = free_port(), free_port()
+        config = self.work / "config.yaml"
+        config.write_text(yaml.safe_dump({"server": {"host": "127.0.0.1", "port": port, "health_host": "127.0.0.1",
+                                                     "health_port": health},
+                                          "tls": {"cert_dir": str(self.work / "certs")}}))
+        argv = [*wrapper, sys.executable, "-m", "webhook", "serve", "--dev", "--config", str(config),
+                "--state", str(self.work / "state")]
+        return Server("meshguard", argv, port, health, self.work / "meshguard.log")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 s per case (harness smoke test)")
@@ -222,32 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seconds = 1.0 if args.quick else args.seconds
     rounds = 1 if args.quick else args.rounds
-    work = Path(tempfile.mkdtemp(prefix="meshguard-bench-"))
-    cert_dir = work / "certs"
-    certs.generate_serving(cert_dir, "meshguard", "meshguard", dev=True)
-    ca = cert_dir / certs.CA_CERT
-    lua = work / "post.lua"
-    lua.write_text(LUA)
-    bodies = {
-        "mutate": review(boutique_pod(), namespace="ns-0042"),
-        "validate": review(boutique_deployment(), namespace="ns-0042"),
-    }
-    for name, data in bodies.items():
-        (work / f"{name}.json").write_bytes(orjson.dumps(data))
-    state = work / "state"
-    state.mkdir()
-    write_state(state / "cluster.yaml", namespaces=100 if args.quick else 1000,
-                policies=1000 if args.quick else 10000)
-
-    noop_port = free_port()
-    port, health = free_port(), free_port()
-    config = work / "config.yaml"
-    config.write_text(yaml.safe_dump({"server": {"host": "127.0.0.1", "port": port, "health_host": "127.0.0.1",
-                                                 "health_port": health}, "tls": {"cert_dir": str(cert_dir)}}))
-    noop = Server("noop", [sys.executable, "-m", "bench.noop", "--cert-dir", str(cert_dir), "--port", str(noop_port)],
-                  noop_port, None, work / "noop.log")
-    meshguard = Server("meshguard", [sys.executable, "-m", "webhook", "serve", "--dev", "--config", str(config),
-                                     "--state", str(state)], port, health, work / "meshguard.log")
+    setup = Setup.create(namespaces=100 if args.quick else 1000, policies=1000 if args.quick else 10000)
+    work, ca, lua = setup.work, setup.ca, setup.lua
+    noop, meshguard = setup.noop(), setup.meshguard()
+    port = meshguard.port
     cases: list[Case] = []
     try:
         noop.wait(ca)

@@ -28,6 +28,24 @@ def test_bench_quick_run_produces_a_result(tmp_path: Path) -> None:
     assert set(result["medians"]) == {f"{n} c{c}" for n in ("noop", "mutate", "validate") for c in (1, 16)}
 
 
+@pytest.mark.skipif(shutil.which("wrk") is None or shutil.which("valgrind") is None,
+                    reason="wrk or valgrind is not installed (.ci/run installs them)")
+def test_instruction_count_quick_run_counts_the_server(tmp_path: Path) -> None:
+    out = tmp_path / "instructions.json"
+    run = subprocess.run([sys.executable, "-m", "bench.instructions", "--quick", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    per_request = {case: c["instructions_per_request"] for case, c in result["cases"].items()}
+    assert set(per_request) == {"noop", "mutate", "validate"}
+    assert all(c["requests"] > 0 for c in result["cases"].values())
+    # Counted in the right process and only while requests ran: meshguard does everything the floor does and
+    # more, and a request costs tens of thousands of instructions at the very least, not the whole start-up.
+    assert 20_000 < per_request["noop"] < per_request["mutate"] < 20_000_000, per_request
+    assert per_request["noop"] < per_request["validate"] < 20_000_000, per_request
+    assert 0 < result["mutate_to_noop_ratio"] < 1
+
+
 def test_bench_ratio_pairs_cases_of_the_same_round() -> None:
     """On a drifting machine only a floor and a meshguard figure measured side by side make a ratio."""
     from bench.run import Case, medians, ratio
