@@ -14,13 +14,17 @@ import pytest
 from tests.conftest import ROOT
 
 
+def _quick_run(module: str, out: Path, timeout: float) -> dict:
+    """Run ``python -m <module> --quick --out <out>``, which must succeed, and return the result it wrote."""
+    run = subprocess.run([sys.executable, "-m", module, "--quick", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return json.loads(out.read_text())
+
+
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)")
 def test_bench_quick_run_produces_a_result(tmp_path: Path) -> None:
-    out = tmp_path / "result.json"
-    run = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    result = json.loads(out.read_text())
+    result = _quick_run("bench.run", tmp_path / "result.json", timeout=300)
     cases = {(c["name"], c["connections"]): c for c in result["cases"]}
     assert set(cases) == {(n, c) for n in ("noop", "mutate", "validate") for c in (1, 16)}
     assert all(c["errors"] == 0 and c["requests_per_s"] > 0 for c in cases.values())
@@ -31,11 +35,7 @@ def test_bench_quick_run_produces_a_result(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("wrk") is None or shutil.which("valgrind") is None,
                     reason="wrk or valgrind is not installed (.ci/run installs them)")
 def test_instruction_count_quick_run_counts_the_server(tmp_path: Path) -> None:
-    out = tmp_path / "instructions.json"
-    run = subprocess.run([sys.executable, "-m", "bench.instructions", "--quick", "--out", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    result = json.loads(out.read_text())
+    result = _quick_run("bench.instructions", tmp_path / "instructions.json", timeout=600)
     per_request = {case: c["instructions_per_request"] for case, c in result["cases"].items()}
     assert set(per_request) == {"noop", "mutate", "validate"}
     assert all(c["requests"] > 0 for c in result["cases"].values())
