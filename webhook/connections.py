@@ -72,10 +72,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_done = True
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and not isinstance(cycle, _OneWriteCycle):
-            # Created just now by uvicorn; its task has not run yet.
-            cycle.__class__ = _OneWriteCycle
-            cycle.transport = _HeadBuffer(cycle.transport)
+        if cycle is not None and not isinstance(cycle.transport, _HeadBuffer):
+            # Created just now by uvicorn (unless it kept the previous one); its task has not run yet.
+            cycle.transport = _HeadBuffer(cycle.transport, cycle)
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -127,59 +126,38 @@ class GuardedProtocol(HttpToolsProtocol):
 
 
 class _HeadBuffer:
-    """The transport as one response sees it: the head written for ``http.response.start`` is held and goes out
-    with the first body chunk.
+    """The transport as one request/response cycle sees it: the response's first write, its head, is held and goes
+    out with the next, its body.
 
     uvicorn writes a response's head and body separately; over TLS each write is a record and a system call, and
     on loopback a send also pays for the receiver's TCP processing. Profiled under load, the second write cost
-    about a fifth of a whole admission. Everything but ``write`` and ``close`` passes through unchanged.
+    about a fifth of a whole admission. Writes before the response starts (``100 Continue``) pass at once, and a
+    head still held when the connection closes (the application failed before its body) goes out first.
+    Everything but ``write`` and ``close`` passes through unchanged.
     """
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
         self._transport = transport
-        self._holding = False
+        self._cycle = cycle
         self._head: bytes | None = None
-
-    def hold_next(self) -> None:
-        self._holding = True
+        self._head_seen = False
 
     def write(self, data: bytes) -> None:
-        if self._holding:
-            self._holding, self._head = False, data
-            return
         if self._head is not None:
             data, self._head = self._head + data, None
+        elif not self._head_seen and self._cycle.response_started:
+            self._head_seen, self._head = True, data
+            return
         self._transport.write(data)
 
-    def flush(self) -> None:
-        self._holding = False
+    def close(self) -> None:
         if self._head is not None:
             head, self._head = self._head, None
             self._transport.write(head)
-
-    def close(self) -> None:
-        self.flush()
         self._transport.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
-
-
-class _OneWriteCycle(RequestResponseCycle):
-    """uvicorn's request/response cycle writing each whole response with one transport write (see _HeadBuffer)."""
-
-    transport: _HeadBuffer
-
-    async def send(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "http.response.start" and not self.response_started:
-            self.transport.hold_next()
-        try:
-            await super().send(message)  # type: ignore[arg-type]
-        finally:
-            # Whatever happened, nothing stays held once the response is complete or the send failed.
-            if kind != "http.response.start" or not self.response_started:
-                self.transport.flush()
 
 
 def guarded_protocol(read_timeout: float, max_header_bytes: int) -> type[GuardedProtocol]:

@@ -210,3 +210,24 @@ def test_each_response_leaves_in_one_write(server: RunningServer) -> None:
             length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
                               if line.lower().startswith(b"content-length")))
             assert len(rest) == length, "the body did not arrive with the head"
+
+
+def test_expect_100_continue_is_answered_before_the_body(server: RunningServer) -> None:
+    """``100 Continue`` goes out at once, not held back with the response head, or the client never sends."""
+    body = orjson.dumps(review(POD, namespace="kube-system"))
+    host, port = server.url.removeprefix("https://").split(":")
+    ctx = ssl.create_default_context(cafile=server.ca)
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"POST /validate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body))
+        assert tls.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        tls.sendall(body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = tls.recv(65536)
+            assert chunk, f"connection closed after {answer!r}"
+            answer += chunk
+        uid = orjson.loads(body)["request"]["uid"]
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["response"]["uid"] == uid
