@@ -8,10 +8,10 @@ change smaller than that. The number of instructions the server executes per req
 the machine is: two runs of this agree to a fraction of a percent, so a change of a few percent is visible.
 
 Each server (the no-op floor and meshguard, started as ``bench.run`` starts them) runs under callgrind with
-instrumentation off while it starts. Once it answers it is warmed up; then counting is switched on and zeroed,
-wrk sends requests over one connection for ``--seconds``, and the counters are dumped and divided by the number
-of requests wrk completed. One connection, so that every request is alone in its turn of the event loop; under
-concurrency requests share turns and each costs a little less.
+instrumentation off while it starts. Once it answers, instrumentation is switched on, it is warmed up, the
+counters are zeroed, wrk sends requests over one connection for ``--seconds``, and the counters are dumped and
+divided by the number of requests wrk completed. One connection, so that every request is alone in its turn of
+the event loop; under concurrency requests share turns and each costs a little less.
 
 What is counted: user-space instructions of the server process, all of them (Python, uvloop, OpenSSL, orjson).
 What is not: the kernel's work for the sockets, and wrk. Instructions are not time (a cache miss costs more than
@@ -52,6 +52,9 @@ def count(server: Server, out: Path, setup: Setup, path: str, body: str, seconds
     """Instructions per request for ``path`` on a server already warmed up and running under callgrind."""
     url = f"https://127.0.0.1:{server.port}{path}"
     _control(server, "--instr=on")
+    # Uncounted: with instrumentation switched on callgrind translates every code path anew, so the first requests
+    # are slow enough to time out on a busy machine.
+    run_wrk(url, setup.work / body, setup.lua, 1, 1)
     _control(server, "--zero")
     result, _ = run_wrk(url, setup.work / body, setup.lua, 1, seconds)
     _control(server, "--dump")
@@ -89,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"https://127.0.0.1:{server.port}{path}"
                 if expect:
                     check_answer(url, setup.work / body, setup.ca, expect)
-                run_wrk(url, setup.work / body, setup.lua, 1, 1)  # warm-up, uncounted
                 results[case] = count(server, out, setup, path, body, seconds)
                 print(f"{case:9} {results[case]['instructions_per_request']:>12,} instructions/request"
                       f"  ({results[case]['requests']} requests)", flush=True)
