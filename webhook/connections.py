@@ -138,15 +138,16 @@ class _HeadBuffer:
 
     def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
         self._transport = transport
-        self._cycle = cycle
+        # Until the head is seen. Dropped then: the cycle refers to this buffer, and a reference cycle on every
+        # request would leave each request's objects to the garbage collector instead of freeing them at once.
+        self._cycle: RequestResponseCycle | None = cycle
         self._head: bytes | None = None
-        self._head_seen = False
 
     def write(self, data: bytes) -> None:
         if self._head is not None:
             data, self._head = self._head + data, None
-        elif not self._head_seen and self._cycle.response_started:
-            self._head_seen, self._head = True, data
+        elif self._cycle is not None and self._cycle.response_started:
+            self._head, self._cycle = data, None
             return
         self._transport.write(data)
 
