@@ -49,7 +49,8 @@ def _dumped_instructions(out: Path) -> int:
 
 
 def count(server: Server, out: Path, setup: Setup, path: str, body: str, seconds: float) -> dict[str, float]:
-    """Instructions per request for ``path`` on a server already warmed up and running under callgrind."""
+    """Instructions per request for ``path`` on a server running under callgrind: instrumentation on, a second of
+    uncounted warm-up, then the counted run."""
     url = f"https://127.0.0.1:{server.port}{path}"
     _control(server, "--instr=on")
     # Uncounted: with instrumentation switched on callgrind translates every code path anew, so the first requests
