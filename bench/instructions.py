@@ -56,10 +56,14 @@ def count(server: Server, out: Path, setup: Setup, path: str, body: str, seconds
     # Uncounted: with instrumentation switched on callgrind translates every code path anew, so the first requests
     # are slow enough to time out on a busy machine.
     run_wrk(url, setup.work / body, setup.lua, 1, 1)
-    _control(server, "--zero")
-    result, _ = run_wrk(url, setup.work / body, setup.lua, 1, seconds)
-    _control(server, "--dump")
-    requests = result["requests"]
+    # Under valgrind on a loaded machine a short run can complete no request at all: run longer until one does.
+    for attempt in range(4):
+        _control(server, "--zero")
+        result, _ = run_wrk(url, setup.work / body, setup.lua, 1, seconds * 2**attempt)
+        _control(server, "--dump")
+        requests = result["requests"]
+        if requests:
+            break
     if requests == 0 or result["errors"] or result["non2xx"]:
         raise RuntimeError(f"{url}: {result}")
     return {"requests": requests, "instructions_per_request": round(_dumped_instructions(out) / requests)}

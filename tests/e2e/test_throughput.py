@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.e2e_throughput import MODES, measure, prepare
 from tests.e2e.cluster import ControlPlane, Meshguard
 from tests.e2e.objects import injected, pod
+
+pytestmark = pytest.mark.bench
 
 
 def test_throughput_benchmark_runs_and_leaves_meshguard_answering(cluster: ControlPlane, meshguard: Meshguard) -> None:
