@@ -278,8 +278,8 @@ async def run(
     reloader = CertificateReloader(
         settings.tls, on_loaded=lambda cert: metrics.certificate_expiry.set(cert.not_valid_after_utc.timestamp()),
         on_expiry_checked=metrics.certificate_expiring.set,
+        on_valid=lambda valid: readiness.set("certificates", valid),
     )
-    readiness.set("certificates", True)
     readiness.set("accepting", True)
     admission_config = uvicorn.Config(
         AdmissionApp(webhooks, metrics, settings.server.max_body_bytes),

@@ -1,8 +1,10 @@
 """The serving TLS context and its hot reload.
 
 cert-manager and Kubernetes Secret volumes rotate ``tls.crt``/``tls.key`` in place (a ``..data`` symlink swap).
-The listener keeps one :class:`ssl.SSLContext`; loading the new pair into that same context makes every new
-handshake use it while established connections and in-flight requests carry on untouched.
+A new pair is loaded into a new :class:`ssl.SSLContext`, and only once it loaded whole does the listener's SNI
+callback hand that context to new handshakes; established connections and in-flight requests carry on untouched.
+Loading into the live context instead would leave it holding a new certificate without its key whenever
+``tls.crt`` is replaced before ``tls.key``, and every handshake would fail until the next good reload.
 """
 
 from __future__ import annotations
@@ -38,21 +40,28 @@ class CertificateReloader:
 
     It also watches the expiry of the certificate in use: on load and at every check, ``on_expiry_checked`` gets
     whether it is within ``expiry_warning_days`` of expiring, and a warning is logged (again every
-    :data:`WARNING_INTERVAL`) while it is.
+    :data:`WARNING_INTERVAL`) while it is; ``on_valid`` gets whether it is still valid (the server's readiness:
+    the API server rejects an expired certificate, so a replica serving one must get no traffic).
     """
 
     def __init__(self, settings: TLSSettings, on_loaded: Callable[[x509.Certificate], None] | None = None,
-                 on_expiry_checked: Callable[[bool], None] | None = None) -> None:
+                 on_expiry_checked: Callable[[bool], None] | None = None,
+                 on_valid: Callable[[bool], None] | None = None) -> None:
         self._settings = settings
         self._cert_path = settings.cert_dir / TLS_CERT
         self._key_path = settings.cert_dir / TLS_KEY
         self._on_loaded = on_loaded
         self._on_expiry_checked = on_expiry_checked
+        self._on_valid = on_valid
         self._loaded: tuple[bytes, bytes] | None = None
         self._warned: tuple[dt.datetime, float] | None = None  # (not_after warned about, when: monotonic)
         self.not_after: dt.datetime | None = None
-        self.context = self._new_context()
+        self._current = self._new_context()
         self.reload()
+        # The listener's context: it serves the first pair, and its SNI callback (called for every ClientHello,
+        # with or without a server name) switches each handshake to the pair loaded last.
+        self.context = self._current
+        self.context.sni_callback = self._select
 
     def _new_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -74,8 +83,12 @@ class CertificateReloader:
         pair = (self._cert_path.read_bytes(), self._key_path.read_bytes())
         if pair == self._loaded:
             return False
-        self.context.load_cert_chain(str(self._cert_path), str(self._key_path))
+        context = self._current if self._loaded is None else self._new_context()
+        context.load_cert_chain(str(self._cert_path), str(self._key_path))  # raises unless the key matches
+        if (self._cert_path.read_bytes(), self._key_path.read_bytes()) != pair:
+            return False  # rewritten while loading: what loaded matches, but may not be what was read; next time
         cert = x509.load_pem_x509_certificate(pair[0])
+        self._current = context
         self._loaded = pair
         self.not_after = cert.not_valid_after_utc
         if self._on_loaded:
@@ -83,17 +96,23 @@ class CertificateReloader:
         self.check_expiry()
         return True
 
+    def _select(self, connection: ssl.SSLObject, _server_name: str | None, _context: ssl.SSLContext) -> None:
+        if connection.context is not self._current:
+            connection.context = self._current
+
     def check_expiry(self, now: dt.datetime | None = None) -> bool:
         """Whether the certificate in use is close to expiry; reports it (callback, and a log line when due)."""
         if self.not_after is None:
             return False
         close = expiring(self.not_after, self._settings.expiry_warning_days, now)
+        left = self.not_after - (now or dt.datetime.now(dt.UTC))
         if self._on_expiry_checked:
             self._on_expiry_checked(close)
+        if self._on_valid:
+            self._on_valid(left.total_seconds() > 0)
         if close and (self._warned is None or self._warned[0] != self.not_after
                       or time.monotonic() - self._warned[1] >= WARNING_INTERVAL):
             self._warned = (self.not_after, time.monotonic())
-            left = self.not_after - (now or dt.datetime.now(dt.UTC))
             log.warning(
                 "serving certificate expires soon; renew it" if left.total_seconds() > 0
                 else "serving certificate has expired; renew it",

@@ -53,46 +53,82 @@ def test_rotation_under_load_fails_no_request(server_factory, tmp_path: Path) ->
     srv = server_factory(config={"tls": {"cert_dir": str(volume), "reload_interval_seconds": 0.2}})
     assert _peer_serial(srv) == first.serial_number
 
-    failures: list[str] = []
-    answered = 0
-    stop = threading.Event()
-    body = review(POD, namespace="kube-system")
+    with Traffic(srv) as traffic:
+        second = _secret_volume(volume, ca, "v2")
+        _wait_for_serial(srv, second.serial_number)
+    assert traffic.failures == []
+    assert "serving certificate reloaded" in srv.logs()
 
-    def traffic(keep_alive: bool) -> None:
-        nonlocal answered
-        ctx = ssl.create_default_context(cafile=srv.ca)
-        client = httpx.Client(base_url=srv.url, verify=ctx, timeout=10)
-        while not stop.is_set():
+
+class Traffic:
+    """Admission requests in two threads while the ``with`` block runs: one on a kept-alive connection, one with
+    a new connection (a new handshake) per request. Entering returns once both have had an answer."""
+
+    def __init__(self, srv: RunningServer) -> None:
+        self.srv = srv
+        self.failures: list[str] = []
+        self.answered = {True: threading.Event(), False: threading.Event()}
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(keep,)) for keep in (True, False)]
+
+    def __enter__(self) -> Traffic:
+        for t in self.threads:
+            t.start()
+        for answered in self.answered.values():
+            assert answered.wait(60), f"no answer before the rotation: {self.failures[:3]}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+    def _run(self, keep_alive: bool) -> None:
+        body = review(POD, namespace="kube-system")
+        ctx = ssl.create_default_context(cafile=self.srv.ca)
+        client = httpx.Client(base_url=self.srv.url, verify=ctx, timeout=10)
+        while not self.stop.is_set():
             try:
                 r = client.post("/validate", json=body)
                 if r.status_code != 200 or r.json()["response"]["allowed"] is not True:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
-                answered += 1
+                    self.failures.append(f"{r.status_code} {r.text[:200]}")
+                self.answered[keep_alive].set()
             except httpx.HTTPError as exc:
-                failures.append(repr(exc))
-            if not keep_alive:  # a fresh connection (and handshake) for every request
+                self.failures.append(repr(exc))
+            if not keep_alive:
                 client.close()
-                client = httpx.Client(base_url=srv.url, verify=ctx, timeout=10)
+                client = httpx.Client(base_url=self.srv.url, verify=ctx, timeout=10)
         client.close()
 
-    threads = [threading.Thread(target=traffic, args=(keep,)) for keep in (True, False)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(0.5)
-        second = _secret_volume(volume, ca, "v2")
-        deadline = time.monotonic() + 15
-        while _peer_serial(srv) != second.serial_number:
-            assert time.monotonic() < deadline, "new connections never saw the rotated certificate"
-            time.sleep(0.1)
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert failures == []
-    assert answered > 10
-    assert "serving certificate reloaded" in srv.logs()
+
+def _wait_for_serial(srv: RunningServer, serial: int) -> None:
+    deadline = time.monotonic() + 30
+    while _peer_serial(srv) != serial:
+        assert time.monotonic() < deadline, "new connections never saw the rotated certificate"
+        time.sleep(0.1)
+
+
+def _wait_for_log(srv: RunningServer, text: str, count: int = 1) -> None:
+    deadline = time.monotonic() + 30
+    while srv.logs().count(text) < count:
+        assert time.monotonic() < deadline, f"the server never logged {text!r}"
+        time.sleep(0.1)
+
+
+def test_certificate_replaced_before_its_key_fails_no_handshake(server_factory) -> None:
+    """Files written one at a time (a tool, or a person, replacing tls.crt then tls.key): between the two writes
+    the pair does not match, and the server must keep serving the old pair until the new one is whole."""
+    srv = server_factory(config={"tls": {"reload_interval_seconds": 0.2}})
+    ca = certs.load_pair(srv.cert_dir, certs.CA_CERT, certs.CA_KEY)
+    before = _peer_serial(srv)
+    new = certs.issue_serving(ca, "meshguard", "meshguard", dev=True)
+    with Traffic(srv) as traffic:
+        (srv.cert_dir / "tls.crt").write_bytes(new.cert_pem())
+        _wait_for_log(srv, "keeping the previous one")  # the reloader saw the half-written pair
+        assert _peer_serial(srv) == before
+        (srv.cert_dir / "tls.key").write_bytes(new.key_pem())
+        _wait_for_serial(srv, new.cert.serial_number)
+    assert traffic.failures == []
 
 
 def test_half_written_rotation_keeps_the_old_pair(server_factory, tmp_path: Path) -> None:

@@ -63,3 +63,13 @@ def test_a_renewed_certificate_clears_the_flag_and_a_new_one_warns_again(tmp_pat
     certs.generate_serving(tmp_path, "meshguard", "meshguard", days=5)
     assert reloader.reload() is True and checks[-1] is True
     assert len(warnings(caplog)) == 2  # a different certificate: warned at once
+
+
+def test_an_expired_certificate_makes_the_server_unready(tmp_path: Path) -> None:
+    certs.generate_serving(tmp_path, "meshguard", "meshguard", days=365)
+    valid: list[bool] = []
+    reloader = tls.CertificateReloader(TLSSettings(cert_dir=tmp_path), on_valid=valid.append)
+    assert valid == [True]
+    reloader.check_expiry(NOW + 364 * DAY)  # close to expiry: still served, and warned about
+    reloader.check_expiry(NOW + 366 * DAY)  # expired: the API server would refuse every handshake
+    assert valid == [True, True, False]
