@@ -175,6 +175,7 @@ class Constant(dict[str, Any]):
     """
 
     __slots__ = ("_base64",)
+    _base64: bytes
 
     def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
         # A copy is an ordinary dict: it may be changed, and YAML and other serialisers know it.

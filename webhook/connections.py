@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
@@ -74,7 +74,7 @@ class GuardedProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and not isinstance(cycle.transport, _HeadBuffer):
             # Created just now by uvicorn (unless it kept the previous one); its task has not run yet.
-            cycle.transport = _HeadBuffer(cycle.transport, cycle)
+            cycle.transport = cast(asyncio.Transport, _HeadBuffer(cycle.transport, cycle))  # duck-typed
 
     def on_message_complete(self) -> None:
         self._disarm()

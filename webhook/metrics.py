@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 # Label values the admission series keep as they are; anything else is counted as "other".
@@ -56,7 +57,7 @@ class _Distribution:
         self.total += value
 
 
-class _LoopFamily:
+class _LoopFamily(Collector):
     """A labelled family whose children are created on first use and kept (label values are bounded by the
     callers: kinds, operations and reasons are normalised or fixed codes)."""
 

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -272,7 +272,7 @@ async def run(
     webhooks: Mapping[str, Webhook],
     readiness: Readiness,
     metrics: Metrics,
-    background: Iterable[Callable[[], Awaitable[None]]] = (),
+    background: Iterable[Callable[[], Coroutine[Any, Any, None]]] = (),
 ) -> None:
     """Serve until SIGTERM/SIGINT: the admission app over TLS and the health app over HTTP."""
     reloader = CertificateReloader(

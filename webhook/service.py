@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from . import selfcert
 from .certs import ensure_dev_certs
@@ -24,7 +25,7 @@ from .state import files, kube
 from .state.store import Store
 
 log = logging.getLogger("meshguard")
-Job = Callable[[], Awaitable[None]]
+Job = Callable[[], Coroutine[Any, Any, None]]
 
 SERVICE_NAME = "meshguard"
 

@@ -94,7 +94,7 @@ def as_workload(obj: dict[str, Any], default_namespace: str = "") -> Workload | 
     """
     kind = obj.get("kind")
     path = TEMPLATE_PATHS.get(kind) if isinstance(kind, str) else None
-    if path is None:
+    if path is None or not isinstance(kind, str):
         return None
     template: Any = obj
     for key in path:

@@ -58,7 +58,7 @@ def proxy_container_present(template: Mapping[str, Any]) -> bool:
     return any(
         isinstance(c, dict) and c.get("name") == PROXY_NAME
         for key in ("containers", "initContainers")
-        for c in (spec.get(key) if isinstance(spec.get(key), list) else ())
+        for c in (spec.get(key) or () if isinstance(spec.get(key), list) else ())
     )
 
 

@@ -103,7 +103,9 @@ class NameConflict(ValueError):
 def _check_names(spec: Mapping[str, Any], sidecar: Sidecar) -> None:
     def names(key: str) -> set[str]:
         items = spec.get(key)
-        return {i.get("name") for i in items if isinstance(i, dict)} if isinstance(items, list) else set()
+        if not isinstance(items, list):
+            return set()
+        return {name for i in items if isinstance(i, dict) and isinstance(name := i.get("name"), str)}
 
     taken = names("initContainers") | names("containers")
     injected = [*sidecar.init_containers, *sidecar.containers_front, *sidecar.containers_back]

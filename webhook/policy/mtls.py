@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from ..workloads import object_name
 
@@ -43,7 +43,7 @@ def _mode(value: Any, where: str) -> Mode:
     mode = mtls.get("mode") or "UNSET"
     if mode not in MODES:
         raise ValueError(f"{where}: mode must be one of {', '.join(sorted(MODES))}, got {mode!r}")
-    return mode
+    return cast(Mode, mode)
 
 
 def parse_peer_authentication(obj: Mapping[str, Any], namespace: str) -> PeerAuthentication:
