@@ -23,9 +23,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from .workloads import WORKLOAD_KINDS
+
 # Label values the admission series keep as they are; anything else is counted as "other".
-KNOWN_KINDS = frozenset({"Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "ReplicationController",
-                         "Job", "CronJob", "unknown"})
+KNOWN_KINDS = frozenset({*WORKLOAD_KINDS, "unknown"})
 KNOWN_OPERATIONS = frozenset({"CREATE", "UPDATE", "DELETE", "CONNECT", "unknown"})
 
 # Admission latency: most answers take well under a millisecond; the API server's timeout is seconds.

@@ -1,7 +1,9 @@
-"""Where each kind keeps its pod template, and the small facts about a workload both injection and policy need.
+"""The kinds of workload meshguard handles, and the small facts about a workload both injection and policy need.
 
 Kubernetes has no common interface for "the pod a controller will create": a Deployment keeps it at
-``spec.template``, a CronJob two levels deeper. This table is the one place that knows.
+``spec.template``, a CronJob two levels deeper. :data:`WORKLOAD_KINDS` is the one place that knows, and the one
+place that lists the kinds: the policy handler's API-group check, the metrics' kind labels, the cluster reads
+of ``meshguard audit`` and the chart's validating webhook rules (a test compares them) all follow it.
 """
 
 from __future__ import annotations
@@ -10,18 +12,36 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# kind -> path from the object to its PodTemplateSpec ({metadata, spec}); a Pod is its own template.
-TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
-    "Pod": (),
-    "Deployment": ("spec", "template"),
-    "StatefulSet": ("spec", "template"),
-    "DaemonSet": ("spec", "template"),
-    "ReplicaSet": ("spec", "template"),
-    "ReplicationController": ("spec", "template"),
-    "Job": ("spec", "template"),
-    "CronJob": ("spec", "jobTemplate", "spec", "template"),
-}
-WORKLOAD_KINDS = frozenset(TEMPLATE_PATHS)
+
+@dataclass(frozen=True, slots=True)
+class WorkloadKind:
+    kind: str
+    group: str  # "" for the core group
+    version: str
+    resource: str  # the plural that webhook rules and RBAC name
+    template_path: tuple[str, ...]  # from the object to its PodTemplateSpec ({metadata, spec}); a Pod is its own
+    list_call: str  # the Kubernetes client's list-in-all-namespaces method
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+_TEMPLATE = ("spec", "template")
+# Controllers first, so ``meshguard audit`` shows the small lists early; Pods last.
+WORKLOAD_KINDS: dict[str, WorkloadKind] = {k.kind: k for k in (
+    WorkloadKind("Deployment", "apps", "v1", "deployments", _TEMPLATE, "list_deployment_for_all_namespaces"),
+    WorkloadKind("StatefulSet", "apps", "v1", "statefulsets", _TEMPLATE, "list_stateful_set_for_all_namespaces"),
+    WorkloadKind("DaemonSet", "apps", "v1", "daemonsets", _TEMPLATE, "list_daemon_set_for_all_namespaces"),
+    WorkloadKind("CronJob", "batch", "v1", "cronjobs", ("spec", "jobTemplate", "spec", "template"),
+                 "list_cron_job_for_all_namespaces"),
+    WorkloadKind("Job", "batch", "v1", "jobs", _TEMPLATE, "list_job_for_all_namespaces"),
+    WorkloadKind("ReplicationController", "", "v1", "replicationcontrollers", _TEMPLATE,
+                 "list_replication_controller_for_all_namespaces"),
+    WorkloadKind("ReplicaSet", "apps", "v1", "replicasets", _TEMPLATE, "list_replica_set_for_all_namespaces"),
+    WorkloadKind("Pod", "", "v1", "pods", (), "list_pod_for_all_namespaces"),
+)}
+TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {name: k.template_path for name, k in WORKLOAD_KINDS.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,9 @@ from tests.unit.test_selfcert import handshake
 from webhook import certs, config
 from webhook.injection.decision import PROXY_NAME
 from webhook.metrics import Metrics
+from webhook.namespaces import SYSTEM_NAMESPACES
 from webhook.policy.selectors import parse_selector
+from webhook.workloads import WORKLOAD_KINDS
 
 CRD_KINDS = {"Certificate", "Issuer", "ServiceMonitor"}
 K8S_VERSION = kubernetes_validate.utils.latest_version()
@@ -209,9 +211,24 @@ def test_which_namespaces_are_validated(render: Render, namespace: str, ns_label
     assert bool(_calls(validating, namespace, ns_labels, {"app": "web"})) is called
 
 
+def test_no_webhook_is_called_for_the_system_namespaces_meshguard_never_touches(render: Render) -> None:
+    for hook in [h for c in _webhook_configs(render()) for h in c["webhooks"]]:
+        for namespace in SYSTEM_NAMESPACES:
+            assert _calls({"webhooks": [hook]}, namespace, ENABLED, POD_IN) == [], (hook["name"], namespace)
+
+
 def test_release_namespace_is_excluded_wherever_it_is_installed(render: Render) -> None:
     for hook in [h for c in _webhook_configs(render(namespace="platform")) for h in c["webhooks"]]:
         assert _calls({"webhooks": [hook]}, "platform", ENABLED, POD_IN) == []
+
+
+def test_validating_webhook_rules_are_the_workload_kinds_meshguard_checks(render: Render) -> None:
+    mutating, validating = _webhook_configs(render())
+    (workloads,) = [w for w in validating["webhooks"] if w["name"] == "workloads.validate.meshguard.io"]
+    called_for = {(group, version, resource) for rule in workloads["rules"] for group in rule["apiGroups"]
+                  for version in rule["apiVersions"] for resource in rule["resources"]}
+    assert called_for == {(k.group, k.version, k.resource) for k in WORKLOAD_KINDS.values()}
+    assert {tuple(rule["resources"]) for w in mutating["webhooks"] for rule in w["rules"]} == {("pods",)}
 
 
 def test_webhook_settings_every_good_practice(render: Render) -> None:

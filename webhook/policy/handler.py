@@ -25,13 +25,10 @@ from ..injection.decision import INJECT_KEY
 from ..limits import WorkloadHandler
 from ..metrics import LoopCounter, Metrics
 from ..state.store import Store
-from ..workloads import Workload, as_workload
+from ..workloads import WORKLOAD_KINDS, Workload, as_workload
 from .engine import NETWORK_POLICY, ORDERING_HINT, Engine, Evaluation, RuleResult
 from .settings import Action
 
-# The API group of each checked kind: a custom resource that happens to be called "Job" is not checked.
-GROUPS = {"Pod": "", "ReplicationController": "", "Deployment": "apps", "StatefulSet": "apps", "DaemonSet": "apps",
-          "ReplicaSet": "apps", "Job": "batch", "CronJob": "batch"}
 UNCONFIRMED = "meshguard could not re-read this namespace's policies from the API server, so it allowed this"
 
 
@@ -60,7 +57,7 @@ def build_handler(settings: Settings, store: Store, metrics: Metrics) -> Workloa
         obj = request.object
         if request.operation not in ("CREATE", "UPDATE") or obj is None:
             return allowed(reason="not-checked")
-        if workload is None or request.kind != workload.kind or GROUPS[workload.kind] != request.group:
+        if workload is None or request.kind != workload.kind or WORKLOAD_KINDS[workload.kind].group != request.group:
             return allowed(reason="not-a-workload")
         cap: Action = "enforce"
         if request.operation == "UPDATE" and (_deleting(obj) or _unchanged(workload, request.old_object)):

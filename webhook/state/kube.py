@@ -45,6 +45,7 @@ from kubernetes.watch.watch import iter_resp_lines
 from ..metrics import Metrics
 from ..policy import mtls
 from ..policy.settings import StateSettings
+from ..workloads import WORKLOAD_KINDS
 from .store import KINDS, NAMESPACE, NETWORK_POLICY, PEER_AUTHENTICATION, NamespaceState, Store
 
 log = logging.getLogger("meshguard.state")
@@ -85,19 +86,14 @@ class _Kind:
     api_version: str
 
 
+# The Cluster attribute serving each API group of the workload kinds.
+_API_OF_GROUP = {"": "core", "apps": "apps", "batch": "batch"}
 # The kinds meshguard reads: cluster state (the source, read-only RBAC) and workloads (``meshguard audit``).
 _KINDS: dict[str, _Kind] = {
     NAMESPACE: _Kind("core", "list_namespace", None, "v1"),
     NETWORK_POLICY: _Kind("networking", "list_network_policy_for_all_namespaces", "list_namespaced_network_policy",
                           "networking.k8s.io/v1"),
-    "Pod": _Kind("core", "list_pod_for_all_namespaces", None, "v1"),
-    "ReplicationController": _Kind("core", "list_replication_controller_for_all_namespaces", None, "v1"),
-    "Deployment": _Kind("apps", "list_deployment_for_all_namespaces", None, "apps/v1"),
-    "StatefulSet": _Kind("apps", "list_stateful_set_for_all_namespaces", None, "apps/v1"),
-    "DaemonSet": _Kind("apps", "list_daemon_set_for_all_namespaces", None, "apps/v1"),
-    "ReplicaSet": _Kind("apps", "list_replica_set_for_all_namespaces", None, "apps/v1"),
-    "Job": _Kind("batch", "list_job_for_all_namespaces", None, "batch/v1"),
-    "CronJob": _Kind("batch", "list_cron_job_for_all_namespaces", None, "batch/v1"),
+    **{name: _Kind(_API_OF_GROUP[k.group], k.list_call, None, k.api_version) for name, k in WORKLOAD_KINDS.items()},
 }
 
 
@@ -355,11 +351,6 @@ class KubeSource:
         problem = store.apply(kind, event, obj)
         if problem:
             log.warning("ignored an invalid object", extra={"problem": problem})
-
-
-# ``meshguard audit`` lists these besides the state: controllers first, so progress shows the small lists early.
-WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "CronJob", "Job", "ReplicationController", "ReplicaSet",
-                  "Pod")
 
 
 def read_all(
