@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..namespaces import SYSTEM_NAMESPACES
 from ..workloads import Workload
 from .settings import InjectionSettings
 
@@ -23,7 +24,6 @@ INIT_NAME = "meshguard-init"
 BOOTSTRAP_NAME = "meshguard-bootstrap"
 NAMESPACE_ENABLED = "enabled"
 POD_ENABLED = "true"
-SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 
 MESSAGES: Mapping[str, str] = {
     "inject": "the pod gets the meshguard proxy",

@@ -21,6 +21,7 @@ from ..injection.decision import (
     proxy_container_present,
     selected_for_mesh,
 )
+from ..namespaces import SYSTEM_NAMESPACES
 from ..workloads import Workload, controller_owner
 from .mtls import STRICT, PeerAuthentication, resolve
 from .networkpolicy import NetworkPolicy, coverage
@@ -29,11 +30,9 @@ from .settings import Action
 
 NETWORK_POLICY = "network-policy"
 MTLS = "mtls"
-RULES = (NETWORK_POLICY, MTLS)
 # The namespace label that overrides the configured action of every rule for that namespace.
 POLICY_LABEL = "meshguard.io/policy"
 ACTIONS: tuple[Action, ...] = ("audit", "warn", "enforce")  # least to most strict
-ALWAYS_EXEMPT = ("kube-system",)
 WARNING_LIMIT = 119  # the issue asks for warnings under 120 characters
 # Added to a NetworkPolicy denial at admission: kubectl applies files in name order and carries on after a
 # rejection, so a policy later in the same apply exists by the time the user runs it again.
@@ -97,7 +96,7 @@ class Engine:
         self._settings = settings
         self._policy = settings.policy
         exempt = settings.policy.exempt
-        self._always_exempt = frozenset((*ALWAYS_EXEMPT, settings.namespace))
+        self._always_exempt = frozenset((*SYSTEM_NAMESPACES, settings.namespace))
         self._exempt_namespaces = frozenset(exempt.namespaces)
         self._namespace_selectors = [parse_selector(s) for s in exempt.namespace_selectors]
         self._workload_selectors = [parse_selector(s) for s in exempt.workload_selectors]

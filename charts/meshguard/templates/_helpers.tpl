@@ -117,5 +117,5 @@ caBundle: {{ . }}
 - key: kubernetes.io/metadata.name
   operator: NotIn
   values:
-    {{- toYaml (uniq (concat (list "kube-system" "kube-node-lease" .Release.Namespace) .Values.webhooks.excludeNamespaces)) | nindent 4 }}
+    {{- toYaml (uniq (concat (list "kube-system" "kube-public" "kube-node-lease" .Release.Namespace) .Values.webhooks.excludeNamespaces)) | nindent 4 }}
 {{- end }}
