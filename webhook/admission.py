@@ -41,14 +41,12 @@ class AdmissionRequest:
     uid: str
     kind: str
     group: str
-    version: str
     operation: str
     namespace: str
     name: str
     object: dict[str, Any] | None
     old_object: dict[str, Any] | None
     dry_run: bool
-    username: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,19 +126,16 @@ def parse_request(uid: str, request: dict[str, Any]) -> AdmissionRequest:
     for name, value in (("object", obj), ("oldObject", old)):
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"request.{name} must be a JSON object")
-    user = request.get("userInfo")
     return AdmissionRequest(
         uid=uid,
         kind=_string(kind, "kind", "request.kind"),
         group=_string(kind, "group", "request.kind", required=False),
-        version=_string(kind, "version", "request.kind", required=False),
         operation=operation,
         namespace=_string(request, "namespace", "request", required=False),
         name=_string(request, "name", "request", required=False),
         object=obj,
         old_object=old,
         dry_run=request.get("dryRun") is True,
-        username=_string(user, "username", "request.userInfo", required=False) if isinstance(user, dict) else "",
     )
 
 

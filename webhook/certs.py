@@ -21,7 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 TLS_CERT, TLS_KEY = "tls.crt", "tls.key"
-DEV_HOSTS = ("localhost", "127.0.0.1", "::1")
+# What a development certificate also names: the server on this machine.
+DEV_NAMES, DEV_IPS = ("localhost",), ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,8 @@ def service_dns_names(service: str, namespace: str) -> tuple[str, ...]:
 
 def issue_serving(ca: Issued, service: str, namespace: str, days: int = 365, dev: bool = False) -> Issued:
     names = service_dns_names(service, namespace)
-    ips: tuple[str, ...] = ()
-    if dev:
-        names += ("localhost",)
-        ips = ("127.0.0.1", "::1")
+    ips = DEV_IPS if dev else ()
+    names += DEV_NAMES if dev else ()
     return issue_leaf(ca, f"{service}.{namespace}.svc", dns_names=names, ip_addresses=ips, days=days)
 
 

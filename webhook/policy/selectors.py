@@ -53,10 +53,6 @@ class Selector:
     def matches(self, labels: Mapping[str, str]) -> bool:
         return all(r.matches(labels) for r in self.requirements)
 
-    @property
-    def selects_all(self) -> bool:
-        return not self.requirements
-
     def anchor(self) -> Requirement | None:
         """The requirement an index should file this selector under: one that every matching object must
         satisfy *by having a label*. ``In`` with the fewest values wins over ``Exists``; a selector made only of
