@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build (or reuse from cache) the binaries the meshguard e2e suite needs:
-#   kube-apiserver, kube-controller-manager, kubectl, etcd, helm
+# Build (or reuse from cache) the binaries the meshguard e2e and node suites need:
+#   kube-apiserver, kube-controller-manager, kubectl, etcd, helm (the e2e control plane)
+#   kubelet, kube-scheduler, kube-proxy, pause (the real node)
 #
 # The e2e suite talks to a real API server, so it needs real control-plane
 # binaries. They are built from source with `go build`, fetching sources only
@@ -10,12 +11,15 @@
 # (override the root with MESHGUARD_E2E_CACHE). When the cache is complete the
 # script returns immediately.
 #
+# With --cached it never builds: it prints the bin directory when the cache is complete and exits 1 otherwise
+# (the test suite uses this to skip, with the reason, what it cannot run).
+#
 # Output: progress goes to stderr; the LAST line of stdout is the absolute path
 # of the bin directory, e.g.
 #   BIN=$(hack/e2e-binaries.sh | tail -n1)
 #
-# Requirements: bash, coreutils, a Go toolchain on PATH (or GO=/path/to/go),
-# access to the Go module proxy. A cold build takes roughly 15-25 minutes on
+# Requirements: bash, coreutils, a Go toolchain on PATH (or GO=/path/to/go), a C
+# compiler with a static libc (for pause), access to the Go module proxy. A cold build takes roughly 15-25 minutes on
 # 2 cores (kube-apiserver dominates); warm Go build caches make rebuilds fast.
 set -euo pipefail
 
@@ -29,7 +33,7 @@ source "$HACK_DIR/versions.env"
 : "${ETCD_VERSION:?ETCD_VERSION not set in hack/versions.env}"
 : "${HELM_VERSION:?HELM_VERSION not set in hack/versions.env}"
 
-BINARIES=(kube-apiserver kube-controller-manager kubectl etcd helm)
+BINARIES=(kube-apiserver kube-controller-manager kubectl etcd helm kubelet kube-scheduler kube-proxy pause)
 CACHE_ROOT=${MESHGUARD_E2E_CACHE:-$HOME/.cache/meshguard-e2e}
 CACHE_KEY="${KUBERNETES_VERSION}-etcd${ETCD_VERSION}-helm${HELM_VERSION}"
 DEST_DIR="$CACHE_ROOT/$CACHE_KEY"
@@ -42,6 +46,13 @@ cache_complete() {
     [[ -x "$BIN_DIR/$b" ]] || return 1
   done
 }
+
+# --cached: only say where complete binaries are (exit 1 when they are not built yet); never build.
+if [[ "${1:-}" == "--cached" ]]; then
+  cache_complete || { log "not built yet: run hack/e2e-binaries.sh (or bash .ci/run)"; exit 1; }
+  echo "$BIN_DIR"
+  exit 0
+fi
 
 # Fast path: nothing to do.
 if cache_complete; then
@@ -132,7 +143,10 @@ build_kubernetes() {
 
   local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver
               k8s.io/kubernetes/cmd/kube-controller-manager
-              k8s.io/kubernetes/cmd/kubectl)
+              k8s.io/kubernetes/cmd/kubectl
+              k8s.io/kubernetes/cmd/kubelet
+              k8s.io/kubernetes/cmd/kube-scheduler
+              k8s.io/kubernetes/cmd/kube-proxy)
   (cd "$dir" && go_get "${pkgs[@]/%/@$KUBERNETES_VERSION}")
 
   local ldflags="-s -w" p
@@ -141,6 +155,10 @@ build_kubernetes() {
   done
   log "go build ${pkgs[*]} (slow: kube-apiserver takes 10-20 min on 2 cores)"
   (cd "$dir" && "$GO" build -trimpath -ldflags "$ldflags" -o "$OUT/bin/" "${pkgs[@]}" >&2)
+  # The sandbox ("pause") container's program, from the same module: a static C binary, so the node needs no registry.
+  local src
+  src=$(cd "$dir" && "$GO" list -m -f '{{.Dir}}' k8s.io/kubernetes)
+  ${CC:-cc} -Os -static -o "$OUT/bin/pause" "$src/build/pause/linux/pause.c" >&2
   log "kubernetes done in $((SECONDS - start))s"
 }
 
@@ -186,6 +204,9 @@ log "smoke-testing the new binaries"
 "$OUT/bin/kubectl" version --client >&2
 "$OUT/bin/etcd" --version >&2
 "$OUT/bin/helm" version >&2
+"$OUT/bin/kubelet" --version >&2
+"$OUT/bin/kube-scheduler" --version >&2
+"$OUT/bin/kube-proxy" --version >&2
 
 {
   echo "KUBERNETES_VERSION=$KUBERNETES_VERSION"

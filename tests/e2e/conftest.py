@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.e2e.cluster import ControlPlane, Meshguard, binaries, wait_for
+from tests.e2e.cluster import BinariesMissing, ControlPlane, Meshguard, binaries, wait_for
 from tests.e2e.objects import EXEMPT, MESH, webhooks_answering
 
 ARTIFACTS = ROOT / "artifacts" / "e2e"
@@ -46,7 +46,11 @@ def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def cluster(workdir: Path) -> Iterator[ControlPlane]:
-    plane = ControlPlane(binaries(), workdir / "cluster")
+    try:
+        bin_dir = binaries()
+    except BinariesMissing as missing:
+        pytest.skip(str(missing))
+    plane = ControlPlane(bin_dir, workdir / "cluster")
     try:
         plane.start()
         yield plane
