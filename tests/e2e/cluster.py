@@ -40,11 +40,17 @@ RELEASE_NAMESPACE = "meshguard"
 EXEMPT_LABEL = "e2e.meshguard.io/exempt"
 
 
+class BinariesMissing(RuntimeError):
+    """The Go-built binaries are not in the cache: ``hack/e2e-binaries.sh`` (or ``bash .ci/run``) builds them."""
+
+
 def binaries() -> Path:
-    """The directory of kube-apiserver, kube-controller-manager, etcd, kubectl and helm (built once, cached)."""
-    out = subprocess.run(["bash", str(ROOT / "hack" / "e2e-binaries.sh")], capture_output=True, text=True)
+    """The directory of the binaries ``hack/e2e-binaries.sh`` built and cached (the control plane, the node's
+    components, kubectl and helm). It never builds them here: a cold build takes many minutes."""
+    out = subprocess.run(["bash", str(ROOT / "hack" / "e2e-binaries.sh"), "--cached"], capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"hack/e2e-binaries.sh failed ({out.returncode}):\n{out.stderr[-4000:]}")
+        raise BinariesMissing("the Kubernetes binaries are not built: run `bash hack/e2e-binaries.sh` once "
+                              "(bash .ci/run does)")
     return Path(out.stdout.strip().splitlines()[-1])
 
 
@@ -126,9 +132,12 @@ class ControlPlane:
     """etcd, kube-apiserver and kube-controller-manager on free loopback ports under ``workdir``, with an admin
     kubeconfig (client certificate in ``system:masters``) and kubectl/helm helpers that use it."""
 
-    def __init__(self, bin_dir: Path, workdir: Path) -> None:
+    def __init__(self, bin_dir: Path, workdir: Path, node_ip: str | None = None) -> None:
         self.bin = bin_dir
         self.dir = workdir
+        # With a node (tests/node): the API server listens on the node's address, publishes it as the endpoint of
+        # the kubernetes Service (pods reach it at 10.0.0.1) and authorizes kubelets as a real cluster does.
+        self.node_ip = node_ip
         self.pki = workdir / "pki"
         self.etcd_port = restartable_port()
         self.peer_port = restartable_port(self.etcd_port)
@@ -148,7 +157,7 @@ class ControlPlane:
             ca, "kube-apiserver",
             dns_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                        "kubernetes.default.svc.cluster.local"),
-            ip_addresses=("127.0.0.1", "10.0.0.1"),
+            ip_addresses=("127.0.0.1", "10.0.0.1", *([self.node_ip] if self.node_ip else [])),
         )
         certs.write_pair(self.pki, serving, "apiserver.crt", "apiserver.key")
         admin = certs.issue_leaf(ca, "e2e-admin", server=False, client=True, organizations=("system:masters",))
@@ -160,6 +169,18 @@ class ControlPlane:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
         self.write_kubeconfig(self.kubeconfig, {"client-certificate": str(self.pki / "admin.crt"),
                                                 "client-key": str(self.pki / "admin.key")})
+
+    def client_cert(self, name: str, user: str, *groups: str) -> None:
+        """``pki/<name>.crt`` and ``.key``: a client certificate of this cluster's CA for ``user`` in ``groups``."""
+        ca = certs.load_pair(self.pki, "ca.crt", "ca.key")
+        issued = certs.issue_leaf(ca, user, server=False, client=True, organizations=groups)
+        certs.write_pair(self.pki, issued, f"{name}.crt", f"{name}.key")
+
+    def client_kubeconfig(self, name: str, user: str, *groups: str) -> Path:
+        """A kubeconfig with a client certificate (:meth:`client_cert`) for ``user`` in ``groups``."""
+        self.client_cert(name, user, *groups)
+        return self.write_kubeconfig(self.dir / f"{name}.kubeconfig", {
+            "client-certificate": str(self.pki / f"{name}.crt"), "client-key": str(self.pki / f"{name}.key")})
 
     def write_kubeconfig(self, path: Path, user: dict[str, str]) -> Path:
         """A kubeconfig for this API server with ``user``'s credentials (client certificate or token)."""
@@ -202,7 +223,7 @@ class ControlPlane:
         self.components["kube-apiserver"] = Component("kube-apiserver", [
             str(self.bin / "kube-apiserver"),
             "--etcd-servers", f"http://127.0.0.1:{self.etcd_port}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            *self._address_args(),
             "--secure-port", str(self.api_port), "--cert-dir", str(self.dir / "apiserver-certs"),
             "--tls-cert-file", str(p / "apiserver.crt"), "--tls-private-key-file", str(p / "apiserver.key"),
             "--client-ca-file", str(p / "ca.crt"),
@@ -210,12 +231,9 @@ class ControlPlane:
             "--service-account-signing-key-file", str(p / "sa.key"),
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             "--service-cluster-ip-range", "10.0.0.0/24",
-            "--authorization-mode", "RBAC",
             "--enable-admission-plugins", "NamespaceLifecycle,ServiceAccount,MutatingAdmissionWebhook,"
-                                          "ValidatingAdmissionWebhook,ResourceQuota",
-            # No kubelet runs here, and a loopback advertise address cannot be published as the endpoint of
-            # the kubernetes Service: leave that Service without endpoints.
-            "--endpoint-reconciler-type=none",
+                                          "ValidatingAdmissionWebhook,ResourceQuota" + (
+                                              ",NodeRestriction" if self.node_ip else ""),
             "--allow-privileged=true", "--profiling=false", "--v=1",
         ], logs / "kube-apiserver.log")
         self.components["kube-controller-manager"] = Component("kube-controller-manager", [
@@ -225,9 +243,24 @@ class ControlPlane:
             "--leader-elect=false", "--secure-port=0",
             "--service-account-private-key-file", str(p / "sa.key"), "--root-ca-file", str(p / "ca.crt"),
             "--use-service-account-credentials=false",
-            "--controllers", "*,-nodeipam,-nodelifecycle,-ttl,-bootstrapsigner,-tokencleaner",
+            # With a node, the node lifecycle controller lifts the not-ready taint the kubelet registers with.
+            "--controllers", "*,-nodeipam,-bootstrapsigner,-tokencleaner" + ("" if self.node_ip else ",-nodelifecycle,-ttl"),
             "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10", "--v=1",
         ], logs / "kube-controller-manager.log")
+
+    def _address_args(self) -> list[str]:
+        if self.node_ip is None:
+            # No kubelet runs here, and a loopback advertise address cannot be published as the endpoint of the
+            # kubernetes Service: leave that Service without endpoints.
+            return ["--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--authorization-mode",
+                    "RBAC", "--endpoint-reconciler-type=none"]
+        self.client_cert("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters")
+        return ["--bind-address", "0.0.0.0", "--advertise-address", self.node_ip,
+                "--authorization-mode", "Node,RBAC",
+                "--kubelet-client-certificate", str(self.pki / "apiserver-kubelet-client.crt"),
+                "--kubelet-client-key", str(self.pki / "apiserver-kubelet-client.key"),
+                "--kubelet-certificate-authority", str(self.pki / "ca.crt"),
+                "--kubelet-preferred-address-types", "InternalIP"]
 
     def start(self) -> None:
         self._pki()
@@ -250,6 +283,13 @@ class ControlPlane:
 
     def api_ready(self) -> bool:
         return httpx.get(f"{self.api_url}/readyz", verify=self.admin_ssl(), timeout=3).status_code == 200
+
+    def api_ready_quietly(self) -> bool:
+        """:meth:`api_ready`, False instead of an exception when the API server is down."""
+        try:
+            return self.api_ready()
+        except (httpx.HTTPError, OSError, ssl.SSLError):
+            return False
 
     def restart_apiserver(self) -> None:
         self.components["kube-apiserver"].stop(timeout=5)

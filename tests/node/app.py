@@ -1,0 +1,68 @@
+"""The node scenarios' app: an HTTP server the tests steer through files, and a client (standard library only).
+
+Server (the image's entrypoint, no arguments): listens on $PORT (8080). ``GET /healthz`` answers 200, or 503 while
+/tmp/unhealthy exists; any other path answers 200 with JSON naming the pod, the path and the request headers.
+While /tmp/dead exists the server closes its listening socket and the process idles: a dead app behind a live
+process, as a liveness probe must catch.
+
+Client: ``app.py get URL`` prints the status and body and exits 0 on a 2xx answer, 1 otherwise (2 when no
+connection could be made).
+"""
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            status, body = (503, b"unhealthy\n") if os.path.exists("/tmp/unhealthy") else (200, b"ok\n")
+        else:
+            status = 200
+            body = json.dumps({"pod": socket.gethostname(), "path": self.path,
+                               "headers": dict(self.headers.items())}).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+
+def serve() -> None:
+    server = ThreadingHTTPServer(("", int(os.environ.get("PORT", "8080"))), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    while not os.path.exists("/tmp/dead"):
+        time.sleep(0.2)
+    server.shutdown()
+    server.server_close()
+    print("dead: not listening any more", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            print(answer.status, answer.read().decode(errors="replace"))
+            return 0
+    except urllib.error.HTTPError as error:
+        print(error.code, error.read().decode(errors="replace"))
+        return 1
+    except OSError as error:
+        print(f"error: {error}")
+        return 2
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["get"]:
+        sys.exit(get(sys.argv[2]))
+    serve()

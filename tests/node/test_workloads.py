@@ -1,0 +1,226 @@
+"""Injected workloads on a real node: pods that run, probes the kubelet sends, traffic between Services.
+
+Each scenario is what a platform team sees after ``helm install`` and labeling a namespace. Those that need a
+capability another issue adds are expected failures naming that issue; each has a control that passes without
+the mesh, so the expectation is about meshguard, not about the harness.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.cluster import RELEASE, RELEASE_NAMESPACE, wait_for
+from tests.e2e.objects import INIT, PROXY, STATUS
+from tests.node.conftest import Cluster, gap, waits_on
+from tests.node.images import APP_IMAGE, PYTHON
+from tests.node.node import BRIDGE
+from tests.pcap import read_pcap
+
+PORT = 8080
+
+
+def app(name: str, replicas: int = 1, probes: bool = False, grace: int | None = None) -> list[dict[str, Any]]:
+    """A Deployment of the test app (``tests/node/app.py``) and its Service (port 80 -> 8080)."""
+    container: dict[str, Any] = {"name": "app", "image": APP_IMAGE, "imagePullPolicy": "Never",
+                                 "ports": [{"name": "http", "containerPort": PORT}]}
+    if probes:
+        # Quick probes, so "not Ready" and "restarted" show within seconds.
+        container["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1,
+                                       "failureThreshold": 1}
+        container["livenessProbe"] = {"tcpSocket": {"port": PORT}, "periodSeconds": 1, "failureThreshold": 2}
+    spec: dict[str, Any] = {"containers": [container]}
+    if grace is not None:
+        spec["terminationGracePeriodSeconds"] = grace
+    labels = {"app": name}
+    return [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+         "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                  "template": {"metadata": {"labels": labels}, "spec": spec}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+         "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}},
+    ]
+
+
+def run(cluster: Cluster, namespace: str, name: str, **options: Any) -> dict[str, Any]:
+    """Deploy the app as ``name`` and return its first pod once Ready."""
+    cluster.apply(app(name, **options), namespace)
+    return cluster.wait_ready(namespace, f"app={name}")[0]
+
+
+def cluster_ip(cluster: Cluster, namespace: str, service: str) -> str:
+    return cluster.json("get", "service", service, "-n", namespace)["spec"]["clusterIP"]
+
+
+def spiffe(namespace: str) -> str:
+    return f"spiffe://cluster.local/ns/{namespace}/sa/default"
+
+
+class Tcpdump:
+    """``tcpdump`` of ``host``'s TCP traffic on the node's pod bridge while the ``with`` block runs; :attr:`payloads`
+    afterwards."""
+
+    def __init__(self, path: Path, host: str) -> None:
+        self.path = path
+        self.host = host
+        self.payloads: list[bytes] = []
+
+    def __enter__(self) -> Tcpdump:
+        self.errors = self.path.with_suffix(".err")
+        with self.errors.open("wb") as err:
+            self.process = subprocess.Popen(
+                ["tcpdump", "-i", BRIDGE, "-n", "--immediate-mode", "-U", "-Z", "root", "-w", str(self.path),
+                 "tcp and host", self.host], stdout=subprocess.DEVNULL, stderr=err)
+        wait_for("tcpdump to listen", lambda: "listening on" in self.errors.read_text(errors="replace"))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(timeout=30)
+        self.payloads = [segment.payload for segment in read_pcap(self.path)]
+
+
+def test_meshed_deployment_runs_ready_with_its_sidecar(cluster: Cluster) -> None:
+    namespace = cluster.mesh_namespace("web")
+    pod = run(cluster, namespace, "web")
+    init = {c["name"]: c for c in pod["spec"]["initContainers"]}
+    assert list(init)[:1] == [INIT] and PROXY in init and init[PROXY]["restartPolicy"] == "Always"
+    assert STATUS in pod["metadata"]["annotations"]
+    statuses = {s["name"]: s for s in pod["status"]["initContainerStatuses"] + pod["status"]["containerStatuses"]}
+    assert statuses[INIT]["state"]["terminated"]["exitCode"] == 0
+    assert statuses[PROXY]["ready"] and statuses["app"]["ready"], statuses
+
+
+def test_service_to_service_is_mutual_tls_by_cluster_ip_and_pod_ip(cluster: Cluster, tmp_path: Path) -> None:
+    server_ns = cluster.mesh_namespace("server")
+    client_ns = cluster.mesh_namespace("client")
+    server = run(cluster, server_ns, "web")
+    client = run(cluster, client_ns, "client")
+    with Tcpdump(tmp_path / "bridge.pcap", client["status"]["podIP"]) as capture:
+        name = client["metadata"]["name"]
+        by_service = cluster.get(client_ns, name, f"http://{cluster_ip(cluster, server_ns, 'web')}/")
+        by_pod = cluster.get(client_ns, name, f"http://{server['status']['podIP']}:{PORT}/")
+    assert by_service.returncode == 0, by_service.stdout + by_service.stderr
+    assert by_pod.returncode == 0, by_pod.stdout + by_pod.stderr
+    # The server's proxy verified the client's certificate: its access log (one line per connection, written as
+    # Envoy flushes it) names the client's workload for both calls.
+    wait_for("both calls in the server proxy's access log", lambda: cluster.logs(
+        server_ns, server["metadata"]["name"], PROXY).count(f"peer={spiffe(client_ns)}") >= 2, timeout=30)
+    # On the wire between the pods: TLS records, never the request itself.
+    assert capture.payloads, "tcpdump saw no TCP payload on the bridge"
+    assert not [p for p in capture.payloads if b"GET /" in p], "plaintext HTTP crossed the bridge"
+    assert any(p.startswith(b"\x16\x03") for p in capture.payloads), "no TLS handshake crossed the bridge"
+
+
+def test_a_pod_outside_the_mesh_is_refused_by_a_strict_server(cluster: Cluster) -> None:
+    server_ns = cluster.mesh_namespace("server")
+    outside_ns = cluster.plain_namespace("outside")
+    run(cluster, server_ns, "web")
+    outsider = run(cluster, outside_ns, "outsider")
+    assert PROXY not in [c["name"] for c in outsider["spec"].get("initContainers") or []]
+    answer = cluster.get(outside_ns, outsider["metadata"]["name"], f"http://{cluster_ip(cluster, server_ns, 'web')}/")
+    assert answer.returncode == 2 and "error" in answer.stdout, answer.stdout + answer.stderr
+    # The control: the same client reaches an unmeshed server, so the refusal is the STRICT listener's.
+    run(cluster, outside_ns, "plain-web")
+    control = cluster.get(outside_ns, outsider["metadata"]["name"],
+                          f"http://{cluster_ip(cluster, outside_ns, 'plain-web')}/")
+    assert control.returncode == 0, control.stdout + control.stderr
+
+
+@waits_on(18, "with mesh_cidrs covering the pod range, the proxy wraps every call in mesh mTLS, unmeshed "
+              "destinations included; only a control plane knows which peers are meshed")
+def test_a_meshed_pod_reaches_an_unmeshed_service(cluster: Cluster) -> None:
+    client_ns = cluster.mesh_namespace("client")
+    outside_ns = cluster.plain_namespace("outside")
+    run(cluster, outside_ns, "plain-web")
+    client = run(cluster, client_ns, "client")
+    with gap():
+        answer = cluster.get(client_ns, client["metadata"]["name"],
+                             f"http://{cluster_ip(cluster, outside_ns, 'plain-web')}/")
+        assert answer.returncode == 0, answer.stdout + answer.stderr
+
+
+@pytest.mark.parametrize("meshed", [
+    pytest.param(False, id="without-mesh"),
+    pytest.param(True, id="meshed", marks=waits_on(
+        17, "the kubelet's plaintext probes hit the STRICT inbound listener (httpGet is reset, tcpSocket is "
+            "answered by Envoy); the sidecar must serve rewritten probes")),
+])
+def test_app_probes_mean_what_they_meant(cluster: Cluster, meshed: bool) -> None:
+    namespace = cluster.mesh_namespace("probes") if meshed else cluster.plain_namespace("probes")
+    cluster.apply(app("web", probes=True), namespace)
+    with gap():
+        name = cluster.wait_ready(namespace, "app=web", timeout=60)[0]["metadata"]["name"]
+        # A broken app (its health check fails) is taken out of the Service...
+        cluster.exec(namespace, name, str(PYTHON), "-c", "open('/tmp/unhealthy', 'w')")
+        wait_for("the broken app to be not Ready", lambda: not _ready(cluster, namespace, name), timeout=30)
+        cluster.exec(namespace, name, str(PYTHON), "-c", "import os; os.remove('/tmp/unhealthy')")
+        wait_for("the mended app to be Ready", lambda: _ready(cluster, namespace, name), timeout=30)
+        # ... and a dead one (process alive, port closed) is restarted by its tcpSocket liveness probe.
+        cluster.exec(namespace, name, str(PYTHON), "-c", "open('/tmp/dead', 'w')")
+        wait_for("the dead app to be restarted", lambda: _restarts(cluster, namespace, name) >= 1, timeout=60)
+
+
+def _app_status(cluster: Cluster, namespace: str, pod: str) -> dict[str, Any]:
+    statuses = cluster.json("get", "pod", pod, "-n", namespace)["status"].get("containerStatuses") or []
+    return next((s for s in statuses if s["name"] == "app"), {})
+
+
+def _ready(cluster: Cluster, namespace: str, pod: str) -> bool:
+    return bool(_app_status(cluster, namespace, pod).get("ready"))
+
+
+def _restarts(cluster: Cluster, namespace: str, pod: str) -> int:
+    return int(_app_status(cluster, namespace, pod).get("restartCount", 0))
+
+
+def test_a_job_with_the_sidecar_completes(cluster: Cluster) -> None:
+    namespace = cluster.mesh_namespace("job")
+    cluster.apply([{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},
+                    "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [
+                        {"name": "app", "image": APP_IMAGE, "imagePullPolicy": "Never",
+                         "command": [str(PYTHON), "-c", "print('done')"]}]}}}}], namespace)
+    cluster.kubectl("wait", "--for=condition=Complete", "job/once", "-n", namespace, "--timeout=120s", timeout=130)
+    pod = cluster.json("get", "pods", "-l", "job-name=once", "-n", namespace)["items"][0]
+    assert PROXY in [c["name"] for c in pod["spec"]["initContainers"]]
+
+
+@waits_on(17, "the injected preStop sleep (drain_seconds, 5) must be shorter than the pod's "
+              "terminationGracePeriodSeconds, so the API server refuses every pod of it")
+def test_a_pod_with_no_grace_period_is_created_and_deleted(cluster: Cluster) -> None:
+    namespace = cluster.mesh_namespace("nograce")
+    cluster.apply(app("web", grace=0), namespace)
+    with gap():  # the ReplicaSet's attempts are refused at once: half a minute is plenty
+        pod = cluster.wait_ready(namespace, "app=web", timeout=30)[0]
+    cluster.kubectl("delete", "pod", pod["metadata"]["name"], "-n", namespace, "--timeout=60s")
+
+
+def test_meshed_pods_ride_out_a_meshguard_outage(cluster: Cluster) -> None:
+    server_ns = cluster.mesh_namespace("server")
+    client_ns = cluster.mesh_namespace("client")
+    run(cluster, server_ns, "web")
+    client = run(cluster, client_ns, "client")["metadata"]["name"]
+    url = f"http://{cluster_ip(cluster, server_ns, 'web')}/"
+    deployment = ["deployment", RELEASE, "-n", RELEASE_NAMESPACE]
+    cluster.kubectl("scale", *deployment, "--replicas=0")
+    try:
+        cluster.kubectl("wait", "--for=delete", "pod", "-l", "app.kubernetes.io/component=webhook",
+                        "-n", RELEASE_NAMESPACE, "--timeout=90s", timeout=100)
+        # Running meshed pods do not need meshguard.
+        answer = cluster.get(client_ns, client, url)
+        assert answer.returncode == 0, answer.stdout + answer.stderr
+        # New pods of a mesh namespace wait (the injection webhook fails closed) ...
+        cluster.apply(app("late"), server_ns)
+        wait_for("the ReplicaSet to be refused", lambda: "FailedCreate" in cluster.kubectl(
+            "get", "events", "-n", server_ns, "--field-selector", "reason=FailedCreate").stdout, timeout=60)
+        assert not cluster.json("get", "pods", "-l", "app=late", "-n", server_ns)["items"]
+    finally:
+        cluster.kubectl("scale", *deployment, "--replicas=2")
+    # ... and start, injected, once it is back.
+    cluster.kubectl("rollout", "status", *deployment, "--timeout=180s", timeout=190)
+    late = cluster.wait_ready(server_ns, "app=late", timeout=180)[0]
+    assert PROXY in [c["name"] for c in late["spec"]["initContainers"]]
