@@ -244,7 +244,8 @@ class ControlPlane:
             "--service-account-private-key-file", str(p / "sa.key"), "--root-ca-file", str(p / "ca.crt"),
             "--use-service-account-credentials=false",
             # With a node, the node lifecycle controller lifts the not-ready taint the kubelet registers with.
-            "--controllers", "*,-nodeipam,-bootstrapsigner,-tokencleaner" + ("" if self.node_ip else ",-nodelifecycle,-ttl"),
+            "--controllers",
+            "*,-nodeipam,-bootstrapsigner,-tokencleaner" + ("" if self.node_ip else ",-nodelifecycle,-ttl"),
             "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10", "--v=1",
         ], logs / "kube-controller-manager.log")
 
