@@ -12,24 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .injection.settings import InjectionSettings
+from .policy.settings import PolicySettings
+from .section import Section
 
 MIB = 1024 * 1024
 
 
-class _Section(BaseModel):
-    """Sections reject unknown keys so that a typo in the config file is an error, not a silent default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# Below _Section on purpose: the injection section subclasses it (see webhook/injection/__init__.py).
-from .injection.settings import InjectionSettings  # noqa: E402
-from .policy.settings import PolicySettings  # noqa: E402
-
-
-class ServerSettings(_Section):
+class ServerSettings(Section):
     host: str = "0.0.0.0"
     port: int = Field(8443, ge=1, le=65535, description="HTTPS port for /mutate and /validate")
     health_host: str = "0.0.0.0"
@@ -52,7 +45,7 @@ class ServerSettings(_Section):
     graceful_timeout_seconds: float = Field(20.0, gt=0)
 
 
-class TLSSettings(_Section):
+class TLSSettings(Section):
     cert_dir: Path = Path("certs")
     min_version: Literal["1.2", "1.3"] = "1.2"
     # How often the serving certificate files are checked for rotation (cert-manager, Secret volumes).
@@ -64,7 +57,7 @@ class TLSSettings(_Section):
     expiry_warning_days: int = Field(30, ge=0)
 
 
-class LimitSettings(_Section):
+class LimitSettings(Section):
     """How much one Pod or pod template may carry before meshguard refuses to look at it (HTTP code 400).
 
     Far above any real workload (the API server caps annotations at 256 KiB in all, and a pod with more than a few
@@ -79,7 +72,7 @@ class LimitSettings(_Section):
     max_annotations: int = Field(1000, ge=1)
 
 
-class FailureSettings(_Section):
+class FailureSettings(Section):
     """What a webhook answers when it cannot evaluate a well-formed request (a bug or an unexpected object).
 
     Injection denies by default so that no pod is silently created without its sidecar; the controller
@@ -93,7 +86,7 @@ class FailureSettings(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-class CertificateSettings(_Section):
+class CertificateSettings(Section):
     """Self-managed serving certificate: the server keeps it in a Secret and patches the webhooks' caBundle.
 
     Off by default (cert-manager, Helm or a file provides ``tls.cert_dir``). When on, every replica keeps the

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, model_validator
 
 from .. import envoy
-from ..config import _Section
+from ..section import Section
 from . import values
 from .values import EnvoyLogLevel
 
@@ -30,7 +30,7 @@ Cidr = Annotated[str, AfterValidator(values.cidr)]
 IncludeRange = Annotated[str, AfterValidator(values.include_range)]
 
 
-class InjectionSettings(_Section):
+class InjectionSettings(Section):
     proxy_image: Image = "envoyproxy/envoy:v1.40.0"
     # The init container runs meshguard's own image (``meshguard netinit ...``).
     init_image: Image = "meshguard:0.1.0"

@@ -49,6 +49,12 @@ class Snapshot(Protocol):
     def peer_authentications(self, namespace: str) -> Sequence[PeerAuthentication]: ...
 
 
+class LiveSnapshot(Snapshot, Protocol):
+    """A snapshot that can re-read namespaces from the API server before a denial (the admission handler's)."""
+
+    async def refresh(self, namespaces: Sequence[str]) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RuleResult:
     rule: str

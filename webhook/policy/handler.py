@@ -4,7 +4,7 @@ Pods and pod controllers are checked on CREATE and UPDATE; everything else is al
 strictest failing action: ``enforce`` denies (HTTP 403 in ``status``, one line per failed rule), ``warn`` allows
 with ``warnings`` (kubectl prints each as ``Warning: ...``), ``audit`` allows and only logs and counts.
 
-Before a denial the namespace's state is re-read live (:meth:`Store.refresh`) and the workload evaluated
+Before a denial the namespace's state is re-read live (:meth:`LiveSnapshot.refresh`) and the workload evaluated
 again, so a NetworkPolicy created an instant before the workload is seen. If the re-read fails or times out the
 request is allowed with a warning: meshguard never denies on state it could not confirm.
 
@@ -24,9 +24,8 @@ from ..config import Settings
 from ..injection.decision import INJECT_KEY
 from ..limits import WorkloadHandler
 from ..metrics import LoopCounter, Metrics
-from ..state.store import Store
 from ..workloads import WORKLOAD_KINDS, Workload, as_workload
-from .engine import NETWORK_POLICY, ORDERING_HINT, Engine, Evaluation, RuleResult
+from .engine import NETWORK_POLICY, ORDERING_HINT, Engine, Evaluation, LiveSnapshot, RuleResult
 from .settings import Action
 
 UNCONFIRMED = "meshguard could not re-read this namespace's policies from the API server, so it allowed this"
@@ -50,7 +49,7 @@ def _deleting(obj: Mapping[str, Any]) -> bool:
     return isinstance(meta, Mapping) and bool(meta.get("deletionTimestamp"))
 
 
-def build_handler(settings: Settings, store: Store, metrics: Metrics) -> WorkloadHandler:
+def build_handler(settings: Settings, store: LiveSnapshot, metrics: Metrics) -> WorkloadHandler:
     engine = Engine(settings)
 
     async def handle(request: AdmissionRequest, workload: Workload | None) -> AdmissionResponse:

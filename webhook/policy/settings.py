@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from ..config import _Section
+from ..section import Section
 from .mtls import Mode
 from .networkpolicy import DIRECTIONS
 from .selectors import parse_selector
@@ -32,13 +32,13 @@ def _valid_directions(value: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(d for d in DIRECTIONS if d in value)
 
 
-class NetworkPolicyRule(_Section):
+class NetworkPolicyRule(Section):
     action: Action = "enforce"
     # Directions some NetworkPolicy must isolate for every workload: [Ingress], or [Ingress, Egress].
     directions: Annotated[tuple[str, ...], AfterValidator(_valid_directions)] = ("Ingress",)
 
 
-class MtlsRule(_Section):
+class MtlsRule(Section):
     action: Action = "enforce"
     # Istio's root namespace: a PeerAuthentication there without a selector is the mesh-wide policy.
     root_namespace: str = "istio-system"
@@ -46,7 +46,7 @@ class MtlsRule(_Section):
     default_mode: Mode = "STRICT"
 
 
-class Exemptions(_Section):
+class Exemptions(Section):
     namespaces: tuple[str, ...] = ()
     # LabelSelectors matched against the namespace's labels.
     namespace_selectors: tuple[LabelSelector, ...] = ()
@@ -54,7 +54,7 @@ class Exemptions(_Section):
     workload_selectors: tuple[LabelSelector, ...] = ()
 
 
-class StateSettings(_Section):
+class StateSettings(Section):
     """How the live cluster state is kept (list+watch) and re-read before a denial."""
 
     # A denial is preceded by a live re-read of the namespace; past this the request is allowed with a warning.
@@ -69,7 +69,7 @@ class StateSettings(_Section):
     crd_poll_seconds: float = Field(60.0, gt=0)
 
 
-class PolicySettings(_Section):
+class PolicySettings(Section):
     network_policy: NetworkPolicyRule = NetworkPolicyRule()
     mtls: MtlsRule = MtlsRule()
     # Objects created by a controller (a ReplicaSet's Pods, a Deployment's ReplicaSets, a CronJob's Jobs) are
