@@ -320,6 +320,17 @@ def test_cert_manager_mode(render: Render) -> None:
     assert find(with_issuer, "Certificate")["spec"]["issuerRef"] == ISSUER
 
 
+def test_client_ca_configmap_is_mounted_where_the_server_reads_it(render: Render, tmp_path: Path) -> None:
+    assert _server_config(render(), tmp_path).tls.client_ca_file is None  # no client certificate asked by default
+    objects = render({"clientCA": {"configMap": "apiserver-client-ca", "key": "bundle.pem"}})
+    client_ca_file = _server_config(objects, tmp_path).tls.client_ca_file
+    (mount,) = [m for m in _container(objects)["volumeMounts"] if m["name"] == "client-ca"]
+    assert client_ca_file == Path(mount["mountPath"]) / "bundle.pem" and mount["readOnly"] is True
+    (volume,) = [v for v in find(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == "client-ca"]
+    assert volume == {"name": "client-ca", "configMap": {"name": "apiserver-client-ca"}}
+
+
 def test_self_managed_mode_wiring(render: Render, tmp_path: Path) -> None:
     objects = render()
     settings = _server_config(objects, tmp_path).certificates

@@ -62,6 +62,15 @@ app.kubernetes.io/part-of: meshguard
 {{- end }}
 
 {{- define "meshguard.certDir" -}}/etc/meshguard/certs{{- end }}
+{{- define "meshguard.clientCADir" -}}/etc/meshguard/client-ca{{- end }}
+
+{{/* The tls section: the serving pair's directory, and the client CA file when clientCA names a ConfigMap. */}}
+{{- define "meshguard.tlsConfig" -}}
+cert_dir: {{ include "meshguard.certDir" . }}
+{{- with .Values.clientCA.configMap }}
+client_ca_file: {{ printf "%s/%s" (include "meshguard.clientCADir" $) $.Values.clientCA.key }}
+{{- end }}
+{{- end }}
 
 {{/*
 The server's config.yaml: the chart's defaults with .Values.config merged over them (values win), as YAML.
@@ -71,7 +80,7 @@ The ports, cert dir and failure modes here are what the Deployment, probes and w
 {{- $defaults := dict
   "log_level" "info"
   "server" (dict "port" 8443 "health_port" 8080 "shutdown_delay_seconds" 5)
-  "tls" (dict "cert_dir" (include "meshguard.certDir" .))
+  "tls" (include "meshguard.tlsConfig" . | fromYaml)
   "failure" (dict
     "mutate" (ternary "deny" "allow" (eq .Values.webhooks.injection.failurePolicy "Fail"))
     "validate" (ternary "deny" "allow" (eq .Values.webhooks.validation.failurePolicy "Fail")))
