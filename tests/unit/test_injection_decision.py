@@ -51,6 +51,12 @@ CASES = [
     ("already injected wins over everything", template(labels={OPT: "false"}, annotations={STATUS_ANNOTATION: "{}"},
                                                        hostNetwork=True), "kube-system", False, "already-injected"),
     ("garbage metadata and spec", {"metadata": "x", "spec": None}, "shop", True, "inject"),
+    ("istio sidecar", template(containers=[{"name": "app"}, {"name": "istio-proxy"}]), "shop", False, "other-mesh"),
+    ("istio-init", template(initContainers=[{"name": "istio-init"}]), "shop", False, "other-mesh"),
+    ("linkerd native sidecar", template(initContainers=[{"name": "linkerd-proxy"}]), "shop", False, "other-mesh"),
+    ("istio status annotation", template(annotations={"sidecar.istio.io/status": "{}"}), "shop", False, "other-mesh"),
+    ("linkerd annotation", template(annotations={"linkerd.io/proxy-version": "edge"}), "shop", False, "other-mesh"),
+    ("a container merely named like a mesh", template(containers=[{"name": "istio"}]), "shop", True, "inject"),
 ]
 
 

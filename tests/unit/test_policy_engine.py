@@ -174,7 +174,11 @@ def test_pod_label_opts_in_outside_a_mesh_namespace() -> None:
     [
         (deployment(labels={"app": "payment", "meshguard.io/inject": "false"}), "opted out with the label"),
         (deployment(annotations={"meshguard.io/inject": "false"}), "opted out with the annotation"),
-        (deployment(pod_spec={"hostNetwork": True, "containers": [{"name": "a", "image": "i"}]}), "hostNetwork"),
+        (deployment(pod_spec={"hostNetwork": True, "containers": [{"name": "a", "image": "i"}]}),
+         "; run it without hostNetwork, or ask the platform team to exempt it in policy.exempt"),
+        (deployment(pod_spec={"containers": [{"name": "a", "image": "i"}, {"name": "istio-proxy", "image": "p"}]}),
+         "another mesh's sidecar (Istio or Linkerd), and two proxies cannot both capture its traffic), so they have "
+         "no mutual TLS; remove the other mesh's injection from it"),
     ],
 )
 def test_opted_out_or_uninjectable_templates_fail(obj: dict[str, Any], fragment: str) -> None:

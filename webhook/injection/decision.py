@@ -8,7 +8,7 @@ human sentence for each is :attr:`Decision.message`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,12 @@ MESSAGES: Mapping[str, str] = {
     "system-namespace": "pods in Kubernetes system namespaces are never injected",
     "own-namespace": "pods in meshguard's own namespace are never injected",
     "excluded-namespace": "the namespace is listed in injection.exclude_namespaces",
+    "other-mesh": "the pod already carries another mesh's sidecar (Istio or Linkerd), and two proxies cannot both "
+                  "capture its traffic",
 }
+# What another mesh's injector leaves in a pod: its containers, and its status annotations.
+OTHER_MESH_CONTAINERS = frozenset({"istio-proxy", "istio-init", "istio-validation", "linkerd-proxy", "linkerd-init"})
+OTHER_MESH_ANNOTATIONS = ("sidecar.istio.io/status", "linkerd.io/proxy-version")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +56,22 @@ def _opts_out(value: str | None) -> bool:
     return value is not None and value.strip().lower() == "false"
 
 
-def proxy_container_present(template: Mapping[str, Any]) -> bool:
-    """A ``meshguard-proxy`` container or init container (native or classic sidecar) is in the pod spec."""
+def _container_names(template: Mapping[str, Any]) -> Iterator[Any]:
     spec = template.get("spec")
     spec = spec if isinstance(spec, dict) else {}
-    return any(
-        isinstance(c, dict) and c.get("name") == PROXY_NAME
-        for key in ("containers", "initContainers")
-        for c in (spec.get(key) or () if isinstance(spec.get(key), list) else ())
-    )
+    for key in ("containers", "initContainers"):
+        items = spec.get(key)
+        yield from (c.get("name") for c in (items if isinstance(items, list) else ()) if isinstance(c, dict))
+
+
+def proxy_container_present(template: Mapping[str, Any]) -> bool:
+    """A ``meshguard-proxy`` container or init container (native or classic sidecar) is in the pod spec."""
+    return PROXY_NAME in _container_names(template)
+
+
+def _in_other_mesh(workload: Workload) -> bool:
+    return (any(name in OTHER_MESH_CONTAINERS for name in _container_names(workload.template))
+            or any(key in workload.annotations for key in OTHER_MESH_ANNOTATIONS))
 
 
 def decide(workload: Workload, settings: InjectionSettings, own_namespace: str) -> Decision:
@@ -72,6 +84,8 @@ def decide(workload: Workload, settings: InjectionSettings, own_namespace: str) 
     pod, namespace = workload.template, workload.namespace
     if STATUS_ANNOTATION in workload.annotations or proxy_container_present(pod):
         return Decision(False, "already-injected")
+    if _in_other_mesh(workload):
+        return Decision(False, "other-mesh")
     if namespace in SYSTEM_NAMESPACES:
         return Decision(False, "system-namespace")
     if namespace == own_namespace:

@@ -205,8 +205,10 @@ class Engine:
             return decision.message, f"remove the {INJECT_KEY} opt-out"
         if decision.reason == "already-injected":
             return f"it claims injection but has no {PROXY_NAME} container", "remove the claim and recreate it"
+        fixes = {"host-network": "run it without hostNetwork, or ask the platform team to exempt it in policy.exempt",
+                 "other-mesh": "remove the other mesh's injection from it, or ask the platform team to exempt it"}
         if not decision.inject:
-            return decision.message, "or ask the platform team to exempt it in policy.exempt"
+            return decision.message, fixes.get(decision.reason, "ask the platform team to exempt it in policy.exempt")
         if workload.kind == "Pod":
             return "the injector did not add it", "recreate the pod while meshguard's /mutate webhook is running"
         return None
