@@ -228,6 +228,8 @@ def test_410_gone_lists_again_and_watches_from_the_new_list(fake: FakeAPI, expir
     async def scenario(r: Running) -> None:
         await eventually(lambda: fake.calls(POLICIES)[-1:] == ["watch@40"], "a watch from the new list")
         await eventually(lambda: r.policies() == ["p3"], "the re-list replaced the state")
+        # The other kinds' first lists run concurrently: on a busy machine they may finish after the re-list.
+        await eventually(lambda: r.synced, "first list of every kind")
 
     r = follow(fake, scenario)
     # p1 was deleted while the watch was expired: only a full re-list can notice, and it did.
@@ -279,6 +281,7 @@ def test_peer_authentication_crd_deleted_empties_the_kind_without_losing_readine
     async def scenario(r: Running) -> None:
         await eventually(lambda: fake.calls(PA_V1BETA1) == ["list"], "listed again after the 404")
         await eventually(lambda: r.store.count("PeerAuthentication") == 0, "the kind emptied")
+        await eventually(lambda: r.synced, "first list of every kind")
 
     r = follow(fake, scenario)
     assert fake.calls(PA_V1) == ["list", "watch@50", "list"]  # then it waits crd_poll_seconds to look again
