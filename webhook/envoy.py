@@ -37,7 +37,14 @@ POD_VARIABLES = ("POD_NAME", "POD_NAMESPACE", "POD_IP", "SERVICE_ACCOUNT")
 # The paths the readiness listener answers on: the documented one and the one the injected probes use.
 READY_PATHS = ("/healthz/ready", "/ready")
 STATS_PATH = "/stats/prometheus"
+# The per-pod parts of an otherwise shared bootstrap (the app's rewritten probes, webhook/injection/probes.py):
+# list -> the proxy's environment variable whose value (JSON objects, each followed by a comma) goes first in it.
+SPLICES = {"routes": "MESHGUARD_PROBE_ROUTES", "http_filters": "MESHGUARD_PROBE_FILTERS",
+           "clusters": "MESHGUARD_PROBE_CLUSTERS"}
+_SPLICE_MARK = "meshguard-splice:"
 
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+READINESS_LISTENER = "readiness"
 # Cluster names (also what Envoy's stats and access logs show).
 INBOUND_CLUSTER = "inbound|local"
 MESH_CLUSTER = "outbound|mesh-mtls"
@@ -341,7 +348,7 @@ def _admin_route_listener(name: str, port: int, paths: dict[str, str]) -> dict[s
             {
                 "filters": [
                     {
-                        "name": "envoy.filters.network.http_connection_manager",
+                        "name": HCM_FILTER,
                         "typed_config": _typed(
                             "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                             stat_prefix=name,
@@ -363,7 +370,30 @@ def _admin_route_listener(name: str, port: int, paths: dict[str, str]) -> dict[s
 
 
 def readiness_listener(options: BootstrapOptions) -> dict[str, Any]:
-    return _admin_route_listener("readiness", options.readiness_port, dict.fromkeys(READY_PATHS, "/ready"))
+    return _admin_route_listener(READINESS_LISTENER, options.readiness_port, dict.fromkeys(READY_PATHS, "/ready"))
+
+
+def tcp_connect_check(period: int, timeout: int) -> dict[str, Any]:
+    """An active health check that only connects, every ``period`` seconds whether or not traffic flows."""
+    return {"timeout": f"{timeout}s", "interval": f"{period}s", "no_traffic_interval": f"{period}s",
+            "unhealthy_threshold": 1, "healthy_threshold": 1, "tcp_health_check": {}}
+
+
+def cluster_health_filter(path: str, cluster: str) -> dict[str, Any]:
+    """Answers ``GET path`` itself: 200 while ``cluster``'s host passes its health check, else 503."""
+    return {"name": "envoy.filters.http.health_check", "typed_config": _typed(
+        "envoy.extensions.filters.http.health_check.v3.HealthCheck", pass_through_mode=False,
+        headers=[{"name": ":path", "string_match": {"exact": path}}],
+        cluster_min_healthy_percentages={cluster: {"value": 100}})}
+
+
+def local_cluster(name: str, port: int) -> dict[str, Any]:
+    return _static_cluster(name, "127.0.0.1", port)
+
+
+def unverified_tls() -> dict[str, Any]:
+    return {"name": "envoy.transport_sockets.tls",
+            "typed_config": _typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")}
 
 
 def stats_listener(options: BootstrapOptions) -> dict[str, Any]:
@@ -466,15 +496,31 @@ def bootstrap(options: BootstrapOptions) -> dict[str, Any]:
     return config
 
 
+def _mark_splices(config: dict[str, Any]) -> None:
+    (readiness,) = [x for x in config["static_resources"]["listeners"] if x["name"] == READINESS_LISTENER]
+    manager = readiness["filter_chains"][0]["filters"][0]["typed_config"]
+    for key, items in (("routes", manager["route_config"]["virtual_hosts"][0]["routes"]),
+                       ("http_filters", manager["http_filters"]), ("clusters", config["static_resources"]["clusters"])):
+        items.insert(0, _SPLICE_MARK + SPLICES[key])
+
+
 def render(options: BootstrapOptions) -> str:
-    """Compact JSON (valid YAML) for ``envoy --config-yaml``."""
-    return json.dumps(bootstrap(options), separators=(",", ":"))
+    """Compact JSON (valid YAML) for ``envoy --config-yaml``, with ``$(VAR)`` splice points (:data:`SPLICES`)."""
+    config = bootstrap(options)
+    _mark_splices(config)
+    rendered = json.dumps(config, separators=(",", ":"))
+    for variable in SPLICES.values():
+        rendered = rendered.replace(f'"{_SPLICE_MARK}{variable}",', f"$({variable})")
+    return rendered
 
 
 def expand_pod_variables(rendered: str, values: Mapping[str, str]) -> str:
-    """Replace the ``$(VAR)`` references of a rendered bootstrap with the pod's values (JSON-escaped)."""
+    """Replace the ``$(VAR)`` references of a rendered bootstrap with the pod's values (JSON-escaped), and its
+    splice points with the JSON fragments the injector set (empty when a variable is absent)."""
     for name in POD_VARIABLES:
         rendered = rendered.replace(f"$({name})", json.dumps(values[name])[1:-1])
+    for variable in SPLICES.values():
+        rendered = rendered.replace(f"$({variable})", values.get(variable, ""))
     return rendered
 
 

@@ -39,6 +39,14 @@ def validate(options: envoy.BootstrapOptions, values: dict[str, str] = POD_VALUE
     )
 
 
+def container_env(container: Mapping[str, object]) -> dict[str, str]:
+    """A container's environment as the kubelet sets it: literal values, and the Downward API's from
+    :data:`POD_VALUES`."""
+    env = container.get("env") or []
+    assert isinstance(env, list)
+    return {e["name"]: e["value"] if "value" in e else POD_VALUES[e["name"]] for e in env}
+
+
 def localize(args: Sequence[str], paths: Mapping[str, str]) -> list[str]:
     """Container arguments with the in-pod directories in ``paths`` replaced by directories of this machine."""
     out = []

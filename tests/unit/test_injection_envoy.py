@@ -3,13 +3,22 @@ bootstrap inline in its arguments, or written by the injected ``meshguard-bootst
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import jsonpatch
 import pytest
 
-from tests.dataplane.tools import POD_VALUES, envoy_binary, localize, run_bootstrap_container, write_workload_certs
+from tests.dataplane.tools import (
+    POD_VALUES,
+    container_env,
+    envoy_binary,
+    localize,
+    run_bootstrap_container,
+    write_workload_certs,
+)
 from webhook import envoy
 from webhook.injection.decision import BOOTSTRAP_NAME, PROXY_NAME
 from webhook.injection.patch import plan
@@ -17,14 +26,27 @@ from webhook.injection.settings import CERT_DIR, InjectionSettings
 from webhook.injection.spec import STATE_DIR
 from webhook.workloads import as_workload
 
+# An app container whose probes the injector rewrites: httpGet by port name with a query and headers, tcpSocket,
+# httpGet over HTTPS.
+PROBED = {"name": "web", "image": "shop/web:1", "ports": [{"name": "http", "containerPort": 8080}],
+          "readinessProbe": {"httpGet": {"path": "/healthz?full=1", "port": "http",
+                                          "httpHeaders": [{"name": "X-Probe", "value": "1"}]}},
+          "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 5, "timeoutSeconds": 2},
+          "startupProbe": {"httpGet": {"path": "/started", "port": 8443, "scheme": "HTTPS"}}}
+
 
 @pytest.mark.parametrize("bootstrap", ["inline", "init-container"])
-@pytest.mark.parametrize("annotations", [{}, {"meshguard.io/log-level": "debug"},
-                                         {"meshguard.io/native-sidecar": "false"}])
+@pytest.mark.parametrize(("annotations", "app"), [
+    ({}, {"name": "web", "image": "shop/web:1"}),
+    ({"meshguard.io/log-level": "debug"}, {"name": "web", "image": "shop/web:1"}),
+    ({"meshguard.io/native-sidecar": "false"}, {"name": "web", "image": "shop/web:1"}),
+    ({}, PROBED),
+    ({"meshguard.io/native-sidecar": "false", "meshguard.io/hold-application-until-proxy-starts": "true"}, PROBED),
+], ids=["plain", "log-level", "classic", "probes", "probes-hold"])
 def test_real_envoy_accepts_the_injected_arguments(tmp_path: Path, annotations: dict[str, str],
-                                                   bootstrap: str) -> None:
+                                                   app: dict[str, Any], bootstrap: str) -> None:
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-7d4b9", "annotations": annotations},
-           "spec": {"serviceAccountName": "web", "containers": [{"name": "web", "image": "shop/web:1"}]}}
+           "spec": {"serviceAccountName": "web", "containers": [copy.deepcopy(app)]}}
     workload = as_workload(pod, "shop")
     assert workload is not None
     settings = InjectionSettings(bootstrap=bootstrap)  # type: ignore[arg-type]
@@ -37,12 +59,14 @@ def test_real_envoy_accepts_the_injected_arguments(tmp_path: Path, annotations: 
     paths = {CERT_DIR: str(certs), STATE_DIR: str(tmp_path / "state")}
     (tmp_path / "state").mkdir()
     if bootstrap == "inline":
-        # The kubelet expands $(VAR) from the container's env (all Downward API values here).
-        assert {e["name"] for e in proxy["env"]} == set(POD_VALUES)
-        args = [envoy.expand_pod_variables(arg, POD_VALUES) for arg in proxy["args"]]
+        # The kubelet expands $(VAR) from the container's env: Downward API values and the probe splices.
+        env = container_env(proxy)
+        assert set(POD_VALUES) | set(envoy.SPLICES.values()) == set(env)
+        args = [envoy.expand_pod_variables(arg, env) for arg in proxy["args"]]
         assert not any("$(" in arg for arg in args) and BOOTSTRAP_NAME not in containers
     else:
-        run_bootstrap_container(localize(containers[BOOTSTRAP_NAME]["args"], paths))
+        run_bootstrap_container(localize(containers[BOOTSTRAP_NAME]["args"], paths),
+                                container_env(containers[BOOTSTRAP_NAME]))
         args = proxy["args"]
     done = subprocess.run([envoy_binary(), "--mode", "validate", *localize(args, paths)],
                           capture_output=True, text=True, timeout=120, check=False)

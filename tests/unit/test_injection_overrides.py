@@ -44,6 +44,7 @@ INVALID = [
     ("exclude-outbound-ip-ranges", "everything", "comma-separated CIDRs"),
     ("native-sidecar", "yes", '"true" or "false"'),
     ("hold-application-until-proxy-starts", "1", '"true" or "false"'),
+    ("rewrite-app-probes", "no", '"true" or "false"'),
 ]
 
 
@@ -85,7 +86,7 @@ def test_annotation_list_is_the_documented_one() -> None:
     assert {a.removeprefix("meshguard.io/") for a in ANNOTATIONS} == {
         "proxy-cpu", "proxy-memory", "proxy-cpu-limit", "proxy-memory-limit", "proxy-image", "log-level",
         "exclude-inbound-ports", "exclude-outbound-ports", "include-outbound-ip-ranges",
-        "exclude-outbound-ip-ranges", "native-sidecar", "hold-application-until-proxy-starts"}
+        "exclude-outbound-ip-ranges", "native-sidecar", "hold-application-until-proxy-starts", "rewrite-app-probes"}
 
 
 @pytest.mark.parametrize(("section", "fragment"), [

@@ -183,7 +183,7 @@ def test_json_pointer_escaping() -> None:
 
 
 def test_unknown_fields_managed_fields_and_other_webhooks_containers_are_preserved() -> None:
-    obj = pod(initContainers=[{"name": "istio-validation", "image": "other", "futureField": {"x": 1}}],
+    obj = pod(initContainers=[{"name": "vault-agent-init", "image": "other", "futureField": {"x": 1}}],
               futureSpecField={"enabled": True}, os={"name": "linux"})
     obj["metadata"]["managedFields"] = [{"manager": "kubectl", "operation": "Update", "fieldsV1": {"f:spec": {}}}]
     obj["status"] = {"phase": "Pending"}
@@ -225,15 +225,23 @@ def test_init_container_args_and_security_context() -> None:
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
 
 
+# What the container rendering the bootstrap gets: the Downward API's fields, and the empty probe splices.
+BOOTSTRAP_ENV = {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP",
+                 "SERVICE_ACCOUNT": "spec.serviceAccountName", **dict.fromkeys(envoy.SPLICES.values(), "")}
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] if "valueFrom" in e else e["value"]
+            for e in container["env"]}
+
+
 def test_proxy_container() -> None:
     proxy = proxy_of(inject(pod()))
     assert proxy["image"] == DEFAULTS.proxy_image
     args = proxy["args"]
     expected = envoy.render(envoy.BootstrapOptions())
     assert flag(args, "--config-yaml") == expected
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in proxy["env"]}
-    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP",
-                   "SERVICE_ACCOUNT": "spec.serviceAccountName"}
+    assert _env(proxy) == BOOTSTRAP_ENV
     assert [p["containerPort"] for p in proxy["ports"]] == [15090]
     sc = proxy["securityContext"]
     assert (sc["runAsUser"], sc["runAsGroup"], sc["runAsNonRoot"]) == (1337, 1337, True)
@@ -273,9 +281,7 @@ def test_bootstrap_init_container() -> None:
     envoy.add_option_arguments(parser)
     expected = envoy.BootstrapOptions(mtls_mode="PERMISSIVE", mesh_cidrs=("10.0.0.0/8",), log_level="debug")
     assert envoy.options_from(parser.parse_args(boot["args"][3:])) == expected
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in boot["env"]}
-    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP",
-                   "SERVICE_ACCOUNT": "spec.serviceAccountName"}
+    assert _env(boot) == BOOTSTRAP_ENV
     sc = boot["securityContext"]
     assert (sc["runAsUser"], sc["runAsNonRoot"], sc["capabilities"]) == (1337, True, {"drop": ["ALL"]})
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False

@@ -56,6 +56,7 @@ _OVERRIDES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "native-sidecar": ("native_sidecar", values.boolean, '"true" or "false"'),
     "hold-application-until-proxy-starts": ("hold_application_until_proxy_starts", values.boolean,
                                             '"true" or "false"'),
+    "rewrite-app-probes": ("rewrite_app_probes", values.boolean, '"true" or "false"'),
 }
 ANNOTATIONS = tuple(PREFIX + name for name in _OVERRIDES)
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..workloads import Workload
-from .decision import DEFAULT_CONTAINER_ANNOTATION, STATUS_ANNOTATION, Decision, decide
+from .decision import BOOTSTRAP_NAME, DEFAULT_CONTAINER_ANNOTATION, PROXY_NAME, STATUS_ANNOTATION, Decision, decide
 from .overrides import apply_overrides
-from .settings import InjectionSettings
+from .probes import Rewritten, rewrite
+from .settings import READINESS_PORT, STATS_PORT, InjectionSettings
 from .spec import Sidecar, build
 
 Op = dict[str, Any]
@@ -59,19 +60,51 @@ def _annotation_ops(pod: Mapping[str, Any], sidecar: Sidecar, prefix: str) -> li
     return [_add(f"{prefix}/metadata/annotations/{escape(key)}", value) for key, value in wanted.items()]
 
 
-def patch_ops(pod: Mapping[str, Any], sidecar: Sidecar, prefix: str = "") -> list[Op]:
-    """The operations injecting ``sidecar`` into ``pod`` (a Pod, or a PodTemplateSpec found at ``prefix``)."""
+def _injected_path(spec: Mapping[str, Any], sidecar: Sidecar, name: str, prefix: str) -> str:
+    """Where the injected container ``name`` is once the insertions of :func:`patch_ops` are applied."""
+    for i, container in enumerate(sidecar.init_containers):
+        if container["name"] == name:
+            return f"{prefix}/spec/initContainers/{i}"
+    for i, container in enumerate(sidecar.containers_front):
+        if container["name"] == name:
+            return f"{prefix}/spec/containers/{i}"
+    existing = spec.get("containers")
+    base = len(sidecar.containers_front) + (len(existing) if isinstance(existing, list) else 0)
+    (i,) = [i for i, c in enumerate(sidecar.containers_back) if c["name"] == name]
+    return f"{prefix}/spec/containers/{base + i}"
+
+
+def _probe_ops(spec: Mapping[str, Any], sidecar: Sidecar, rewritten: Rewritten, prefix: str) -> tuple[list[Op], ...]:
+    """Replacing the app's probes (before anything is inserted, so the indexes are the pod's own), and setting the
+    splice variables of the container that renders the bootstrap (after)."""
+    before = [{"op": "replace", "path": f"{prefix}/spec/containers/{i}/{field}", "value": probe}
+              for i, field, probe in rewritten.probes]
+    holder = next(c for c in (*sidecar.init_containers, *sidecar.containers_front, *sidecar.containers_back)
+                  if c["name"] in (BOOTSTRAP_NAME, PROXY_NAME) and "env" in c)
+    path = _injected_path(spec, sidecar, holder["name"], prefix)
+    names = [e["name"] for e in holder["env"]]
+    after = [{"op": "replace", "path": f"{path}/env/{names.index(variable)}/value", "value": value}
+             for variable, value in rewritten.environment().items() if value]
+    return before, after
+
+
+def patch_ops(pod: Mapping[str, Any], sidecar: Sidecar, prefix: str = "",
+              rewritten: Rewritten | None = None) -> list[Op]:
+    """The operations injecting ``sidecar`` into ``pod`` (a Pod, or a PodTemplateSpec found at ``prefix``), with
+    the app's probes ``rewritten``."""
     spec = pod.get("spec")
     ops: list[Op] = []
     if not isinstance(spec, dict):
         spec = {}
         ops.append(_add(f"{prefix}/spec", {}))
+    before, after = _probe_ops(spec, sidecar, rewritten, prefix) if rewritten and rewritten.probes else ([], [])
+    ops += before
     ops += _annotation_ops(pod, sidecar, prefix)
     ops += _insert_ops(spec, "initContainers", f"{prefix}/spec/initContainers", sidecar.init_containers, ())
     ops += _insert_ops(spec, "containers", f"{prefix}/spec/containers", sidecar.containers_front,
                        sidecar.containers_back)
     ops += _insert_ops(spec, "volumes", f"{prefix}/spec/volumes", (), sidecar.volumes)
-    return ops
+    return ops + after
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +120,26 @@ def plan(workload: Workload, settings: InjectionSettings, own_namespace: str) ->
     decision = decide(workload, settings, own_namespace)
     if not decision.inject:
         return Outcome(decision, [])
-    sidecar = build(apply_overrides(settings, workload.annotations))
+    effective = _fit_drain(apply_overrides(settings, workload.annotations), workload.pod_spec)
+    sidecar = build(effective)
     _check_names(workload.pod_spec, sidecar)
-    return Outcome(decision, patch_ops(workload.template, sidecar, workload.pointer))
+    rewritten = (rewrite(workload.pod_spec, READINESS_PORT, (STATS_PORT, *effective.exclude_inbound_ports))
+                 if effective.rewrite_app_probes else None)
+    return Outcome(decision, patch_ops(workload.template, sidecar, workload.pointer, rewritten))
+
+
+# The API server's default terminationGracePeriodSeconds.
+DEFAULT_GRACE_SECONDS = 30
+
+
+def _fit_drain(settings: InjectionSettings, spec: Mapping[str, Any]) -> InjectionSettings:
+    """The proxy's drain (its preStop sleep) shortened to fit the pod's grace period: the API server refuses a
+    pod whose preStop sleep is not shorter than ``terminationGracePeriodSeconds`` (0 is a common choice)."""
+    grace = spec.get("terminationGracePeriodSeconds")
+    grace = grace if isinstance(grace, int) and not isinstance(grace, bool) and grace >= 0 else DEFAULT_GRACE_SECONDS
+    if settings.drain_seconds < grace:
+        return settings
+    return settings.model_copy(update={"drain_seconds": max(grace - 1, 0)})
 
 
 class NameConflict(ValueError):

@@ -63,6 +63,9 @@ class InjectionSettings(Section):
     # init-container: rendered in the pod by a meshguard-bootstrap init container into the shared volume; the
     # pod object is then about 7 KB smaller, which the API server pays for on every write, watch and webhook call.
     bootstrap: Literal["inline", "init-container"] = "inline"
+    # Rewrite the app containers' httpGet and tcpSocket probes to the sidecar, which checks the app over localhost
+    # (under STRICT the kubelet's plaintext probes would be refused); annotation meshguard.io/rewrite-app-probes.
+    rewrite_app_probes: bool = True
     # How long the proxy keeps serving after the pod is told to stop (preStop), so in-flight requests finish.
     drain_seconds: int = Field(5, ge=0, le=3600)
     # Namespaces never injected in addition to kube-system, kube-public, kube-node-lease and meshguard's own.

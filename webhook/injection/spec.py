@@ -125,9 +125,12 @@ def _bootstrap(options: envoy.BootstrapOptions) -> str:
     return envoy.render(options)
 
 
-def _downward_env() -> list[dict[str, Any]]:
-    return [{"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
-            for name, path in _DOWNWARD_API]
+def _bootstrap_env() -> list[dict[str, Any]]:
+    """The pod's identity from the Downward API, then the bootstrap's splice points, empty until the patch sets
+    this pod's (its rewritten probes)."""
+    return [*({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+              for name, path in _DOWNWARD_API),
+            *({"name": variable, "value": ""} for variable in envoy.SPLICES.values())]
 
 
 def _unprivileged(uid: int) -> dict[str, Any]:
@@ -149,7 +152,7 @@ def bootstrap_container(settings: InjectionSettings) -> dict[str, Any]:
         "image": settings.init_image,
         "imagePullPolicy": settings.image_pull_policy,
         "args": ["bootstrap", "--out", BOOTSTRAP_FILE, *envoy.option_args(settings.bootstrap_options())],
-        "env": _downward_env(),
+        "env": _bootstrap_env(),
         "resources": _resources(settings),
         "securityContext": _unprivileged(settings.proxy_uid),
         "volumeMounts": [{"name": STATE_VOLUME, "mountPath": STATE_DIR}],
@@ -179,7 +182,7 @@ def proxy_container(settings: InjectionSettings, native: bool, hold: bool) -> di
             "--drain-time-s", str(settings.drain_seconds),
         ],
         # Inline, the kubelet expands the bootstrap's $(POD_NAME)... from these; else meshguard-bootstrap reads them.
-        **({"env": _downward_env()} if inline else {}),
+        **({"env": _bootstrap_env()} if inline else {}),
         "ports": [{"name": "meshguard-stats", "containerPort": STATS_PORT, "protocol": "TCP"}],
         "readinessProbe": _ready_probe(period=2, failures=3),
         "resources": _resources(settings),

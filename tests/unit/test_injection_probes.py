@@ -1,0 +1,131 @@
+"""The app's probes, rewritten to the sidecar's readiness port, keep their meaning (webhook/injection/probes.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+
+from webhook import envoy
+from webhook.injection.decision import BOOTSTRAP_NAME, PROXY_NAME
+from webhook.injection.patch import plan
+from webhook.injection.probes import rewrite
+from webhook.injection.settings import InjectionSettings
+from webhook.workloads import as_workload
+
+EXCLUDED = (15090,)
+
+
+def _app(**probes: Any) -> dict[str, Any]:
+    return {"name": "web", "image": "shop/web:1", "ports": [{"name": "http", "containerPort": 8080}], **probes}
+
+
+def _splices(out: Any) -> dict[str, list[dict[str, Any]]]:
+    env = out.environment()
+    return {key: json.loads("[" + env[variable].rstrip(",") + "]") for key, variable in envoy.SPLICES.items()}
+
+
+def test_http_probe_goes_to_the_sidecar_with_its_path_headers_and_port_by_name() -> None:
+    probe = {"httpGet": {"path": "/healthz?deep=1", "port": "http", "httpHeaders": [{"name": "X-A", "value": "1"}]},
+             "periodSeconds": 3, "failureThreshold": 4, "timeoutSeconds": 2, "initialDelaySeconds": 5}
+    out = rewrite({"containers": [_app(readinessProbe=probe)]}, 15021, EXCLUDED)
+    ((index, field, new),) = out.probes
+    assert (index, field) == (0, "readinessProbe")
+    assert new == {"httpGet": {"path": "/app-health/web/readyz", "port": 15021, "scheme": "HTTP",
+                               "httpHeaders": [{"name": "X-A", "value": "1"}]},
+                   "periodSeconds": 3, "failureThreshold": 4, "timeoutSeconds": 2, "initialDelaySeconds": 5}
+    parts = _splices(out)
+    assert parts["routes"] == [{"match": {"path": "/app-health/web/readyz"},
+                                "route": {"cluster": "probe|http|8080", "prefix_rewrite": "/healthz?deep=1",
+                                          "timeout": "2s"}}]
+    (cluster,) = parts["clusters"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert endpoint["socket_address"] == {"address": "127.0.0.1", "port_value": 8080}
+    assert "transport_socket" not in cluster and parts["http_filters"] == []
+
+
+def test_https_probe_is_checked_over_unverified_tls_like_the_kubelets() -> None:
+    probe = {"httpGet": {"port": 8443, "scheme": "HTTPS"}}
+    parts = _splices(rewrite({"containers": [_app(startupProbe=probe)]}, 15021, EXCLUDED))
+    assert parts["routes"][0]["route"]["prefix_rewrite"] == "/"  # the kubelet's default path
+    (cluster,) = parts["clusters"]
+    assert cluster["name"] == "probe|https|8443"
+    assert cluster["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    assert "validation_context" not in json.dumps(cluster)
+
+
+def test_tcp_probes_become_a_connect_check_per_port_at_the_quickest_period() -> None:
+    app = _app(livenessProbe={"tcpSocket": {"port": 8080}, "periodSeconds": 7, "timeoutSeconds": 2},
+               readinessProbe={"tcpSocket": {"port": "http"}, "periodSeconds": 3})
+    out = rewrite({"containers": [app]}, 15021, EXCLUDED)
+    assert {field: new["httpGet"]["path"] for _, field, new in out.probes} == {
+        "livenessProbe": "/app-health/web/livez", "readinessProbe": "/app-health/web/readyz"}
+    assert all("tcpSocket" not in new for _, _, new in out.probes)
+    parts = _splices(out)
+    (cluster,) = parts["clusters"]
+    (check,) = cluster["health_checks"]
+    assert check["tcp_health_check"] == {} and check["interval"] == check["no_traffic_interval"] == "3s"
+    paths = [f["typed_config"]["headers"][0]["string_match"]["exact"] for f in parts["http_filters"]]
+    assert paths == ["/app-health/web/readyz", "/app-health/web/livez"]  # in PROBES order
+    assert all(f["typed_config"]["cluster_min_healthy_percentages"] == {"probe|tcp|8080": {"value": 100}}
+               for f in parts["http_filters"])
+
+
+def test_probes_left_alone() -> None:
+    containers = [
+        _app(readinessProbe={"exec": {"command": ["true"]}}, livenessProbe={"grpc": {"port": 9000}},
+             startupProbe={"httpGet": {"port": 9100}}),  # 9100 is excluded from capture below
+        {"name": "named", "image": "x", "readinessProbe": {"httpGet": {"port": "no-such-port"}}},
+    ]
+    out = rewrite({"containers": containers}, 15021, (*EXCLUDED, 9100))
+    assert out.probes == [] and set(out.environment().values()) == {""}
+
+
+def _inject(pod: dict[str, Any], **settings: Any) -> dict[str, Any]:
+    workload = as_workload(pod, "shop")
+    assert workload is not None
+    return jsonpatch.apply_patch(copy.deepcopy(pod), plan(workload, InjectionSettings(**settings), "meshguard").ops)
+
+
+def _pod(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    probe = {"httpGet": {"path": "/ready", "port": 8080}}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "annotations": annotations or {}},
+            "spec": {"containers": [{"name": "side", "image": "x"}, _app(readinessProbe=probe)], **spec}}
+
+
+def _proxy_env(pod: dict[str, Any]) -> dict[str, str]:
+    """The environment the bootstrap is rendered with: the proxy's, or meshguard-bootstrap's in that mode."""
+    containers = pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+    (holder,) = [c for c in containers if c["name"] in (PROXY_NAME, BOOTSTRAP_NAME) and "env" in c]
+    return {e["name"]: e.get("value", "") for e in holder["env"]}
+
+
+def test_the_patch_rewrites_the_right_container_and_sets_the_proxys_splices_in_every_mode() -> None:
+    classic = {"native_sidecar": False}
+    for settings in ({}, classic, {**classic, "hold_application_until_proxy_starts": True},
+                     {"bootstrap": "init-container"}):
+        injected = _inject(_pod(), **settings)
+        (app,) = [c for c in injected["spec"]["containers"] if c["name"] == "web"]
+        assert app["readinessProbe"]["httpGet"]["path"] == "/app-health/web/readyz", settings
+        env = _proxy_env(injected)
+        assert '"prefix_rewrite":"/ready"' in env["MESHGUARD_PROBE_ROUTES"], settings
+        assert env["MESHGUARD_PROBE_FILTERS"] == "", settings
+
+
+def test_a_pod_opts_out_with_the_annotation() -> None:
+    injected = _inject(_pod({"meshguard.io/rewrite-app-probes": "false"}))
+    (app,) = [c for c in injected["spec"]["containers"] if c["name"] == "web"]
+    assert app["readinessProbe"] == {"httpGet": {"path": "/ready", "port": 8080}}
+    assert set(_proxy_env(injected)[v] for v in envoy.SPLICES.values()) == {""}
+
+
+def test_the_drain_fits_the_grace_period() -> None:
+    def pre_stop(pod: dict[str, Any]) -> Any:
+        (proxy,) = [c for c in pod["spec"]["initContainers"] if c["name"] == PROXY_NAME]
+        return proxy.get("lifecycle", {}).get("preStop"), proxy["args"][proxy["args"].index("--drain-time-s") + 1]
+
+    assert pre_stop(_inject(_pod())) == ({"sleep": {"seconds": 5}}, "5")  # default grace 30
+    assert pre_stop(_inject(_pod(terminationGracePeriodSeconds=3))) == ({"sleep": {"seconds": 2}}, "2")
+    assert pre_stop(_inject(_pod(terminationGracePeriodSeconds=0))) == (None, "0")
