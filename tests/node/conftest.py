@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -175,6 +176,19 @@ class Cluster:
         self.kubectl("wait", "--for=condition=Ready", "pod", "-l", selector, "-n", namespace,
                      f"--timeout={timeout}s", timeout=timeout + 10)
         return self.json("get", "pods", "-l", selector, "-n", namespace)["items"]
+
+    def wait_routed(self, namespace: str, service: str, timeout: int = 60) -> str:
+        """The Service's ClusterIP, once kube-proxy sends it to at least one endpoint: a pod is Ready before its
+        Service's rules are written, and a call in between is refused or leaves by the default route."""
+        ip = self.json("get", "service", service, "-n", namespace)["spec"]["clusterIP"]
+
+        def routed() -> bool:
+            rules = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
+            match = re.search(rf"^-A KUBE-SERVICES -d {re.escape(ip)}/32 .*-j (KUBE-SVC-\w+)$", rules, re.M)
+            return bool(match) and re.search(rf"^-A {match.group(1)} .*-j KUBE-SEP-", rules, re.M) is not None
+
+        wait_for(f"kube-proxy to route Service {namespace}/{service}", routed, timeout=timeout)
+        return ip
 
     def exec(self, namespace: str, pod: str, *command: str, container: str = "app",
              timeout: float = 60) -> subprocess.CompletedProcess[str]:
