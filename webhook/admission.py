@@ -20,12 +20,14 @@ from typing import Any
 
 import orjson
 
+from .errors import MeshguardError
+
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
 OPERATIONS = frozenset({"CREATE", "UPDATE", "DELETE", "CONNECT"})
 
 
-class ReviewError(Exception):
+class ReviewError(MeshguardError):
     """The body is not a usable AdmissionReview; answered with HTTP ``status`` and a short JSON error."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import certs, config, logs, manifests
+from .errors import MeshguardError
 
 # Each subcommand registers (name, add_arguments, run); run returns the exit code.
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -272,7 +273,7 @@ COMMANDS: list[Command] = [
 ]
 
 
-class UsageError(Exception):
+class UsageError(MeshguardError):
     """A bad combination of arguments; printed without a traceback, exit code 2."""
 
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .errors import MeshguardError
 from .injection.settings import InjectionSettings
 from .policy.settings import PolicySettings
 from .section import Section
@@ -140,7 +141,7 @@ class Settings(BaseSettings):
     policy: PolicySettings = PolicySettings()
     certificates: CertificateSettings = CertificateSettings()
 
-class ConfigError(ValueError):
+class ConfigError(MeshguardError, ValueError):
     """The configuration file or environment is invalid; the message says where."""
 
 

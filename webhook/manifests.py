@@ -13,10 +13,12 @@ from typing import Any
 
 import yaml
 
+from .errors import MeshguardError
+
 SUFFIXES = (".yaml", ".yml", ".json")
 
 
-class ManifestError(ValueError):
+class ManifestError(MeshguardError, ValueError):
     """A manifest cannot be read or parsed; the message names the file."""
 
 

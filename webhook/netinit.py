@@ -21,6 +21,8 @@ import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from .errors import MeshguardError
+
 INBOUND_CHAIN = "MESHGUARD_INBOUND"
 IN_REDIRECT_CHAIN = "MESHGUARD_IN_REDIRECT"
 OUTPUT_CHAIN = "MESHGUARD_OUTPUT"
@@ -37,7 +39,7 @@ _PERMISSION_MARKERS = ("permission denied", "operation not permitted", "you must
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class NetinitError(Exception):
+class NetinitError(MeshguardError):
     """A reason the rules could not be built or applied, worded for the pod's events and logs."""
 
 

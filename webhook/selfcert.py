@@ -23,7 +23,6 @@ import base64
 import binascii
 import copy
 import datetime as dt
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -35,8 +34,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from . import kubejson
 from .certs import CA_CERT, CA_KEY, TLS_CERT, TLS_KEY, Issued, generate_ca, issue_serving, service_dns_names, write_pair
 from .config import CertificateSettings, Settings
+from .errors import Conflict, KubeError
 from .state.kube import ClusterError, api_client
 
 log = logging.getLogger("meshguard.selfcert")
@@ -48,17 +49,8 @@ CONFLICT_ATTEMPTS = 5
 RETRY_SECONDS = 5.0
 WebhookKind = Literal["mutating", "validating"]
 Action = Literal["keep", "renew", "rotate"]
-FIELD_MANAGER = "meshguard"
 # The Secret's keys, named like the files so that it can also be mounted as a tls.cert_dir.
 SECRET_KEYS = (CA_CERT, CA_KEY, TLS_CERT, TLS_KEY)
-
-
-class KubeError(RuntimeError):
-    """An API call failed; the message names the call, the HTTP status and the API server's message."""
-
-
-class Conflict(KubeError):
-    """The object changed since it was read (HTTP 409): read it again and redo the decision."""
 
 
 class CertificateAPI(Protocol):
@@ -351,25 +343,7 @@ class KubeCertificateAPI:
         self._webhooks = {"mutating": settings.mutating_webhook, "validating": settings.validating_webhook}
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        query = f"?fieldManager={FIELD_MANAGER}" if method in ("POST", "PUT") else ""
-        headers = {"Accept": "application/json", "Content-Type": "application/json"}
-        try:
-            request = self._client.param_serialize(method, path + query, header_params=headers, body=body,
-                                                   auth_settings=["BearerToken"])
-            response = self._client.call_api(*request[:4], _request_timeout=10)
-            payload = response.read()
-        except Exception as exc:  # the client raises its own and urllib3's errors: one type for the caller
-            raise KubeError(f"{method} {path}: {exc}") from exc
-        if response.status == 404 and method == "GET":
-            return None
-        if 200 <= response.status < 300:
-            return json.loads(payload)
-        try:
-            message = json.loads(payload).get("message", "")
-        except ValueError:
-            message = payload[:200].decode(errors="replace")
-        error = Conflict if response.status == 409 else KubeError
-        raise error(f"{method} {path}: HTTP {response.status}: {message}")
+        return kubejson.call(self._client, method, path, body)
 
     def get_secret(self) -> dict[str, Any] | None:
         return self._call("GET", self._secret)

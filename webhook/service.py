@@ -14,6 +14,7 @@ from typing import Any
 from . import selfcert
 from .certs import ensure_dev_certs
 from .config import Settings
+from .errors import KubeError
 from .injection.handler import mutate_handler
 from .limits import within_limits
 from .manifests import ManifestError
@@ -91,7 +92,7 @@ async def serve(settings: Settings) -> None:
     if settings.certificates.self_managed:
         try:
             certificates = await selfcert.start(settings)
-        except (selfcert.KubeError, OSError) as exc:
+        except (KubeError, OSError) as exc:
             raise SystemExit(f"meshguard: cannot set up the self-managed serving certificate: {exc}") from exc
         background.append(certificates.run)
     metrics = Metrics()

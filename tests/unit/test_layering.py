@@ -63,3 +63,19 @@ def test_decisions_do_not_import_the_cluster_state() -> None:
     for module, targets in _imports().items():
         if module.startswith(("webhook.policy", "webhook.injection")):
             assert not [t for t in targets if t.startswith("webhook.state")], module
+
+
+def test_every_public_exception_has_the_one_root() -> None:
+    import importlib
+    import inspect
+
+    from webhook.errors import MeshguardError
+
+    strays = []
+    for module_name in sorted(m for m in _imports() if m != "webhook.__main__"):  # that one runs the CLI
+        module = importlib.import_module(module_name)
+        for name, obj in vars(module).items():
+            if (inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == module_name
+                    and not name.startswith("_") and not issubclass(obj, MeshguardError)):
+                strays.append(f"{module_name}.{name}")
+    assert strays == []

@@ -18,7 +18,8 @@ from cryptography import x509
 from tests.conftest import start_server
 from tests.unit.test_selfcert import CONFIG_PATHS, NAMESPACE, SECRET, SECRETS_PATH, WEBHOOKS, FakeCluster
 from webhook.config import CertificateSettings
-from webhook.selfcert import Conflict, KubeCertificateAPI, KubeError, SelfManagedCertificates, read_secret
+from webhook.errors import Conflict, KubeError
+from webhook.selfcert import KubeCertificateAPI, SelfManagedCertificates, read_secret
 from webhook.state.kube import api_client
 
 TOKEN = "test-token"

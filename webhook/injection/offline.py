@@ -12,12 +12,13 @@ from typing import Any
 import jsonpatch
 
 from ..config import Settings
+from ..errors import MeshguardError
 from ..workloads import iter_workloads
 from .overrides import OverrideError
 from .patch import NameConflict, plan
 
 
-class InjectError(ValueError):
+class InjectError(MeshguardError, ValueError):
     """A workload in the input cannot be injected (an invalid override annotation); the message names it."""
 
 

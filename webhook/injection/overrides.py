@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..errors import MeshguardError
 from . import values
 from .settings import InjectionSettings, resource_problem
 
 PREFIX = "meshguard.io/"
 
 
-class OverrideError(ValueError):
+class OverrideError(MeshguardError, ValueError):
     """One or more override annotations are invalid; ``problems`` holds one sentence per annotation."""
 
     def __init__(self, problems: list[str]) -> None:

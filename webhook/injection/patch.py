@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import MeshguardError
 from ..workloads import Workload
 from .decision import BOOTSTRAP_NAME, DEFAULT_CONTAINER_ANNOTATION, PROXY_NAME, STATUS_ANNOTATION, Decision, decide
 from .overrides import apply_overrides
@@ -142,7 +143,7 @@ def _fit_drain(settings: InjectionSettings, spec: Mapping[str, Any]) -> Injectio
     return settings.model_copy(update={"drain_seconds": max(grace - 1, 0)})
 
 
-class NameConflict(ValueError):
+class NameConflict(MeshguardError, ValueError):
     """The pod already uses a container or volume name that injection adds, without being injected.
 
     Injecting anyway would give the pod two items of one name, which the API server rejects with an error that

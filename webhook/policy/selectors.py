@@ -13,11 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..errors import MeshguardError
+
 Operator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
 OPERATORS: frozenset[str] = frozenset({"In", "NotIn", "Exists", "DoesNotExist"})
 
 
-class SelectorError(ValueError):
+class SelectorError(MeshguardError, ValueError):
     """A LabelSelector the API server would reject (unknown operator, missing or extra values...)."""
 
 

@@ -42,6 +42,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.watch.watch import iter_resp_lines
 
+from ..errors import KubeError
 from ..metrics import Metrics
 from ..policy import mtls
 from ..policy.settings import StateSettings
@@ -57,7 +58,7 @@ CONNECT_TIMEOUT = 10.0
 LIST_TIMEOUT = 60.0  # one page of a list; a dead connection must not hang a watch thread forever
 
 
-class ClusterError(Exception):
+class ClusterError(KubeError):
     """No usable cluster credentials, or the API server refused a request; the message says which."""
 
 
