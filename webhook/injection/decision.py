@@ -70,7 +70,7 @@ def proxy_container_present(template: Mapping[str, Any]) -> bool:
 
 
 def _in_other_mesh(workload: Workload) -> bool:
-    return (any(name in OTHER_MESH_CONTAINERS for name in _container_names(workload.template))
+    return (any(isinstance(name, str) and name in OTHER_MESH_CONTAINERS for name in _container_names(workload.template))
             or any(key in workload.annotations for key in OTHER_MESH_ANNOTATIONS))
 
 
