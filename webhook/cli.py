@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import certs, config, logs, manifests
+from . import certs, config, envoy, logs, manifests
 from .errors import MeshguardError
 
 # Each subcommand registers (name, add_arguments, run); run returns the exit code.
@@ -106,6 +106,8 @@ def _netinit_args(p: argparse.ArgumentParser) -> None:
                    help="destination ranges captured; * (default) for all")
     p.add_argument("--exclude-outbound-ip-ranges", default="", metavar="LIST", help="destination ranges not captured")
     p.add_argument("--dry-run", action="store_true", help="print the iptables-restore input instead of applying it")
+    p.add_argument("--cert-dir", help="the proxy's certificate directory, named in the SDS files")
+    p.add_argument("--sds-dir", type=Path, help="write the proxy's SDS files here (with --cert-dir)")
 
 
 def _netinit(args: argparse.Namespace) -> int:
@@ -132,8 +134,13 @@ def _netinit(args: argparse.Namespace) -> int:
         return 0
     try:
         netinit.apply(options, netinit.families())
+        if args.sds_dir is not None and args.cert_dir:
+            envoy.write_sds_files(args.cert_dir, args.sds_dir)
     except netinit.NetinitError as exc:
         print(f"meshguard netinit: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"meshguard netinit: cannot write the SDS files into {args.sds_dir}: {exc}", file=sys.stderr)
         return 1
     print(f"meshguard netinit: TCP traffic now goes through ports {args.inbound_port}/{args.outbound_port}")
     return 0

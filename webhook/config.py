@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import MeshguardError
+from .identity.settings import IdentitySettings
 from .injection.settings import InjectionSettings
 from .policy.settings import PolicySettings
 from .section import Section
@@ -140,6 +141,7 @@ class Settings(BaseSettings):
     injection: InjectionSettings = InjectionSettings()
     policy: PolicySettings = PolicySettings()
     certificates: CertificateSettings = CertificateSettings()
+    identity: IdentitySettings = IdentitySettings()
 
 class ConfigError(MeshguardError, ValueError):
     """The configuration file or environment is invalid; the message says where."""

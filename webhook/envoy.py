@@ -30,6 +30,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .certs import CA_CERT, TLS_CERT, TLS_KEY
+
 MTLS_MODES = ("STRICT", "PERMISSIVE")
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 # Filled in from the env vars the injector sets through the Downward API.
@@ -72,7 +74,9 @@ class BootstrapOptions:
     readiness_port: int = 15021
     stats_port: int = 15090
     admin_port: int = 15000
-    cert_dir: str = "/etc/meshguard/certs"  # tls.crt, tls.key, ca.crt from the workload Secret
+    cert_dir: str = "/etc/meshguard/certs"  # tls.crt, tls.key, ca.crt: the pod's certificate and the mesh CA
+    # Where meshguard-init writes the SDS files naming them (sds_files), so Envoy reloads them when they rotate.
+    sds_dir: str = "/var/run/meshguard/sds"
     mtls_mode: str = "STRICT"  # STRICT | PERMISSIVE (inbound)
     mesh_cidrs: tuple[str, ...] = ()  # outbound destinations that get mTLS; other traffic passes through
     trust_domain: str = "cluster.local"
@@ -152,24 +156,59 @@ def _file(path: str) -> dict[str, str]:
     return {"filename": path}
 
 
+# The SDS secrets (and their files in sds_dir): the pod's certificate and key, and the mesh CA.
+SDS_FILES = {"workload-certificate": "certificate.json", "mesh-ca": "trust-bundle.json"}
+_SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def sds_files(cert_dir: str) -> dict[str, str]:
+    """The SDS files' contents: each names its files in ``cert_dir`` and watches that directory, so Envoy reloads
+    key and chain together when the kubelet swaps the volume's ``..data`` link (a renewed Pod Certificate or
+    Secret), for new handshakes, without a restart."""
+    watched = {"path": cert_dir}
+    secrets = {
+        "workload-certificate": {"tls_certificate": {
+            "certificate_chain": _file(f"{cert_dir}/{TLS_CERT}"), "private_key": _file(f"{cert_dir}/{TLS_KEY}"),
+            "watched_directory": watched}},
+        "mesh-ca": {"validation_context": {"trusted_ca": _file(f"{cert_dir}/{CA_CERT}"),
+                                           "watched_directory": watched}},
+    }
+    return {SDS_FILES[name]: json.dumps({"resources": [{"@type": _SECRET_TYPE, "name": name, **secret}]})
+            for name, secret in secrets.items()}
+
+
+def write_sds_files(cert_dir: str, sds_dir: Path) -> None:
+    """Write :func:`sds_files` into ``sds_dir`` (they must exist when Envoy starts), readable by the proxy."""
+    sds_dir.mkdir(parents=True, exist_ok=True)
+    sds_dir.chmod(0o755)
+    for name, text in sds_files(cert_dir).items():
+        partial = sds_dir / f".{name}.partial"
+        partial.write_text(text)
+        partial.chmod(0o644)
+        os.replace(partial, sds_dir / name)
+
+
+def _sds(options: BootstrapOptions, name: str) -> dict[str, Any]:
+    return {"name": name, "sds_config": {"path_config_source": {"path": f"{options.sds_dir}/{SDS_FILES[name]}"},
+                                         "resource_api_version": "V3"}}
+
+
 def _common_tls(options: BootstrapOptions, verify_peer: bool) -> dict[str, Any]:
-    """Our certificate, and (``verify_peer``) the mesh CA plus a SPIFFE ID in the trust domain for the peer."""
+    """Our certificate, and (``verify_peer``) the mesh CA plus a SPIFFE ID in the trust domain for the peer; both
+    from the SDS files, so that they rotate."""
     context: dict[str, Any] = {
         # Envoy's client side stops at TLS 1.2 unless told otherwise; both sides of the mesh speak 1.3.
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"},
-        "tls_certificates": [
-            {
-                "certificate_chain": _file(f"{options.cert_dir}/tls.crt"),
-                "private_key": _file(f"{options.cert_dir}/tls.key"),
-            }
-        ],
+        "tls_certificate_sds_secret_configs": [_sds(options, "workload-certificate")],
     }
-    validation: dict[str, Any] = {"trusted_ca": _file(f"{options.cert_dir}/ca.crt")}
     if verify_peer:
-        validation["match_typed_subject_alt_names"] = [
-            {"san_type": "URI", "matcher": {"prefix": spiffe_prefix(options.trust_domain)}}
-        ]
-    context["validation_context"] = validation
+        context["combined_validation_context"] = {
+            "default_validation_context": {"match_typed_subject_alt_names": [
+                {"san_type": "URI", "matcher": {"prefix": spiffe_prefix(options.trust_domain)}}]},
+            "validation_context_sds_secret_config": _sds(options, "mesh-ca"),
+        }
+    else:
+        context["validation_context_sds_secret_config"] = _sds(options, "mesh-ca")
     return context
 
 

@@ -8,7 +8,10 @@ tokens included, is the client's. Every failure leaves as :class:`~webhook.error
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
+
+from kubernetes.watch.watch import iter_resp_lines
 
 from .errors import Conflict, KubeError
 
@@ -38,3 +41,25 @@ def call(client: Any, method: str, path: str, body: dict[str, Any] | None = None
         message = payload[:200].decode(errors="replace")
     error = Conflict if response.status == 409 else KubeError
     raise error(f"{method} {path}: HTTP {response.status}: {message}")
+
+
+def watch(client: Any, path: str, timeout_seconds: int) -> Iterator[dict[str, Any]]:
+    """The events of a watch request (``path`` with ``watch=1`` and its query), as the API's JSON dicts, until the
+    server ends it (after ``timeoutSeconds``) or the read times out."""
+    headers = {"Accept": "application/json"}
+    try:
+        request = client.param_serialize("GET", path, header_params=headers, auth_settings=["BearerToken"])
+        response = client.call_api(*request[:4], _request_timeout=(TIMEOUT_SECONDS, timeout_seconds + 30))
+    except Exception as exc:
+        raise KubeError(f"GET {path}: {exc}") from exc
+    try:
+        if response.status != 200:
+            raise KubeError(f"GET {path}: HTTP {response.status}: {response.read()[:200].decode(errors='replace')}")
+        for line in iter_resp_lines(response.response):
+            yield json.loads(line)
+    except KubeError:
+        raise
+    except Exception as exc:  # a dropped connection, a read timeout, a line that is not JSON
+        raise KubeError(f"watch {path}: {exc}") from exc
+    finally:
+        response.response.release_conn()

@@ -15,6 +15,7 @@ from . import selfcert
 from .certs import ensure_dev_certs
 from .config import Settings
 from .errors import KubeError
+from .identity import controller as identity
 from .injection.handler import mutate_handler
 from .limits import within_limits
 from .manifests import ManifestError
@@ -95,6 +96,15 @@ async def serve(settings: Settings) -> None:
         except (KubeError, OSError) as exc:
             raise SystemExit(f"meshguard: cannot set up the self-managed serving certificate: {exc}") from exc
         background.append(certificates.run)
+    try:
+        signer = await identity.start(settings)
+    except KubeError as exc:
+        raise SystemExit(f"meshguard: cannot set up the workload certificate signer: {exc}") from exc
+    if signer is not None:
+        background.append(signer.run)
+        # Each injected proxy then mounts its own Pod Certificate from this signer instead of a Secret.
+        injection = settings.injection.model_copy(update={"pod_certificate_signer": settings.identity.signer_name})
+        settings = settings.model_copy(update={"injection": injection})
     metrics = Metrics()
     readiness = Readiness()
     log.info(

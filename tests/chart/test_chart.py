@@ -106,9 +106,21 @@ def test_every_object_is_valid_and_labeled(render: Render, case: str) -> None:
 def test_default_install_renders_exactly_these_objects(render: Render) -> None:
     assert kinds([o for o in render() if "helm.sh/hook" not in o["metadata"].get("annotations", {})]) == [
         "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "MutatingWebhookConfiguration",
-        "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Service", "Service", "ServiceAccount",
+        "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Secret", "Service", "Service", "ServiceAccount",
         "ValidatingWebhookConfiguration",
     ]
+
+
+def test_the_mesh_ca_secret_is_kept_on_uninstall_and_named_in_the_config(render: Render, tmp_path: Path) -> None:
+    objects = render()
+    settings = _server_config(objects, tmp_path).identity
+    secret = find(objects, "Secret", settings.ca_secret)
+    # The running proxies trust this CA: deleting it with the release would strand them.
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" and "data" not in secret
+    assert (settings.mode, settings.signer_name) == ("auto", "meshguard.io/workload")
+    off = render({"identity": {"mode": "secret"}})
+    assert not [o for o in off if o["kind"] == "Secret" and o["metadata"]["name"] == settings.ca_secret]
+    assert _server_config(off, tmp_path).identity.mode == "secret"
 
 
 @pytest.mark.parametrize(("case", "expected"), [
@@ -275,7 +287,9 @@ def test_url_override_runs_nothing_in_the_cluster(render: Render) -> None:
     mutating, validating = _webhook_configs(objects)
     for hook, path in [*((h, "/mutate") for h in mutating["webhooks"]), (validating["webhooks"][0], "/validate")]:
         assert hook["clientConfig"] == {"url": f"https://dev.example.com:8443{path}", "caBundle": CA_BUNDLE}
-    assert not {"Deployment", "Service", "Secret", "PodDisruptionBudget", "Certificate"} & set(kinds(objects))
+    assert not {"Deployment", "Service", "PodDisruptionBudget", "Certificate"} & set(kinds(objects))
+    # The one Secret is where the server (wherever it runs) keeps the mesh CA of its workload signer.
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"] == [f"{FULLNAME}-mesh-ca"]
     assert "annotations" not in mutating["metadata"]
 
 
@@ -313,7 +327,8 @@ def test_cert_manager_mode(render: Render) -> None:
         assert all("caBundle" not in h["clientConfig"] for h in webhook_config["webhooks"])
     volume = next(v for v in find(objects, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "certs")
     assert volume["secret"]["secretName"] == serving["secretName"]
-    assert "Secret" not in kinds(objects)
+    # cert-manager makes the serving certificate's Secret; the chart's only Secret is the mesh CA's.
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"] == [f"{FULLNAME}-mesh-ca"]
 
     with_issuer = render(MATRIX["cert-manager-issuer"])
     assert "Issuer" not in kinds(with_issuer)
@@ -334,8 +349,8 @@ def test_client_ca_configmap_is_mounted_where_the_server_reads_it(render: Render
 def test_self_managed_mode_wiring(render: Render, tmp_path: Path) -> None:
     objects = render()
     settings = _server_config(objects, tmp_path).certificates
-    secret = find(objects, "Secret")
-    assert secret["metadata"]["name"] == settings.secret_name and "data" not in secret and secret["type"] == "Opaque"
+    secret = find(objects, "Secret", settings.secret_name)
+    assert "data" not in secret and secret["type"] == "Opaque"
     assert settings.self_managed is True and settings.service == find(objects, "Service", FULLNAME)["metadata"]["name"]
     mutating, validating = _webhook_configs(objects)
     assert (settings.mutating_webhook, settings.validating_webhook) == (mutating["metadata"]["name"],
@@ -364,15 +379,33 @@ def _server_rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and "helm.sh/hook" not in o["metadata"].get("annotations", {}) for rule in o["rules"]]
 
 
+CERTS = "certificates.k8s.io"
+# The workload signer's: its requests, their status, its own signer name, its own trust bundle (created once).
+SIGNER = [
+    {"apiGroups": [CERTS], "resources": ["podcertificaterequests"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [CERTS], "resources": ["podcertificaterequests/status"], "verbs": ["update"]},
+    {"apiGroups": [CERTS], "resources": ["signers"], "resourceNames": ["meshguard.io/workload"],
+     "verbs": ["sign", "attest"]},
+    {"apiGroups": [CERTS], "resources": ["clustertrustbundles"], "verbs": ["create"]},
+    {"apiGroups": [CERTS], "resources": ["clustertrustbundles"], "resourceNames": ["meshguard.io:workload:mesh-ca"],
+     "verbs": ["get", "update"]},
+]
+
+
+def _secrets(*names: str) -> dict[str, Any]:
+    return {"apiGroups": [""], "resources": ["secrets"], "resourceNames": list(names), "verbs": ["get", "update"]}
+
+
 def test_rbac_least_privilege(render: Render) -> None:
     for case in ("helm", "cert-manager"):
-        assert _server_rules(render(MATRIX[case])) == READS
+        assert _server_rules(render(MATRIX[case])) == [*READS, *SIGNER, _secrets(f"{FULLNAME}-mesh-ca")]
+        assert _server_rules(render({**MATRIX[case], "identity": {"mode": "secret"}})) == READS
     objects = render()
     assert _server_rules(objects) == [*READS, {
         "apiGroups": ["admissionregistration.k8s.io"],
         "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
         "resourceNames": [FULLNAME], "verbs": ["get", "update"],
-    }, {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [f"{FULLNAME}-tls"], "verbs": ["get", "update"]}]
+    }, *SIGNER, _secrets(f"{FULLNAME}-tls", f"{FULLNAME}-mesh-ca")]
     role = find(objects, "Role", FULLNAME)
     assert role["metadata"]["namespace"] == NAMESPACE
     for binding in (find(objects, "RoleBinding", FULLNAME), find(objects, "ClusterRoleBinding")):

@@ -240,15 +240,16 @@ def injected(settings: InjectionSettings) -> tuple[list[list[str]], list[str], s
 def _start_pod(lab: Lab, pod: Pod, ip: str, settings: InjectionSettings, identity: tuple[str, str],
                ca_dir: Path) -> None:
     (netinit_args, *bootstrap_args), proxy_argv, cert_dir = injected(settings)
-    # The init container: meshguard's own CLI, run with the injector's arguments.
-    pod.run(sys.executable, "-m", "webhook", *netinit_args)
     # The workload Secret, mounted where Envoy finds it; 0444 like the injected volume, since Envoy is not root.
     certs = write_workload_certs(ca_dir, lab.workdir / f"{pod.role}-certs", *identity)
     for path in (certs, *certs.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o444)
-    state = lab.workdir / f"{pod.role}-state"  # the emptyDir shared by meshguard-bootstrap and the proxy
+    state = lab.workdir / f"{pod.role}-state"  # the emptyDir shared by meshguard's containers and the proxy
     state.mkdir()
+    state.chmod(0o755)
     paths = {cert_dir: str(certs), spec.STATE_DIR: str(state)}
+    # The init container: meshguard's own CLI, run with the injector's arguments (its SDS files go in the state).
+    pod.run(sys.executable, "-m", "webhook", *localize(netinit_args, paths))
     namespace, service_account = identity
     values = {"POD_NAME": f"{pod.role}-0", "POD_NAMESPACE": namespace, "POD_IP": ip,
               "SERVICE_ACCOUNT": service_account}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,12 +33,15 @@ def envoy_binary() -> str:
 
 
 def validate(options: envoy.BootstrapOptions, values: dict[str, str] = POD_VALUES) -> subprocess.CompletedProcess[str]:
-    """``envoy --mode validate`` on the rendered bootstrap."""
-    config = envoy.expand_pod_variables(envoy.render(options), values)
-    return subprocess.run(
-        [envoy_binary(), "--mode", "validate", "--config-yaml", config, "--log-level", "warn"],
-        capture_output=True, text=True, timeout=120,
-    )
+    """``envoy --mode validate`` on the rendered bootstrap, with the SDS files meshguard-init would write."""
+    with tempfile.TemporaryDirectory() as sds:
+        options = dataclasses.replace(options, sds_dir=sds)
+        envoy.write_sds_files(options.cert_dir, Path(sds))
+        config = envoy.expand_pod_variables(envoy.render(options), values)
+        return subprocess.run(
+            [envoy_binary(), "--mode", "validate", "--config-yaml", config, "--log-level", "warn"],
+            capture_output=True, text=True, timeout=120,
+        )
 
 
 def container_env(container: Mapping[str, object]) -> dict[str, str]:

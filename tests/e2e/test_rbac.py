@@ -8,6 +8,7 @@ chart's grants.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,6 +21,14 @@ READ = ("get", "list", "watch")
 STATE = {(resource, "", "", verb) for resource in ("namespaces", "networkpolicies.networking.k8s.io",
                                                    "peerauthentications.security.istio.io") for verb in READ}
 Rules = set[tuple[str, str, str, str]]
+CERTS = "certificates.k8s.io"
+# The workload signer (identity.mode auto or pod-certificate): follow requests, write their status, sign and
+# attest for its own signer only, publish its own trust bundle.
+SIGNER = {(f"podcertificaterequests.{CERTS}", "", "", verb) for verb in READ} | {
+    (f"podcertificaterequests.{CERTS}/status", "", "", "update"),
+    *((f"signers.{CERTS}", "", "meshguard.io/workload", verb) for verb in ("sign", "attest")),
+    (f"clustertrustbundles.{CERTS}", "", "", "create"),
+    *((f"clustertrustbundles.{CERTS}", "", "meshguard.io:workload:mesh-ca", verb) for verb in ("get", "update"))}
 
 
 def account(namespace: str, name: str) -> str:
@@ -32,29 +41,36 @@ def granted(cluster: ControlPlane, namespace: str, name: str, where: str) -> Rul
     return cluster.rules_of(account(namespace, name), where) - baseline
 
 
-def test_the_release_account_reads_namespaces_network_policies_and_peer_authentications_only(
+def test_the_release_account_reads_the_policy_state_and_signs_for_its_own_signer_only(
         cluster: ControlPlane, meshguard: Meshguard, make_namespace: Callable[..., str]) -> None:
-    elsewhere = make_namespace()
-    for where in (RELEASE_NAMESPACE, elsewhere):
-        assert granted(cluster, RELEASE_NAMESPACE, meshguard.service_account, where) == STATE
+    ca_secret = {("secrets", "", "meshguard-mesh-ca", verb) for verb in ("get", "update")}
+    assert granted(cluster, RELEASE_NAMESPACE, meshguard.service_account, RELEASE_NAMESPACE) == \
+        STATE | SIGNER | ca_secret
+    assert granted(cluster, RELEASE_NAMESPACE, meshguard.service_account, make_namespace()) == STATE | SIGNER
     user = account(RELEASE_NAMESPACE, meshguard.service_account)
     for verb, resource in (("list", "pods"), ("get", "secrets"), ("create", "networkpolicies"),
                            ("delete", "namespaces"), ("update", "mutatingwebhookconfigurations")):
         answer = cluster.kubectl("auth", "can-i", verb, resource, "-A", f"--as={user}", check=False)
         assert answer.stdout.strip() == "no", (verb, resource)
-    # And it is enough: the meshguard serving this suite runs with a token of this account, and follows the state.
+    # And it is enough: the meshguard serving this suite runs with a token of this account, follows the state,
+    # and published the mesh CA it made as its signer's ClusterTrustBundle.
     assert meshguard.readyz().json()["ready"] is True
     assert meshguard.metric('meshguard_state_objects{kind="Namespace"}') > 0
+    bundle = cluster.kubectl_json("get", "clustertrustbundle", "meshguard.io:workload:mesh-ca")
+    ca = cluster.kubectl_json("get", "secret", "meshguard-mesh-ca", "-n", RELEASE_NAMESPACE)["data"]["ca.crt"]
+    assert bundle["spec"]["signerName"] == "meshguard.io/workload"
+    assert bundle["spec"]["trustBundle"] == base64.b64decode(ca).decode()
 
 
 @pytest.fixture
 def self_managed_rbac(cluster: ControlPlane, make_namespace: Callable[..., str]) -> Iterator[tuple[str, str]]:
-    """The chart's ServiceAccount and RBAC in selfManaged certificate mode (the in-cluster default), applied
-    alone: installing the whole chart would point webhooks at a Service no pod backs."""
+    """The chart's ServiceAccount and RBAC in selfManaged certificate mode, with identity.mode secret (no signer),
+    applied alone: installing the whole chart would point webhooks at a Service no pod backs."""
     namespace = make_namespace()
     release = "rbac-check"
     rendered = cluster.helm("template", release, str(ROOT / "charts" / "meshguard"), "--namespace", namespace,
-                            "--set", "certificates.mode=selfManaged", "--show-only", "templates/serviceaccount.yaml",
+                            "--set", "certificates.mode=selfManaged", "--set", "identity.mode=secret",
+                            "--show-only", "templates/serviceaccount.yaml",
                             "--show-only", "templates/rbac.yaml").stdout
     objects = [o for o in yaml.safe_load_all(rendered) if o]
     cluster.apply(objects, "-n", namespace)

@@ -37,10 +37,8 @@ from tests.e2e.conftest import create_namespace
 from tests.e2e.objects import EXEMPT, MESH, webhooks_answering
 from tests.node import images
 from tests.node.node import POD_CIDR, SERVICE_CIDR, Node, NodeUnavailable, check_machine, node_ip
-from webhook import certs
 
 ARTIFACTS = ROOT / "artifacts" / "node"
-WORKLOAD_SECRET = "meshguard-workload-cert"
 # What a platform team sets today for Service-to-Service mTLS: the pod and Service ranges are in the mesh.
 CHART_CONFIG = {
     "injection": {"mesh_cidrs": [POD_CIDR, SERVICE_CIDR]},
@@ -131,17 +129,11 @@ def meshguard_installed(node_cluster: ControlPlane) -> ControlPlane:
     return node_cluster
 
 
-@pytest.fixture(scope="session")
-def mesh_ca() -> certs.Issued:
-    return certs.generate_ca("meshguard-node-mesh-ca")
-
-
 @dataclass
 class Cluster:
     """What the scenarios use: kubectl on the node's cluster, namespaces, and waits on real pods."""
 
     plane: ControlPlane
-    ca: certs.Issued
     make: Callable[[str, dict[str, str]], str]
 
     def kubectl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -154,15 +146,9 @@ class Cluster:
         self.plane.apply(objects, "-n", namespace)
 
     def mesh_namespace(self, name: str) -> str:
-        """A namespace labeled for injection, with the workload certificate Secret of its default ServiceAccount
-        (what a platform team creates by hand until per-pod identity lands: issue 16) and a NetworkPolicy
-        admitting traffic to every pod (the policy's coverage rule)."""
+        """A namespace labeled for injection, with a NetworkPolicy admitting traffic to every pod (the policy's
+        coverage rule). Nothing else: each proxy gets its own certificate from meshguard's signer."""
         namespace = self.make(name, MESH)
-        workload = certs.issue_workload(self.ca, namespace, "default")
-        self.kubectl("create", "secret", "generic", WORKLOAD_SECRET, "-n", namespace,
-                     f"--from-literal=tls.crt={workload.cert_pem().decode()}",
-                     f"--from-literal=tls.key={workload.key_pem().decode()}",
-                     f"--from-literal=ca.crt={self.ca.cert_pem().decode()}")
         self.apply([allow_all_ingress()], namespace)
         return namespace
 
@@ -204,7 +190,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(meshguard_installed: ControlPlane, mesh_ca: certs.Issued,
+def cluster(meshguard_installed: ControlPlane,
             request: pytest.FixtureRequest) -> Iterator[Cluster]:
     created: list[str] = []
     test = request.node.name.lower().removeprefix("test_")
@@ -214,7 +200,7 @@ def cluster(meshguard_installed: ControlPlane, mesh_ca: certs.Issued,
         created.append(create_namespace(meshguard_installed, f"{prefix}-{name}", labels))
         return created[-1]
 
-    yield Cluster(meshguard_installed, mesh_ca, make)
+    yield Cluster(meshguard_installed, make)
     if created:
         meshguard_installed.kubectl("delete", "namespace", *created, "--wait=false", check=False)
 

@@ -67,10 +67,23 @@ def test_xds_without_tls_is_accepted(cert_dir: str) -> None:
 
 
 def test_validation_opens_the_certificates(tmp_path: Path) -> None:
-    """The check above is only meaningful if Envoy reads the files: without them it must fail."""
+    """The check above reads the certificate files through the SDS files: without them the update is rejected
+    (the TLS listeners then never warm, and the proxy is not Ready)."""
     result = validate(BootstrapOptions(cert_dir=str(tmp_path)))
-    assert result.returncode != 0
-    assert f"Invalid path: {tmp_path}/" in result.stdout + result.stderr
+    assert f"Filesystem config update rejected: Invalid path: {tmp_path}/" in result.stdout + result.stderr
+
+
+def test_certificates_come_from_the_sds_files_so_that_they_rotate() -> None:
+    """Static tls_certificates are read once; an SDS secret from files is reloaded when the volume changes."""
+    options = BootstrapOptions(cert_dir="/certs", sds_dir="/sds")
+    files = {name: json.loads(text)["resources"][0] for name, text in envoy.sds_files(options.cert_dir).items()}
+    cert = files["certificate.json"]["tls_certificate"]
+    assert (cert["certificate_chain"], cert["private_key"], cert["watched_directory"]) == (
+        {"filename": "/certs/tls.crt"}, {"filename": "/certs/tls.key"}, {"path": "/certs"})
+    bundle = files["trust-bundle.json"]["validation_context"]
+    assert (bundle["trusted_ca"], bundle["watched_directory"]) == ({"filename": "/certs/ca.crt"}, {"path": "/certs"})
+    assert "tls_certificates" not in json.dumps(envoy.bootstrap(options))
+    assert "/sds/certificate.json" in json.dumps(envoy.bootstrap(options))
 
 
 def test_render_is_the_bootstrap_as_compact_json_with_kubelet_references() -> None:
@@ -109,9 +122,9 @@ def test_strict_inbound_only_has_a_tls_chain_requiring_a_mesh_client_certificate
     assert tls["filter_chain_match"] == {"transport_protocol": "tls"}
     context = tls["transport_socket"]["typed_config"]
     assert context["require_client_certificate"] is True
-    validation = context["common_tls_context"]["validation_context"]
-    assert validation["trusted_ca"] == {"filename": "/etc/meshguard/certs/ca.crt"}
-    assert validation["match_typed_subject_alt_names"] == [
+    validation = context["common_tls_context"]["combined_validation_context"]
+    assert validation["validation_context_sds_secret_config"]["name"] == "mesh-ca"
+    assert validation["default_validation_context"]["match_typed_subject_alt_names"] == [
         {"san_type": "URI", "matcher": {"prefix": "spiffe://example.org/"}}]
 
 
@@ -158,8 +171,8 @@ def test_outbound_originates_mtls_to_mesh_ranges_and_passes_the_rest_through() -
     assert mesh["filters"][0]["typed_config"]["cluster"] == envoy.MESH_CLUSTER
     tls = _cluster(config, envoy.MESH_CLUSTER)["transport_socket"]["typed_config"]
     assert tls["@type"].endswith("UpstreamTlsContext")
-    assert tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"][0]["matcher"] == {
-        "prefix": "spiffe://cluster.local/"}
+    validation = tls["common_tls_context"]["combined_validation_context"]["default_validation_context"]
+    assert validation["match_typed_subject_alt_names"][0]["matcher"] == {"prefix": "spiffe://cluster.local/"}
     passthrough = outbound["default_filter_chain"]["filters"][0]["typed_config"]["cluster"]
     assert passthrough == envoy.PASSTHROUGH_CLUSTER
     assert "transport_socket" not in _cluster(config, envoy.PASSTHROUGH_CLUSTER)
@@ -190,7 +203,7 @@ def test_xds_mode_leaves_traffic_listeners_to_the_control_plane() -> None:
     assert xds["type"] == "STRICT_DNS"
     assert xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
         "socket_address": {"address": "xds.mesh.svc", "port_value": 15010}}
-    assert xds["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"]
+    assert xds["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificate_sds_secret_configs"]
     plain = _cluster(envoy.bootstrap(BootstrapOptions(xds_address="[fd00::1]:99", xds_tls=False)), envoy.XDS_CLUSTER)
     assert plain["type"] == "STATIC" and "transport_socket" not in plain
     assert plain["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == {

@@ -20,7 +20,7 @@ from tests.dataplane.tools import (
     write_workload_certs,
 )
 from webhook import envoy
-from webhook.injection.decision import BOOTSTRAP_NAME, PROXY_NAME
+from webhook.injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
 from webhook.injection.patch import plan
 from webhook.injection.settings import CERT_DIR, InjectionSettings
 from webhook.injection.spec import STATE_DIR
@@ -58,6 +58,9 @@ def test_real_envoy_accepts_the_injected_arguments(tmp_path: Path, annotations: 
     certs = write_workload_certs(tmp_path / "ca", tmp_path / "web", "shop", "web")
     paths = {CERT_DIR: str(certs), STATE_DIR: str(tmp_path / "state")}
     (tmp_path / "state").mkdir()
+    # meshguard-init writes the SDS files (its iptables part needs a network namespace: tests/dataplane).
+    netinit = localize(containers[INIT_NAME]["args"], paths)
+    envoy.write_sds_files(netinit[netinit.index("--cert-dir") + 1], Path(netinit[netinit.index("--sds-dir") + 1]))
     if bootstrap == "inline":
         # The kubelet expands $(VAR) from the container's env: Downward API values and the probe splices.
         env = container_env(proxy)

@@ -215,8 +215,11 @@ def test_init_container_args_and_security_context() -> None:
     obj = pod(securityContext={"runAsNonRoot": True, "runAsUser": 1000})
     init = init_of(inject(obj))
     assert init["image"] == DEFAULTS.init_image
-    assert init["args"] == ["netinit", "--proxy-uid", "1337", "--inbound-port", "15006", "--outbound-port", "15001",
+    assert init["args"] == ["netinit", "--cert-dir", "/etc/meshguard/certs", "--sds-dir", "/var/run/meshguard/sds",
+                            "--proxy-uid", "1337", "--inbound-port", "15006", "--outbound-port", "15001",
                             "--exclude-inbound-ports", "15021,15090", "--include-outbound-ip-ranges", "*"]
+    # It writes the proxy's SDS files into the volume the two share.
+    assert init["volumeMounts"] == [{"name": "meshguard-envoy", "mountPath": "/var/run/meshguard"}]
     sc = init["securityContext"]
     assert sorted(sc["capabilities"]["add"]) == ["NET_ADMIN", "NET_RAW"]
     assert sc["capabilities"]["drop"] == ["ALL"]
@@ -301,6 +304,18 @@ def test_volumes() -> None:
     custom = inject(pod(), InjectionSettings(cert_secret="shop-mesh-cert"))
     assert {v["name"]: v for v in custom["spec"]["volumes"]}["meshguard-certs"]["secret"]["secretName"] == \
         "shop-mesh-cert"
+
+
+
+def test_with_the_signer_each_proxy_mounts_its_own_pod_certificate_and_the_mesh_trust_bundle() -> None:
+    injected = inject(pod(), InjectionSettings(pod_certificate_signer="meshguard.io/workload"))
+    volume = {v["name"]: v for v in injected["spec"]["volumes"]}["meshguard-certs"]
+    assert "secret" not in volume
+    # The same file names the Envoy bootstrap reads from the Secret: tls.crt, tls.key, ca.crt.
+    assert volume["projected"] == {"defaultMode": 0o444, "sources": [
+        {"podCertificate": {"signerName": "meshguard.io/workload", "keyType": "ECDSAP256", "keyPath": "tls.key",
+                            "certificateChainPath": "tls.crt"}},
+        {"clusterTrustBundle": {"name": "meshguard.io:workload:mesh-ca", "path": "ca.crt"}}]}
 
 
 def test_no_drain_means_no_pre_stop() -> None:

@@ -22,6 +22,9 @@ READINESS_PORT = 15021
 STATS_PORT = 15090
 ADMIN_PORT = 15000
 CERT_DIR = "/etc/meshguard/certs"
+# The memory-backed volume meshguard's containers share with the proxy: its SDS files, its bootstrap file.
+STATE_DIR = "/var/run/meshguard"
+SDS_DIR = f"{STATE_DIR}/sds"
 
 Quantity = Annotated[str, AfterValidator(values.quantity)]
 Image = Annotated[str, AfterValidator(values.image)]
@@ -53,6 +56,9 @@ class InjectionSettings(Section):
     exclude_outbound_ip_ranges: tuple[Cidr, ...] = ()
     # The Secret (in the pod's namespace) holding the workload certificate: tls.crt, tls.key, ca.crt.
     cert_secret: str = Field("meshguard-workload-cert", min_length=1, max_length=253)
+    # The signer of the proxy's own Pod Certificate (its key made by the kubelet, its SPIFFE ID that of the pod's
+    # ServiceAccount) instead of cert_secret: set at start from identity.mode when meshguard's signer runs.
+    pod_certificate_signer: str | None = None
     mtls_mode: Literal["STRICT", "PERMISSIVE"] = "STRICT"
     # Outbound destinations that are in the mesh and get mTLS.
     mesh_cidrs: tuple[Cidr, ...] = ()
@@ -89,6 +95,7 @@ class InjectionSettings(Section):
             stats_port=STATS_PORT,
             admin_port=ADMIN_PORT,
             cert_dir=CERT_DIR,
+            sds_dir=SDS_DIR,
             mtls_mode=self.mtls_mode,
             mesh_cidrs=self.mesh_cidrs,
             trust_domain=self.trust_domain,

@@ -20,10 +20,11 @@ import orjson
 
 from .. import __version__, envoy
 from ..admission import Constant
+from ..certs import CA_CERT, TLS_CERT, TLS_KEY
+from ..identity.settings import trust_bundle_name
 from .decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
-from .settings import CERT_DIR, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATS_PORT, InjectionSettings
+from .settings import CERT_DIR, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATE_DIR, STATS_PORT, InjectionSettings
 
-STATE_DIR = "/var/run/meshguard"
 STATE_VOLUME = "meshguard-envoy"
 BOOTSTRAP_FILE = posixpath.join(STATE_DIR, "envoy.json")
 CERT_VOLUME = "meshguard-certs"
@@ -74,8 +75,11 @@ class Sidecar:
 def netinit_args(settings: InjectionSettings) -> list[str]:
     """``meshguard netinit`` arguments (the image's entrypoint is ``meshguard``)."""
     inbound_excluded = dict.fromkeys((READINESS_PORT, STATS_PORT, *settings.exclude_inbound_ports))
+    options = settings.bootstrap_options()
     args = [
         "netinit",
+        "--cert-dir", options.cert_dir,
+        "--sds-dir", options.sds_dir,
         "--proxy-uid", str(settings.proxy_uid),
         "--inbound-port", str(INBOUND_PORT),
         "--outbound-port", str(OUTBOUND_PORT),
@@ -107,6 +111,8 @@ def init_container(settings: InjectionSettings) -> dict[str, Any]:
         "imagePullPolicy": settings.image_pull_policy,
         "args": netinit_args(settings),
         "resources": _resources(settings),
+        # The proxy's SDS files go in the volume it shares with the proxy.
+        "volumeMounts": [{"name": STATE_VOLUME, "mountPath": STATE_DIR}],
         "securityContext": {
             "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
             "runAsUser": 0,
@@ -211,9 +217,22 @@ def proxy_container(settings: InjectionSettings, native: bool, hold: bool) -> di
 def volumes(settings: InjectionSettings) -> list[dict[str, Any]]:
     return [
         {"name": STATE_VOLUME, "emptyDir": {"medium": "Memory"}},
-        # 0444: the proxy runs as uid 1337 and must read the key; only containers mounting the volume see it.
-        {"name": CERT_VOLUME, "secret": {"secretName": settings.cert_secret, "defaultMode": 0o444}},
+        {"name": CERT_VOLUME, **_certificate_source(settings)},
     ]
+
+
+def _certificate_source(settings: InjectionSettings) -> dict[str, Any]:
+    """tls.crt, tls.key and ca.crt for the proxy: the pod's own Pod Certificate and the mesh CA's trust bundle, or
+    the namespace's Secret. 0444: the proxy runs as uid 1337 and must read the key; only containers mounting the
+    volume see it."""
+    signer = settings.pod_certificate_signer
+    if signer is None:
+        return {"secret": {"secretName": settings.cert_secret, "defaultMode": 0o444}}
+    return {"projected": {"defaultMode": 0o444, "sources": [
+        {"podCertificate": {"signerName": signer, "keyType": "ECDSAP256", "keyPath": TLS_KEY,
+                            "certificateChainPath": TLS_CERT}},
+        {"clusterTrustBundle": {"name": trust_bundle_name(signer), "path": CA_CERT}},
+    ]}}
 
 
 @functools.lru_cache(maxsize=256)

@@ -56,6 +56,17 @@ app.kubernetes.io/part-of: meshguard
 {{- printf "%s-tls" (include "meshguard.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The mesh CA's Secret and ClusterTrustBundle, when the server signs workload certificates. */}}
+{{- define "meshguard.caSecretName" -}}
+{{- printf "%s-mesh-ca" (include "meshguard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- define "meshguard.trustBundleName" -}}
+{{- printf "%s:mesh-ca" (replace "/" ":" .Values.identity.signerName) }}
+{{- end }}
+{{- define "meshguard.identity" -}}
+{{- if ne .Values.identity.mode "secret" }}true{{ end }}
+{{- end }}
+
 {{/* Whether the server runs in this cluster (false when webhooks.url points elsewhere). */}}
 {{- define "meshguard.inCluster" -}}
 {{- if not .Values.webhooks.url }}true{{ end }}
@@ -85,6 +96,8 @@ The ports, cert dir and failure modes here are what the Deployment, probes and w
     "mutate" (ternary "deny" "allow" (eq .Values.webhooks.injection.failurePolicy "Fail"))
     "validate" (ternary "deny" "allow" (eq .Values.webhooks.validation.failurePolicy "Fail")))
   "injection" (dict "init_image" (include "meshguard.image" .))
+  "identity" (dict "mode" .Values.identity.mode "signer_name" .Values.identity.signerName
+                   "ca_secret" (include "meshguard.caSecretName" .))
 }}
 {{- if eq .Values.certificates.mode "selfManaged" }}
 {{- $sm := .Values.certificates.selfManaged }}
