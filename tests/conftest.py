@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -29,6 +30,29 @@ settings.load_profile("meshguard")
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "fixtures" / "corpus"
+
+
+# Tests under these folders get the marker of the same name (the suites that drive a real cluster).
+_FOLDER_MARKERS = ("e2e", "node")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in _FOLDER_MARKERS:
+            if f"tests/{name}/" in str(item.fspath):
+                item.add_marker(getattr(pytest.mark, name))
+
+
+def run_folder(root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh folder for this session's logs under ``root`` (one per run, so concurrent runs never share one),
+    for a session fixture to ``yield from``: kept when a test failed, removed otherwise."""
+    path = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    path.mkdir(parents=True)
+    yield path
+    if request.session.testsfailed == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        print(f"\nlogs kept in {path}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

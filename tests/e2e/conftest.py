@@ -8,16 +8,13 @@ configurations and RBAC the API server uses are the chart's own. Component logs 
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_folder
 from tests.e2e.cluster import BinariesMissing, ControlPlane, Meshguard, binaries, wait_for
 from tests.e2e.objects import EXEMPT, MESH, webhooks_answering
 
@@ -25,23 +22,10 @@ ARTIFACTS = ROOT / "artifacts" / "e2e"
 _serial = itertools.count()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/e2e/" in str(item.fspath):
-            item.add_marker(pytest.mark.e2e)
-
-
 @pytest.fixture(scope="session")
 def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
-    """This session's folder under ``artifacts/e2e/`` (one per run, so concurrent runs never share one): kept
-    when a test failed, removed otherwise."""
-    path = ARTIFACTS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    path.mkdir(parents=True)
-    yield path
-    if request.session.testsfailed == 0:
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        print(f"\ne2e logs kept in {path}")
+    """This session's folder under ``artifacts/e2e/``."""
+    yield from run_folder(ARTIFACTS, request)
 
 
 @pytest.fixture(scope="session")

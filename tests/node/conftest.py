@@ -10,11 +10,9 @@ cluster's pods and events, are kept under ``artifacts/node/`` when a test failed
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_folder
 from tests.e2e.cluster import (
     EXEMPT_LABEL,
     RELEASE,
@@ -46,21 +44,10 @@ CHART_CONFIG = {
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/node/" in str(item.fspath):
-            item.add_marker(pytest.mark.node)
-
-
 @pytest.fixture(scope="session")
 def node_workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
-    path = ARTIFACTS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    path.mkdir(parents=True)
-    yield path
-    if request.session.testsfailed == 0:
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        print(f"\nnode logs kept in {path}")
+    """This session's folder under ``artifacts/node/``."""
+    yield from run_folder(ARTIFACTS, request)
 
 
 @pytest.fixture(scope="session")
