@@ -12,6 +12,7 @@ from typing import Any
 
 from . import certs, config, envoy, logs, manifests
 from .errors import MeshguardError
+from .lists import split_list
 
 # Each subcommand registers (name, add_arguments, run); run returns the exit code.
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -210,7 +211,11 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 
 def _labels(text: str) -> dict[str, str]:
     labels: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    try:
+        items = split_list(text)
+    except ValueError as exc:
+        raise UsageError(f"--namespace-labels: {exc}") from None
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--namespace-labels: expected key=value, got {item!r}")

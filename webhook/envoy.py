@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .certs import CA_CERT, TLS_CERT, TLS_KEY
+from .lists import split_list
 
 MTLS_MODES = ("STRICT", "PERMISSIVE")
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
@@ -611,7 +612,7 @@ def _boolean(text: str) -> bool:
 
 
 def _items(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
+    return tuple(split_list(text))
 
 
 def add_option_arguments(parser: argparse.ArgumentParser) -> None:

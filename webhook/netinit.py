@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import MeshguardError
+from .lists import split_list
 
 INBOUND_CHAIN = "MESHGUARD_INBOUND"
 IN_REDIRECT_CHAIN = "MESHGUARD_IN_REDIRECT"
@@ -69,14 +70,17 @@ class CaptureOptions:
 # --- parsing the comma-separated flag values ---------------------------------------------------------------------
 
 
-def _items(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
+def _items(value: str, flag: str) -> list[str]:
+    try:
+        return split_list(value)
+    except ValueError as exc:
+        raise NetinitError(f"{flag}: {exc}") from None
 
 
 def parse_ports(value: str, flag: str) -> tuple[int, ...]:
     """``"15021,15090"`` -> ``(15021, 15090)``, duplicates dropped, order kept."""
     ports: dict[int, None] = {}
-    for item in _items(value):
+    for item in _items(value, flag):
         if not item.isdigit() or not 1 <= int(item) <= 65535:
             raise NetinitError(f"{flag}: {item!r} is not a TCP port (1-65535)")
         ports[int(item)] = None
@@ -86,7 +90,7 @@ def parse_ports(value: str, flag: str) -> tuple[int, ...]:
 def parse_ranges(value: str, flag: str) -> tuple[Network, ...]:
     """``"10.0.0.0/8,fd00::/8"`` -> networks; a bare address means that one host."""
     networks: dict[Network, None] = {}
-    for item in _items(value):
+    for item in _items(value, flag):
         try:
             networks[ipaddress.ip_network(item, strict=False)] = None
         except ValueError:
@@ -96,7 +100,7 @@ def parse_ranges(value: str, flag: str) -> tuple[Network, ...]:
 
 def parse_include_ranges(value: str, flag: str) -> tuple[Network, ...] | None:
     """Like :func:`parse_ranges`, except that ``*`` (alone) means every destination (None)."""
-    items = _items(value)
+    items = _items(value, flag)
     if ALL_RANGES in items:
         if len(items) > 1:
             raise NetinitError(f"{flag}: '*' already means every destination; give it alone")

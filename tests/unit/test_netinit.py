@@ -112,7 +112,10 @@ def test_rerun_deletes_its_previous_jumps_in_the_same_transaction() -> None:
 
 
 def test_parsing_keeps_order_and_drops_duplicates() -> None:
-    assert netinit.parse_ports(" 15021, 15090,15021,", "--x") == (15021, 15090)
+    assert netinit.parse_ports(" 15021, 15090,15021", "--x") == (15021, 15090)
+    # One comma-list parser for flags and annotations alike: an empty item is a typo, named with its flag.
+    with pytest.raises(netinit.NetinitError, match="--x: .* has an empty item"):
+        netinit.parse_ports("15021,", "--x")
     assert netinit.parse_ranges("10.1.2.3/8,10.0.0.0/8,::1", "--x") == (
         ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
     assert netinit.parse_include_ranges("", "--x") == ()

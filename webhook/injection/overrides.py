@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import MeshguardError
+from ..lists import split_list
 from . import values
 from .settings import InjectionSettings, resource_problem
 
@@ -26,15 +27,15 @@ class OverrideError(MeshguardError, ValueError):
 
 
 def _ports(text: str) -> tuple[int, ...]:
-    return tuple(values.port(item) for item in values.split_list(text))
+    return tuple(values.port(item) for item in split_list(text))
 
 
 def _cidrs(text: str) -> tuple[str, ...]:
-    return tuple(values.cidr(item) for item in values.split_list(text))
+    return tuple(values.cidr(item) for item in split_list(text))
 
 
 def _include_ranges(text: str) -> tuple[str, ...]:
-    ranges = tuple(values.include_range(item) for item in values.split_list(text))
+    ranges = tuple(values.include_range(item) for item in split_list(text))
     if not ranges:
         raise ValueError("at least one range is required")
     return ranges

@@ -85,11 +85,3 @@ def boolean(text: str) -> bool:
     return text == "true"
 
 
-def split_list(text: str) -> list[str]:
-    """Comma-separated items; an empty string is an empty list (so an annotation can clear a default)."""
-    items = [item.strip() for item in text.split(",")]
-    if items == [""]:
-        return []
-    if "" in items:
-        raise ValueError(f"{text!r} has an empty item")
-    return items
