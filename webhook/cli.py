@@ -98,10 +98,12 @@ def _certs_workload(args: argparse.Namespace) -> int:
 
 
 def _netinit_args(p: argparse.ArgumentParser) -> None:
+    from . import netinit
+
     p.add_argument("--proxy-uid", type=int, required=True, help="uid Envoy runs as: its own traffic is not captured")
     p.add_argument("--inbound-port", type=int, required=True, help="Envoy's inbound capture port")
     p.add_argument("--outbound-port", type=int, required=True, help="Envoy's outbound capture port")
-    p.add_argument("--exclude-inbound-ports", default="", metavar="LIST", help="inbound ports not captured")
+    p.add_argument(netinit.EXCLUDE_INBOUND_FLAG, default="", metavar="LIST", help="inbound ports not captured")
     p.add_argument("--exclude-outbound-ports", default="", metavar="LIST", help="destination ports not captured")
     p.add_argument("--include-outbound-ip-ranges", default="*", metavar="LIST",
                    help="destination ranges captured; * (default) for all")
@@ -119,7 +121,7 @@ def _netinit(args: argparse.Namespace) -> int:
             proxy_uid=args.proxy_uid,
             inbound_port=args.inbound_port,
             outbound_port=args.outbound_port,
-            exclude_inbound_ports=netinit.parse_ports(args.exclude_inbound_ports, "--exclude-inbound-ports"),
+            exclude_inbound_ports=netinit.parse_ports(args.exclude_inbound_ports, netinit.EXCLUDE_INBOUND_FLAG),
             exclude_outbound_ports=netinit.parse_ports(args.exclude_outbound_ports, "--exclude-outbound-ports"),
             include_outbound_ip_ranges=netinit.parse_include_ranges(
                 args.include_outbound_ip_ranges, "--include-outbound-ip-ranges"

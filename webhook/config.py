@@ -20,6 +20,7 @@ from .identity.settings import IdentitySettings
 from .injection.settings import InjectionSettings
 from .policy.settings import PolicySettings
 from .section import Section
+from .xds.settings import XdsSettings
 
 MIB = 1024 * 1024
 
@@ -142,6 +143,7 @@ class Settings(BaseSettings):
     policy: PolicySettings = PolicySettings()
     certificates: CertificateSettings = CertificateSettings()
     identity: IdentitySettings = IdentitySettings()
+    xds: XdsSettings = XdsSettings()
 
 class ConfigError(MeshguardError, ValueError):
     """The configuration file or environment is invalid; the message says where."""

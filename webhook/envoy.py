@@ -25,7 +25,7 @@ import argparse
 import ipaddress
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ ACCESS_LOG_FORMAT = (
     "flags=%RESPONSE_FLAGS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT% ms=%DURATION%\n"
 )
 
-_CONNECT_TIMEOUT = "5s"
+CONNECT_TIMEOUT = "5s"
 
 
 @dataclass(frozen=True)
@@ -145,11 +145,11 @@ def spiffe_prefix(trust_domain: str) -> str:
 # --- building blocks -------------------------------------------------------------------------------------------
 
 
-def _socket_address(address: str, port: int) -> dict[str, Any]:
+def socket_address(address: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": address, "port_value": port}}
 
 
-def _typed(type_name: str, **config: Any) -> dict[str, Any]:
+def typed(type_name: str, **config: Any) -> dict[str, Any]:
     return {"@type": f"type.googleapis.com/{type_name}", **config}
 
 
@@ -194,18 +194,19 @@ def _sds(options: BootstrapOptions, name: str) -> dict[str, Any]:
                                          "resource_api_version": "V3"}}
 
 
-def _common_tls(options: BootstrapOptions, verify_peer: bool) -> dict[str, Any]:
-    """Our certificate, and (``verify_peer``) the mesh CA plus a SPIFFE ID in the trust domain for the peer; both
-    from the SDS files, so that they rotate."""
+def _common_tls(options: BootstrapOptions, verify_peer: bool, peer_ids: Sequence[str] = ()) -> dict[str, Any]:
+    """Our certificate, and (``verify_peer``) the mesh CA plus, for the peer, one of the SPIFFE IDs ``peer_ids``
+    (any in the trust domain when there are none); both from the SDS files, so that they rotate."""
     context: dict[str, Any] = {
         # Envoy's client side stops at TLS 1.2 unless told otherwise; both sides of the mesh speak 1.3.
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"},
         "tls_certificate_sds_secret_configs": [_sds(options, "workload-certificate")],
     }
     if verify_peer:
+        matchers = [{"exact": peer} for peer in peer_ids] or [{"prefix": spiffe_prefix(options.trust_domain)}]
         context["combined_validation_context"] = {
             "default_validation_context": {"match_typed_subject_alt_names": [
-                {"san_type": "URI", "matcher": {"prefix": spiffe_prefix(options.trust_domain)}}]},
+                {"san_type": "URI", "matcher": matcher} for matcher in matchers]},
             "validation_context_sds_secret_config": _sds(options, "mesh-ca"),
         }
     else:
@@ -216,7 +217,7 @@ def _common_tls(options: BootstrapOptions, verify_peer: bool) -> dict[str, Any]:
 def _downstream_tls(options: BootstrapOptions) -> dict[str, Any]:
     return {
         "name": "envoy.transport_sockets.tls",
-        "typed_config": _typed(
+        "typed_config": typed(
             "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             common_tls_context=_common_tls(options, verify_peer=True),
             require_client_certificate=True,
@@ -224,12 +225,12 @@ def _downstream_tls(options: BootstrapOptions) -> dict[str, Any]:
     }
 
 
-def _upstream_tls(options: BootstrapOptions, verify_peer: bool = True) -> dict[str, Any]:
+def upstream_tls(options: BootstrapOptions, verify_peer: bool = True, peer_ids: Sequence[str] = ()) -> dict[str, Any]:
     return {
         "name": "envoy.transport_sockets.tls",
-        "typed_config": _typed(
+        "typed_config": typed(
             "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            common_tls_context=_common_tls(options, verify_peer=verify_peer),
+            common_tls_context=_common_tls(options, verify_peer=verify_peer, peer_ids=peer_ids),
         ),
     }
 
@@ -238,7 +239,7 @@ def _access_log() -> list[dict[str, Any]]:
     return [
         {
             "name": "envoy.access_loggers.stdout",
-            "typed_config": _typed(
+            "typed_config": typed(
                 "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
                 log_format={"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}},
             ),
@@ -246,10 +247,10 @@ def _access_log() -> list[dict[str, Any]]:
     ]
 
 
-def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
+def tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.tcp_proxy",
-        "typed_config": _typed(
+        "typed_config": typed(
             "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
             stat_prefix=stat_prefix,
             cluster=cluster,
@@ -257,7 +258,7 @@ def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
     }
 
 
-def _blackhole_chain(name: str, ports: tuple[int, ...]) -> list[dict[str, Any]]:
+def blackhole_chains(name: str, ports: tuple[int, ...]) -> list[dict[str, Any]]:
     """Connections that reach a capture listener directly (not redirected: from loopback or from the network)
     have the listener's own port as original destination, and forwarding them would loop through Envoy or hand
     the admin interface to the network: send them to a cluster without endpoints, which closes them. One chain per
@@ -266,30 +267,30 @@ def _blackhole_chain(name: str, ports: tuple[int, ...]) -> list[dict[str, Any]]:
         {
             "name": f"{name}-blackhole-{port}",
             "filter_chain_match": {"destination_port": port},
-            "filters": [_tcp_proxy(f"{name}_blackhole", BLACKHOLE_CLUSTER)],
+            "filters": [tcp_proxy(f"{name}_blackhole", BLACKHOLE_CLUSTER)],
         }
         for port in ports
     ]
 
 
-def _original_dst_filter() -> dict[str, Any]:
+def original_dst_filter() -> dict[str, Any]:
     return {
         "name": "envoy.filters.listener.original_dst",
-        "typed_config": _typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst"),
+        "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst"),
     }
 
 
 def _tls_inspector() -> dict[str, Any]:
     return {
         "name": "envoy.filters.listener.tls_inspector",
-        "typed_config": _typed("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"),
+        "typed_config": typed("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"),
     }
 
 
-def _capture_listener(options: BootstrapOptions, name: str, port: int, direction: str) -> dict[str, Any]:
+def capture_listener(options: BootstrapOptions, name: str, port: int, direction: str) -> dict[str, Any]:
     listener: dict[str, Any] = {
         "name": name,
-        "address": _socket_address("0.0.0.0", port),
+        "address": socket_address("0.0.0.0", port),
         "traffic_direction": direction,
         # One access log for the listener, not one per filter chain's tcp_proxy: it sees the same connection
         # (tcp_proxy fills in the upstream host and cluster), and the bootstrap travels in every injected pod's
@@ -297,23 +298,40 @@ def _capture_listener(options: BootstrapOptions, name: str, port: int, direction
         "access_log": _access_log(),
     }
     if options.ipv6:
-        listener["additional_addresses"] = [{"address": _socket_address("::", port)}]
+        listener["additional_addresses"] = [{"address": socket_address("::", port)}]
     return listener
 
 
 # --- listeners -------------------------------------------------------------------------------------------------
 
 
-def inbound_listener(options: BootstrapOptions) -> dict[str, Any]:
+def inbound_listener(options: BootstrapOptions, mode: str | None = None,
+                     port_modes: Mapping[int, str] | None = None) -> dict[str, Any]:
     """Port ``inbound_port``: mTLS in, plaintext to ``127.0.0.1:<original port>``.
 
-    The original port is handed to the ORIGINAL_DST cluster through the well-known filter state key, so one static
-    listener serves every application port without knowing them in advance.
+    ``mode`` (default ``options.mtls_mode``) applies to every port but those of ``port_modes``, the resolved
+    PeerAuthentication modes the control plane sends: STRICT takes only mutual TLS, PERMISSIVE also plaintext,
+    DISABLE forwards whatever arrives. The original port is handed to the ORIGINAL_DST cluster through the
+    well-known filter state key, so one listener serves every application port without knowing them in advance.
     """
+    chains = blackhole_chains("inbound", (options.inbound_port, options.outbound_port, options.admin_port))
+    for port, port_mode in sorted((port_modes or {}).items()):
+        chains += _inbound_chains(options, port_mode, port)
+    chains += _inbound_chains(options, mode or options.mtls_mode, None)
+    return capture_listener(options, "inbound", options.inbound_port, "INBOUND") | {
+        "listener_filters": [original_dst_filter(), _tls_inspector()],
+        # Clients of server-first protocols (SMTP, MySQL) send nothing until the server speaks: after 1s, plaintext.
+        "listener_filters_timeout": "1s",
+        "continue_on_listener_filters_timeout": True,
+        "filter_chains": chains,
+    }
+
+
+def _inbound_chains(options: BootstrapOptions, mode: str, port: int | None) -> list[dict[str, Any]]:
     to_local_app = [
         {
             "name": "envoy.filters.network.set_filter_state",
-            "typed_config": _typed(
+            "typed_config": typed(
                 "envoy.extensions.filters.network.set_filter_state.v3.Config",
                 on_new_connection=[
                     {
@@ -325,52 +343,47 @@ def inbound_listener(options: BootstrapOptions) -> dict[str, Any]:
                 ],
             ),
         },
-        _tcp_proxy("inbound", INBOUND_CLUSTER),
+        tcp_proxy("inbound", INBOUND_CLUSTER),
     ]
-    chains = _blackhole_chain("inbound", (options.inbound_port, options.outbound_port, options.admin_port))
-    chains.append(
-        {
-            "name": "inbound-mtls",
-            "filter_chain_match": {"transport_protocol": "tls"},
-            "transport_socket": _downstream_tls(options),
-            "filters": to_local_app,
-        }
-    )
-    if options.mtls_mode == "PERMISSIVE":
-        chains.append({"name": "inbound-plaintext", "filter_chain_match": {"transport_protocol": "raw_buffer"},
-                       "filters": to_local_app})
-    return _capture_listener(options, "inbound", options.inbound_port, "INBOUND") | {
-        "listener_filters": [_original_dst_filter(), _tls_inspector()],
-        # Clients of server-first protocols (SMTP, MySQL) send nothing until the server speaks: after 1s, plaintext.
-        "listener_filters_timeout": "1s",
-        "continue_on_listener_filters_timeout": True,
-        "filter_chains": chains,
-    }
+    suffix = "" if port is None else f"-{port}"
+    on_port: dict[str, Any] = {} if port is None else {"destination_port": port}
+    if mode == "DISABLE":
+        chain: dict[str, Any] = {"name": f"inbound-plaintext{suffix}", "filters": to_local_app}
+        if on_port:
+            chain["filter_chain_match"] = on_port
+        return [chain]
+    chains: list[dict[str, Any]] = [
+        {"name": f"inbound-mtls{suffix}", "filter_chain_match": {**on_port, "transport_protocol": "tls"},
+         "transport_socket": _downstream_tls(options), "filters": to_local_app}]
+    if mode == "PERMISSIVE":
+        chains.append({"name": f"inbound-plaintext{suffix}",
+                       "filter_chain_match": {**on_port, "transport_protocol": "raw_buffer"}, "filters": to_local_app})
+    return chains
 
 
 def outbound_listener(options: BootstrapOptions) -> dict[str, Any]:
     """Port ``outbound_port``: mTLS to ``mesh_cidrs``, untouched TCP to everything else."""
     # Only our own port: other ports of other hosts, even 15006, are ordinary destinations.
-    chains = _blackhole_chain("outbound", (options.outbound_port,))
+    chains = blackhole_chains("outbound", (options.outbound_port,))
     if options.mesh_cidrs:
         chains.append(
             {
                 "name": "outbound-mesh",
-                "filter_chain_match": {"prefix_ranges": [_cidr_range(c) for c in options.mesh_cidrs]},
-                "filters": [_tcp_proxy("outbound_mesh", MESH_CLUSTER)],
+                "filter_chain_match": {"prefix_ranges": [cidr_range(c) for c in options.mesh_cidrs]},
+                "filters": [tcp_proxy("outbound_mesh", MESH_CLUSTER)],
             }
         )
-    return _capture_listener(options, "outbound", options.outbound_port, "OUTBOUND") | {
-        "listener_filters": [_original_dst_filter()],
+    return capture_listener(options, "outbound", options.outbound_port, "OUTBOUND") | {
+        "listener_filters": [original_dst_filter()],
         "filter_chains": chains,
         "default_filter_chain": {
             "name": "outbound-passthrough",
-            "filters": [_tcp_proxy("outbound_passthrough", PASSTHROUGH_CLUSTER)],
+            "filters": [tcp_proxy("outbound_passthrough", PASSTHROUGH_CLUSTER)],
         },
     }
 
 
-def _cidr_range(cidr: str) -> dict[str, Any]:
+def cidr_range(cidr: str) -> dict[str, Any]:
     network = ipaddress.ip_network(cidr, strict=False)
     return {"address_prefix": str(network.network_address), "prefix_len": network.prefixlen}
 
@@ -383,13 +396,13 @@ def _admin_route_listener(name: str, port: int, paths: dict[str, str]) -> dict[s
     ]
     return {
         "name": name,
-        "address": _socket_address("0.0.0.0", port),
+        "address": socket_address("0.0.0.0", port),
         "filter_chains": [
             {
                 "filters": [
                     {
                         "name": HCM_FILTER,
-                        "typed_config": _typed(
+                        "typed_config": typed(
                             "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                             stat_prefix=name,
                             route_config={
@@ -398,7 +411,7 @@ def _admin_route_listener(name: str, port: int, paths: dict[str, str]) -> dict[s
                             http_filters=[
                                 {
                                     "name": "envoy.filters.http.router",
-                                    "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+                                    "typed_config": typed("envoy.extensions.filters.http.router.v3.Router"),
                                 }
                             ],
                         ),
@@ -421,7 +434,7 @@ def tcp_connect_check(period: int, timeout: int) -> dict[str, Any]:
 
 def cluster_health_filter(path: str, cluster: str) -> dict[str, Any]:
     """Answers ``GET path`` itself: 200 while ``cluster``'s host passes its health check, else 503."""
-    return {"name": "envoy.filters.http.health_check", "typed_config": _typed(
+    return {"name": "envoy.filters.http.health_check", "typed_config": typed(
         "envoy.extensions.filters.http.health_check.v3.HealthCheck", pass_through_mode=False,
         headers=[{"name": ":path", "string_match": {"exact": path}}],
         cluster_min_healthy_percentages={cluster: {"value": 100}})}
@@ -433,7 +446,7 @@ def local_cluster(name: str, port: int) -> dict[str, Any]:
 
 def unverified_tls() -> dict[str, Any]:
     return {"name": "envoy.transport_sockets.tls",
-            "typed_config": _typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")}
+            "typed_config": typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")}
 
 
 def stats_listener(options: BootstrapOptions) -> dict[str, Any]:
@@ -443,12 +456,12 @@ def stats_listener(options: BootstrapOptions) -> dict[str, Any]:
 # --- clusters --------------------------------------------------------------------------------------------------
 
 
-def _original_dst_cluster(name: str, transport_socket: dict[str, Any] | None = None) -> dict[str, Any]:
+def original_dst_cluster(name: str, transport_socket: dict[str, Any] | None = None) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
-        "connect_timeout": _CONNECT_TIMEOUT,
+        "connect_timeout": CONNECT_TIMEOUT,
     }
     if transport_socket is not None:
         cluster["transport_socket"] = transport_socket
@@ -459,12 +472,22 @@ def _static_cluster(name: str, host: str, port: int, kind: str = "STATIC") -> di
     return {
         "name": name,
         "type": kind,
-        "connect_timeout": _CONNECT_TIMEOUT,
+        "connect_timeout": CONNECT_TIMEOUT,
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}],
         },
     }
+
+
+def capture_clusters(options: BootstrapOptions) -> list[dict[str, Any]]:
+    """The clusters behind the capture listeners: the local app, mTLS to a mesh pod, passthrough, and nowhere."""
+    return [
+        original_dst_cluster(INBOUND_CLUSTER),
+        original_dst_cluster(MESH_CLUSTER, upstream_tls(options)),
+        original_dst_cluster(PASSTHROUGH_CLUSTER),
+        {"name": BLACKHOLE_CLUSTER, "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT},
+    ]
 
 
 def xds_cluster(options: BootstrapOptions) -> dict[str, Any]:
@@ -479,11 +502,11 @@ def xds_cluster(options: BootstrapOptions) -> dict[str, Any]:
     # ADS is gRPC: HTTP/2 to the upstream.
     http_options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     cluster["typed_extension_protocol_options"] = {
-        http_options: _typed(http_options, explicit_http_config={"http2_protocol_options": {}})
+        http_options: typed(http_options, explicit_http_config={"http2_protocol_options": {}})
     }
     if options.xds_tls:
         # The control plane is not a workload: trust the mesh CA without requiring a SPIFFE ID of it.
-        cluster["transport_socket"] = _upstream_tls(options, verify_peer=False)
+        cluster["transport_socket"] = upstream_tls(options, verify_peer=False)
     return cluster
 
 
@@ -509,20 +532,17 @@ def bootstrap(options: BootstrapOptions) -> dict[str, Any]:
     clusters = [_static_cluster(ADMIN_CLUSTER, "127.0.0.1", options.admin_port)]
     config: dict[str, Any] = {
         "node": _node(),
-        "admin": {"address": _socket_address("127.0.0.1", options.admin_port)},
+        "admin": {"address": socket_address("127.0.0.1", options.admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
     if options.xds_address is None:
         listeners[:0] = [inbound_listener(options), outbound_listener(options)]
-        clusters += [
-            _original_dst_cluster(INBOUND_CLUSTER),
-            _original_dst_cluster(MESH_CLUSTER, _upstream_tls(options)),
-            _original_dst_cluster(PASSTHROUGH_CLUSTER),
-            {"name": BLACKHOLE_CLUSTER, "type": "STATIC", "connect_timeout": _CONNECT_TIMEOUT},
-        ]
+        clusters += capture_clusters(options)
     else:
         clusters.append(xds_cluster(options))
-        ads = {"ads": {}, "resource_api_version": "V3"}
+        # No initial fetch timeout: the proxy is not ready (nor, with a native sidecar, the app started) until the
+        # control plane has sent its listeners; without them every captured connection would be refused.
+        ads = {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "0s"}
         config["dynamic_resources"] = {
             "ads_config": {
                 "api_type": "GRPC",

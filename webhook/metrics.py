@@ -31,6 +31,8 @@ KNOWN_OPERATIONS = frozenset({"CREATE", "UPDATE", "DELETE", "CONNECT", "unknown"
 
 # Admission latency: most answers take well under a millisecond; the API server's timeout is seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Control-plane pushes and convergence: milliseconds when small, seconds for a large cluster's first push.
+XDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BODY_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 8388608)
 
 
@@ -180,6 +182,25 @@ class Metrics:
         self.unmeshed_pods = LoopCounter(
             "meshguard_unmeshed_pods_admitted", "Pods /validate admitted in the mesh without the sidecar, by reason.",
             ["namespace", "reason"], registry=r,
+        )
+        self.xds_connected = Gauge(
+            "meshguard_xds_connected_proxies", "Proxies with an open ADS stream to this replica.", registry=r,
+        )
+        self.xds_pushes = LoopCounter(
+            "meshguard_xds_pushes", "Discovery responses sent, by resource type (cds, eds, lds).", ["type"], registry=r,
+        )
+        self.xds_push_duration = LoopHistogram(
+            "meshguard_xds_push_duration_seconds", "Time to build the resources of one push for every proxy.",
+            [], r, XDS_BUCKETS,
+        )
+        self.xds_convergence = LoopHistogram(
+            "meshguard_xds_convergence_seconds",
+            "From a cluster change seen by the watch to a proxy's ACK of the config that carries it, by type.",
+            ["type"], r, XDS_BUCKETS,
+        )
+        self.xds_nacks = LoopCounter(
+            "meshguard_xds_nacks", "Configs a proxy rejected (it keeps its last good one), by type.", ["type"],
+            registry=r,
         )
 
     def exposition(self) -> tuple[bytes, str]:

@@ -32,6 +32,8 @@ CHAINS = (INBOUND_CHAIN, IN_REDIRECT_CHAIN, OUTPUT_CHAIN, REDIRECT_CHAIN)
 # The jumps from the built-in chains into ours: the only rules outside our own chains.
 JUMPS = (f"-A PREROUTING -p tcp -j {INBOUND_CHAIN}", f"-A OUTPUT -p tcp -j {OUTPUT_CHAIN}")
 ALL_RANGES = "*"
+# The flag naming the ports left uncaptured; the control plane reads it back from injected pods.
+EXCLUDE_INBOUND_FLAG = "--exclude-inbound-ports"
 RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
 SAVE = {4: "iptables-save", 6: "ip6tables-save"}
 # What iptables-restore says when the container lacks NET_ADMIN (legacy and nf_tables backends).

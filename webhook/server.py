@@ -23,7 +23,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .admission import (
@@ -209,9 +209,28 @@ async def _respond(send: Send, status: int, body: bytes, extra_headers: Iterable
     await send({"type": "http.response.body", "body": body})
 
 
-def build_health_app(readiness: Readiness, metrics: Metrics) -> FastAPI:
-    """``/healthz`` (the process answers), ``/readyz`` (ready for admission traffic), ``/metrics``."""
+ProxyConfig = Callable[[str, str], dict[str, Any] | None]
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
+def build_health_app(readiness: Readiness, metrics: Metrics, proxy_config: ProxyConfig | None = None) -> FastAPI:
+    """``/healthz`` (the process answers), ``/readyz`` (ready for admission traffic), ``/metrics``, and with the
+    control plane ``/debug/proxy-config/<namespace>/<pod>`` (from loopback only: ``kubectl port-forward``)."""
     app = FastAPI(title="meshguard health", docs_url=None, redoc_url=None, openapi_url=None)
+
+    if proxy_config is not None:
+        describe = proxy_config
+
+        @app.get("/debug/proxy-config/{namespace}/{pod}")
+        async def proxy_config_of(namespace: str, pod: str, request: Request) -> JSONResponse:
+            if request.client is None or request.client.host not in LOOPBACK:
+                return JSONResponse({"error": "proxy configs are served to loopback only (kubectl port-forward)"},
+                                    status_code=403)
+            found = describe(namespace, pod)
+            if found is None:
+                return JSONResponse({"error": f"no proxy of pod {namespace}/{pod} is connected to this replica"},
+                                    status_code=404)
+            return JSONResponse(found)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -273,6 +292,7 @@ async def run(
     readiness: Readiness,
     metrics: Metrics,
     background: Iterable[Callable[[], Coroutine[Any, Any, None]]] = (),
+    proxy_config: ProxyConfig | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT: the admission app over TLS and the health app over HTTP."""
     reloader = CertificateReloader(
@@ -292,7 +312,7 @@ async def run(
         ssl_context_factory=lambda _config, _default: reloader.context,
     )
     health_config = uvicorn.Config(
-        build_health_app(readiness, metrics),
+        build_health_app(readiness, metrics, proxy_config),
         host=settings.server.health_host,
         port=settings.server.health_port,
         **_UVICORN_DEFAULTS,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import selfcert
-from .certs import ensure_dev_certs
+from .certs import Issued, ensure_dev_certs
 from .config import Settings
 from .errors import KubeError
 from .identity import controller as identity
@@ -24,7 +24,10 @@ from .policy.handler import build_handler
 from .policy.unmeshed import report_unmeshed
 from .server import Readiness, Webhook, run
 from .state import files, kube
-from .state.store import Store
+from .state.store import KINDS, MESH_KINDS, Store
+from .xds import server as xds_server
+from .xds.plane import ControlPlane
+from .xds.resources import Resolver
 
 log = logging.getLogger("meshguard")
 Job = Callable[[], Coroutine[Any, Any, None]]
@@ -57,12 +60,13 @@ def cluster_state(settings: Settings, metrics: Metrics, readiness: Readiness) ->
         for problem in problems:
             log.warning("ignored an invalid object", extra={"problem": problem})
         readiness.set("state", True)
-        return store, []
+        return store, [lambda: source.follow(store)]
     if settings.dev:
         readiness.set("state", True)
         return Store(metrics=metrics), []
     try:
-        live = kube.KubeSource(kube.Cluster(kube.api_client()), settings.policy.state, metrics)
+        kinds = (*KINDS, *MESH_KINDS) if settings.xds.enabled else KINDS
+        live = kube.KubeSource(kube.Cluster(kube.api_client()), settings.policy.state, metrics, kinds)
     except kube.ClusterError as exc:
         raise SystemExit(f"meshguard: {exc} (use --dev to run without a cluster)") from exc
     store = Store(live.read_namespace, timeout, metrics)
@@ -74,6 +78,22 @@ def cluster_state(settings: Settings, metrics: Metrics, readiness: Readiness) ->
             _freeze_heap()
 
     return store, [lambda: live.run(store, synced)]
+
+
+def control_plane(settings: Settings, metrics: Metrics, store: Store,
+                  ca: Issued | None) -> tuple[xds_server.AggregatedDiscovery, list[Job]]:
+    """The ADS server the proxies connect to, fed by the same store (and PeerAuthentication resolver) as
+    /validate; mutual TLS when this process holds the mesh CA."""
+    mtls = settings.policy.mtls
+    plane = ControlPlane(store, Resolver(mtls.root_namespace, mtls.default_mode),
+                         settings.injection.bootstrap_options(), settings.xds, metrics)
+    store.subscribe(plane.changed)
+    servicer = xds_server.AggregatedDiscovery(plane, metrics, settings.injection.trust_domain, tls=ca is not None)
+
+    async def serve() -> None:
+        await xds_server.serve(servicer, settings.xds, ca, settings.certificates.service, settings.namespace)
+
+    return servicer, [plane.run, serve]
 
 
 def _freeze_heap() -> None:
@@ -105,6 +125,10 @@ async def serve(settings: Settings) -> None:
         # Each injected proxy then mounts its own Pod Certificate from this signer instead of a Secret.
         injection = settings.injection.model_copy(update={"pod_certificate_signer": settings.identity.signer_name})
         settings = settings.model_copy(update={"injection": injection})
+    if settings.xds.enabled and signer is None:
+        # Without the mesh CA the ADS server cannot prove itself to the proxies: they connect in plaintext.
+        injection = settings.injection.model_copy(update={"xds_tls": False})
+        settings = settings.model_copy(update={"injection": injection})
     metrics = Metrics()
     readiness = Readiness()
     log.info(
@@ -116,6 +140,11 @@ async def serve(settings: Settings) -> None:
         },
     )
     store, jobs = cluster_state(settings, metrics, readiness)
-    _freeze_heap()
     background.extend(jobs)
-    await run(settings, build_webhooks(settings, metrics, store), readiness, metrics, background)
+    proxy_config = None
+    if settings.xds.enabled:
+        servicer, jobs = control_plane(settings, metrics, store, signer.ca if signer else None)
+        background.extend(jobs)
+        proxy_config = servicer.describe
+    _freeze_heap()
+    await run(settings, build_webhooks(settings, metrics, store), readiness, metrics, background, proxy_config)

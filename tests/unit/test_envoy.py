@@ -198,7 +198,9 @@ def test_xds_mode_leaves_traffic_listeners_to_the_control_plane() -> None:
     assert names == {"readiness", "prometheus"}
     ads = config["dynamic_resources"]
     assert ads["ads_config"]["grpc_services"] == [{"envoy_grpc": {"cluster_name": envoy.XDS_CLUSTER}}]
-    assert ads["cds_config"] == ads["lds_config"] == {"ads": {}, "resource_api_version": "V3"}
+    # The proxy waits for its listeners however long the control plane takes: never serving without them.
+    assert ads["cds_config"] == ads["lds_config"] == {"ads": {}, "resource_api_version": "V3",
+                                                      "initial_fetch_timeout": "0s"}
     xds = _cluster(config, envoy.XDS_CLUSTER)
     assert xds["type"] == "STRICT_DNS"
     assert xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {

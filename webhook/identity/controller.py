@@ -99,7 +99,7 @@ class Signer:
         self._client = client
         self._settings = settings
         self._trust_domain = trust_domain
-        self._ca = ca
+        self.ca = ca
         self._query = f"fieldSelector={quote('spec.signerName=' + settings.signer_name, safe='')}"
 
     def answer(self, request: dict[str, Any]) -> None:
@@ -108,7 +108,7 @@ class Signer:
         if spec.get("signerName") != self._settings.signer_name or (request.get("status") or {}).get("conditions"):
             return
         where = f"{meta.get('namespace')}/{meta.get('name')}"
-        verdict = decide(request, self._ca, self._trust_domain, dt.timedelta(hours=self._settings.lifetime_hours),
+        verdict = decide(request, self.ca, self._trust_domain, dt.timedelta(hours=self._settings.lifetime_hours),
                          dt.datetime.now(dt.UTC))
         if verdict.status is None:
             log.warning("PodCertificateRequest left for later", extra={"request": where, "reason": verdict.retry})

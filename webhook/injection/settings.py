@@ -63,8 +63,11 @@ class InjectionSettings(Section):
     # Outbound destinations that are in the mesh and get mTLS.
     mesh_cidrs: tuple[Cidr, ...] = ()
     trust_domain: str = "cluster.local"
-    # ADS server host:port for dynamic configuration; None runs Envoy from its static bootstrap.
+    # ADS server host:port for dynamic configuration (meshguard's own with xds.enabled: the chart sets it to the
+    # Service); None runs Envoy from its static bootstrap, with mesh_cidrs.
     xds_address: str | None = None
+    # Mutual TLS to the ADS server with the workload certificate; set at start: on when meshguard holds the mesh CA.
+    xds_tls: bool = True
     # How the proxy gets its Envoy bootstrap. inline: in its arguments (--config-yaml), no extra container.
     # init-container: rendered in the pod by a meshguard-bootstrap init container into the shared volume; the
     # pod object is then about 7 KB smaller, which the API server pays for on every write, watch and webhook call.
@@ -101,6 +104,7 @@ class InjectionSettings(Section):
             trust_domain=self.trust_domain,
             log_level=self.log_level,
             xds_address=self.xds_address,
+            xds_tls=self.xds_tls,
         )
 
 

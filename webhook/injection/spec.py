@@ -22,6 +22,7 @@ from .. import __version__, envoy
 from ..admission import Constant
 from ..certs import CA_CERT, TLS_CERT, TLS_KEY
 from ..identity.settings import trust_bundle_name
+from ..netinit import EXCLUDE_INBOUND_FLAG
 from .decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
 from .settings import CERT_DIR, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATE_DIR, STATS_PORT, InjectionSettings
 
@@ -83,7 +84,7 @@ def netinit_args(settings: InjectionSettings) -> list[str]:
         "--proxy-uid", str(settings.proxy_uid),
         "--inbound-port", str(INBOUND_PORT),
         "--outbound-port", str(OUTBOUND_PORT),
-        "--exclude-inbound-ports", ",".join(map(str, inbound_excluded)),
+        EXCLUDE_INBOUND_FLAG, ",".join(map(str, inbound_excluded)),
     ]
     for flag, items in (
         ("--exclude-outbound-ports", [str(p) for p in settings.exclude_outbound_ports]),

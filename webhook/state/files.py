@@ -8,16 +8,33 @@ NetworkPolicy created an instant before a workload is in a cluster.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .. import manifests
 from ..workloads import labels_of, object_name
-from .store import KINDS, NAMESPACE, NETWORK_POLICY, PEER_AUTHENTICATION, NamespaceState, Store, namespace_of
+from .catalog import ENDPOINT_SLICE, POD, SERVICE
+from .store import (
+    KINDS,
+    MESH_KINDS,
+    NAMESPACE,
+    NETWORK_POLICY,
+    PEER_AUTHENTICATION,
+    NamespaceState,
+    Store,
+    namespace_of,
+)
+
+log = logging.getLogger("meshguard.state")
 
 # kind -> the API group its apiVersion must carry (a NetworkPolicy of another group is not Kubernetes').
-_GROUPS = {NAMESPACE: "", NETWORK_POLICY: "networking.k8s.io", PEER_AUTHENTICATION: "security.istio.io"}
+_GROUPS = {NAMESPACE: "", NETWORK_POLICY: "networking.k8s.io", PEER_AUTHENTICATION: "security.istio.io",
+           SERVICE: "", ENDPOINT_SLICE: "discovery.k8s.io", POD: ""}
+# How often a served directory is looked at for changed files.
+POLL_SECONDS = 0.5
 
 
 def _group(obj: Mapping[str, Any]) -> str:
@@ -25,13 +42,15 @@ def _group(obj: Mapping[str, Any]) -> str:
     return api_version.rsplit("/", 1)[0] if isinstance(api_version, str) and "/" in api_version else ""
 
 
-def state_objects(objects: Iterable[dict[str, Any]], default_namespace: str) -> dict[str, list[dict[str, Any]]]:
-    """The Namespaces, NetworkPolicies and PeerAuthentications among ``objects``, by kind. Namespaced objects
-    that name no namespace are placed in ``default_namespace`` (on a copy of their metadata), as kubectl does."""
-    found: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+def state_objects(objects: Iterable[dict[str, Any]], default_namespace: str,
+                  kinds: tuple[str, ...] = KINDS) -> dict[str, list[dict[str, Any]]]:
+    """The objects of ``kinds`` (by default the policy's: Namespaces, NetworkPolicies and PeerAuthentications)
+    among ``objects``, by kind. Namespaced objects that name no namespace are placed in ``default_namespace`` (on a
+    copy of their metadata), as kubectl does."""
+    found: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for obj in objects:
         kind = obj.get("kind")
-        if kind not in _GROUPS or _group(obj) != _GROUPS[kind]:
+        if kind not in found or _group(obj) != _GROUPS[kind]:
             continue
         if kind != NAMESPACE and not namespace_of(obj):
             meta = obj.get("metadata")
@@ -75,10 +94,38 @@ class FileSource:
 
     def read(self) -> dict[str, list[dict[str, Any]]]:
         """Raises :class:`webhook.manifests.ManifestError` when the directory or a file cannot be read."""
-        return state_objects(manifests.load([self.directory]), self.default_namespace)
+        return state_objects(manifests.load([self.directory]), self.default_namespace, (*KINDS, *MESH_KINDS))
 
     def load(self, store: Store) -> list[str]:
         return [p for kind, objs in self.read().items() for p in store.replace(kind, objs)]
+
+    def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        found = []
+        for file in manifests.files_in(self.directory):
+            try:
+                stat = file.stat()
+            except OSError:
+                continue
+            found.append((str(file), stat.st_mtime_ns, stat.st_size))
+        return tuple(sorted(found))
+
+    async def follow(self, store: Store) -> None:
+        """Load the directory again whenever its files change, like a watch (the control plane's proxies see it)."""
+        seen = self._fingerprint()
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            now = self._fingerprint()
+            if now == seen:
+                continue
+            seen = now
+            try:
+                problems = self.load(store)
+            except manifests.ManifestError as exc:  # a file half-written by an editor: keep the last good state
+                log.warning("state directory not reloaded", extra={"error": str(exc)})
+                seen = ()
+                continue
+            for problem in problems:
+                log.warning("ignored an invalid object", extra={"problem": problem})
 
     def read_namespace(self, namespace: str) -> NamespaceState:
         found = self.read()

@@ -47,6 +47,7 @@ from ..metrics import Metrics
 from ..policy import mtls
 from ..policy.settings import StateSettings
 from ..workloads import WORKLOAD_KINDS
+from .catalog import ENDPOINT_SLICE, SERVICE
 from .store import KINDS, NAMESPACE, NETWORK_POLICY, PEER_AUTHENTICATION, NamespaceState, Store
 
 log = logging.getLogger("meshguard.state")
@@ -94,6 +95,8 @@ _KINDS: dict[str, _Kind] = {
     NAMESPACE: _Kind("core", "list_namespace", None, "v1"),
     NETWORK_POLICY: _Kind("networking", "list_network_policy_for_all_namespaces", "list_namespaced_network_policy",
                           "networking.k8s.io/v1"),
+    SERVICE: _Kind("core", "list_service_for_all_namespaces", None, "v1"),
+    ENDPOINT_SLICE: _Kind("discovery", "list_endpoint_slice_for_all_namespaces", None, "discovery.k8s.io/v1"),
     **{name: _Kind(_API_OF_GROUP[k.group], k.list_call, None, k.api_version) for name, k in WORKLOAD_KINDS.items()},
 }
 
@@ -104,6 +107,7 @@ class Cluster:
     def __init__(self, api: client.ApiClient) -> None:
         self.core = client.CoreV1Api(api)
         self.networking = client.NetworkingV1Api(api)
+        self.discovery = client.DiscoveryV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.custom = client.CustomObjectsApi(api)
@@ -202,8 +206,10 @@ def _list_pages(function: Callable[..., Any], kind: str, api_version: str, page_
 class KubeSource:
     """Keeps a Store in step with the API server; :meth:`run` is the server's background job."""
 
-    def __init__(self, cluster: Cluster, settings: StateSettings, metrics: Metrics) -> None:
+    def __init__(self, cluster: Cluster, settings: StateSettings, metrics: Metrics,
+                 kinds: tuple[str, ...] = KINDS) -> None:
         self.cluster = cluster
+        self.kinds = kinds  # the policy kinds, and the control plane's (MESH_KINDS) when it runs
         self._settings = settings
         self._metrics = metrics
         self._stopping = threading.Event()
@@ -217,7 +223,7 @@ class KubeSource:
         """Follow every kind until cancelled. ``ready`` is called (on the loop) with True once every kind has been
         listed and is followed, with False when one can no longer be followed, and with True again after."""
         loop = asyncio.get_running_loop()
-        lagging = set(KINDS)  # kinds not yet listed, or whose last list or watch request failed
+        lagging = set(self.kinds)  # kinds not yet listed, or whose last list or watch request failed
 
         def following(kind: str, ok: bool) -> None:
             before = not lagging
@@ -227,7 +233,7 @@ class KubeSource:
             if lagging:
                 log.warning("cluster state not followed; not ready until it is", extra={"kinds": sorted(lagging)})
             else:
-                log.info("cluster state synced", extra={k: store.count(k) for k in KINDS})
+                log.info("cluster state synced", extra={k: store.count(k) for k in self.kinds})
             ready(not lagging)
 
         def post(function: Callable[..., None], *args: Any) -> None:
@@ -237,7 +243,7 @@ class KubeSource:
                 self._stopping.set()
 
         self._stopping.clear()
-        for kind in KINDS:
+        for kind in self.kinds:
             threading.Thread(target=self._follow, args=(kind, store, post, following), name=f"watch-{kind}",
                              daemon=True).start()
         try:

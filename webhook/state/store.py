@@ -26,6 +26,8 @@ from ..metrics import Metrics
 from ..policy.mtls import PeerAuthentication, parse_peer_authentication
 from ..policy.networkpolicy import NetworkPolicy, parse_network_policy
 from ..workloads import labels_of, object_name
+from . import catalog
+from .catalog import Catalog
 
 log = logging.getLogger("meshguard.state")
 
@@ -33,6 +35,8 @@ NAMESPACE = "Namespace"
 NETWORK_POLICY = "NetworkPolicy"
 PEER_AUTHENTICATION = "PeerAuthentication"
 KINDS = (NAMESPACE, NETWORK_POLICY, PEER_AUTHENTICATION)
+# What the control plane also follows (webhook/xds): where Services' endpoints are and which pods are meshed.
+MESH_KINDS = catalog.KINDS
 # The API server sets this label on every namespace; files rarely do, so the store adds it.
 NAME_LABEL = "kubernetes.io/metadata.name"
 
@@ -106,6 +110,19 @@ class Store:
         self._policies: dict[str, _PolicyIndex] = defaultdict(_PolicyIndex)
         self._peer_auths: dict[str, dict[str, PeerAuthentication]] = defaultdict(dict)
         self._inflight: dict[tuple[str, ...], asyncio.Future[bool]] = {}
+        self.catalog = Catalog()
+        self._subscribers: list[Callable[[str], None]] = []
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(kind)`` after every change (on the loop's thread; it must not block)."""
+        self._subscribers.append(callback)
+
+    def _changed(self, *kinds: str) -> None:
+        for kind in kinds:
+            if self._metrics is not None:
+                self._metrics.state_objects.labels(kind).set(self.count(kind))
+            for callback in self._subscribers:
+                callback(kind)
 
     # -- reads (the policy engine's Snapshot) ---------------------------------------------------------------
 
@@ -123,6 +140,8 @@ class Store:
         return list(self._peer_auths.get(namespace, {}).values())
 
     def count(self, kind: str) -> int:
+        if kind in MESH_KINDS:
+            return self.catalog.count(kind)
         if kind == NAMESPACE:
             return len(self._namespaces)
         if kind == NETWORK_POLICY:
@@ -134,6 +153,10 @@ class Store:
     def replace(self, kind: str, objects: Iterable[Mapping[str, Any]]) -> list[str]:
         """Make ``objects`` the whole content for ``kind`` (after a full list). Returns the problems with
         objects that were skipped (logged by the caller, fatal for ``meshguard check``)."""
+        if kind in MESH_KINDS:
+            self.catalog.replace(kind, ((obj, namespace_of(obj)) for obj in objects if object_name(obj)))
+            self._changed(kind)
+            return []
         if kind == NAMESPACE:
             self._namespaces.clear()
         elif kind == NETWORK_POLICY:
@@ -141,17 +164,22 @@ class Store:
         else:
             self._peer_auths.clear()
         problems = [p for p in (self._put(kind, obj) for obj in objects) if p]
-        self._count(kind)
+        self._changed(kind)
         return problems
 
     def apply(self, kind: str, event: str, obj: Mapping[str, Any]) -> str | None:
         """Apply one watch event (ADDED, MODIFIED, DELETED)."""
         problem = None
-        if event == "DELETED":
+        if kind in MESH_KINDS:
+            if event == "DELETED":
+                self.catalog.delete(kind, object_name(obj), namespace_of(obj))
+            elif object_name(obj):
+                self.catalog.put(kind, obj, namespace_of(obj))
+        elif event == "DELETED":
             self._delete(kind, object_name(obj), namespace_of(obj))
         else:
             problem = self._put(kind, obj)
-        self._count(kind)
+        self._changed(kind)
         return problem
 
     def replace_namespace(self, state: NamespaceState) -> list[str]:
@@ -166,8 +194,7 @@ class Store:
         if state.peer_authentications is not None:
             self._peer_auths.pop(name, None)
             problems += [self._put(PEER_AUTHENTICATION, obj, name) for obj in state.peer_authentications]
-        for kind in KINDS:
-            self._count(kind)
+        self._changed(*KINDS)
         return [p for p in problems if p]
 
     def _put(self, kind: str, obj: Mapping[str, Any], namespace: str | None = None) -> str | None:
@@ -197,10 +224,6 @@ class Store:
                 index.remove(name)
         else:
             self._peer_auths.get(ns, {}).pop(name, None)
-
-    def _count(self, kind: str) -> None:
-        if self._metrics is not None:
-            self._metrics.state_objects.labels(kind).set(self.count(kind))
 
     # -- the live re-check before a denial -------------------------------------------------------------------
 

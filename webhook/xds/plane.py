@@ -1,0 +1,168 @@
+"""The control plane's state: snapshots of packed resources, rebuilt from the store after a burst of changes.
+
+The store calls :meth:`ControlPlane.changed` for every watch event; a rebuild waits ``debounce_seconds`` of
+quiet (at most ``max_delay_seconds`` after the first change), then builds the shared resources once, packs each
+into a protobuf ``Any`` once, and wakes every stream. Each stream sends a proxy only the types whose version (a
+digest of exactly what that proxy would get) changed. Runs on the event loop, like the store's writes, so a
+snapshot is never built from a half-applied change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Imported for their descriptors: json_format resolves each "@type" of the JSON through them.
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2  # noqa: F401
+from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2  # noqa: F401
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from google.protobuf import any_pb2, json_format
+
+from ..envoy import BootstrapOptions
+from ..metrics import Metrics
+from ..state.catalog import PodRecord
+from ..state.store import MESH_KINDS, PEER_AUTHENTICATION
+from . import resources
+from .resources import MeshState, Resolver
+from .settings import XdsSettings
+
+log = logging.getLogger("meshguard.xds")
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+# Short names for logs and metric labels, in the order a push sends them (clusters before what refers to them).
+TYPES = {CLUSTER: "cds", ENDPOINTS: "eds", LISTENER: "lds"}
+_MESSAGES = {CLUSTER: cluster_pb2.Cluster, ENDPOINTS: endpoint_pb2.ClusterLoadAssignment,
+             LISTENER: listener_pb2.Listener}
+# The kinds whose changes reach the proxies.
+FOLLOWED = frozenset({*MESH_KINDS, PEER_AUTHENTICATION})
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One resource as sent: its JSON (for ``proxy-config``), its ``Any``, and a digest of its bytes."""
+
+    name: str
+    json: dict[str, Any]
+    any: any_pb2.Any
+    digest: bytes
+
+
+def pack(type_url: str, name: str, config: dict[str, Any]) -> Packed:
+    message = json_format.ParseDict(config, _MESSAGES[type_url]())
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return Packed(name, config, packed, hashlib.blake2b(packed.value, digest_size=16).digest())
+
+
+def version_of(items: Iterable[Packed]) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    for item in items:
+        digest.update(item.name.encode() + b"\0" + item.digest)
+    return digest.hexdigest()
+
+
+@dataclass
+class Snapshot:
+    generation: int
+    changed_at: float  # monotonic time of the oldest change it carries (convergence is measured from it)
+    clusters: dict[str, Packed]
+    assignments: dict[str, Packed]
+    outbound: Packed
+    _inbound: dict[tuple[str, str], Packed] = field(default_factory=dict)
+
+
+class ControlPlane:
+    def __init__(self, state: MeshState, resolver: Resolver, options: BootstrapOptions, settings: XdsSettings,
+                 metrics: Metrics) -> None:
+        self.state = state
+        self._resolver = resolver
+        self._options = options
+        self._settings = settings
+        self._metrics = metrics
+        self._dirty_since: float | None = None
+        self._dirty = asyncio.Event()
+        self._updated = asyncio.Condition()
+        self.snapshot: Snapshot | None = None
+
+    # -- change intake (the store's subscriber, on the loop's thread) ----------------------------------------
+
+    def changed(self, kind: str) -> None:
+        if kind not in FOLLOWED:
+            return
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+        self._dirty.set()
+
+    async def run(self) -> None:
+        """Rebuild after each burst of changes until cancelled."""
+        settings = self._settings
+        while True:
+            await self._dirty.wait()
+            assert self._dirty_since is not None
+            while True:  # quiet for debounce_seconds, or max_delay_seconds since the burst began
+                self._dirty.clear()
+                left = self._dirty_since + settings.max_delay_seconds - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._dirty.wait(), min(settings.debounce_seconds, left))
+                except TimeoutError:
+                    break
+            self._dirty.clear()
+            since, self._dirty_since = self._dirty_since, None
+            self.rebuild(since)
+            async with self._updated:
+                self._updated.notify_all()
+
+    def rebuild(self, since: float | None = None) -> Snapshot:
+        start = time.perf_counter()
+        outbound = resources.outbound(self.state, self._resolver, self._options)
+        generation = self.snapshot.generation + 1 if self.snapshot else 1
+        self.snapshot = Snapshot(
+            generation, since if since is not None else time.monotonic(),
+            {name: pack(CLUSTER, name, c) for name, c in outbound.clusters.items()},
+            {name: pack(ENDPOINTS, name, a) for name, a in outbound.load_assignments.items()},
+            pack(LISTENER, resources.OUTBOUND_LISTENER, outbound.listener),
+        )
+        self._metrics.xds_push_duration.labels().observe(time.perf_counter() - start)
+        log.debug("xds snapshot built", extra={"generation": generation, "clusters": len(outbound.clusters)})
+        return self.snapshot
+
+    async def wait_for_change(self, generation: int) -> Snapshot:
+        """The first snapshot newer than ``generation``."""
+        async with self._updated:
+            await self._updated.wait_for(lambda: self.snapshot is not None and self.snapshot.generation > generation)
+        assert self.snapshot is not None
+        return self.snapshot
+
+    def current(self) -> Snapshot:
+        return self.snapshot or self.rebuild()
+
+    # -- per proxy ---------------------------------------------------------------------------------------------
+
+    def resources_for(self, snapshot: Snapshot, type_url: str, pod: PodRecord,
+                      names: frozenset[str]) -> list[Packed]:
+        """What ``pod``'s proxy gets of ``type_url`` (EDS: only the ``names`` it asked for)."""
+        if type_url == CLUSTER:
+            return list(snapshot.clusters.values())
+        if type_url == ENDPOINTS:
+            return [snapshot.assignments[name] for name in sorted(names) if name in snapshot.assignments]
+        key = (pod.namespace, pod.name)
+        inbound = snapshot._inbound.get(key)
+        if inbound is None:
+            listener = resources.inbound(self.state, self._resolver, self._options, pod)
+            inbound = snapshot._inbound[key] = pack(LISTENER, resources.INBOUND_LISTENER, listener)
+        return [snapshot.outbound, inbound]
