@@ -274,6 +274,35 @@ def _audit(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def _proxy_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pod", help="the pod whose proxy's config to show")
+    p.add_argument("-n", "--namespace", default="default", help="the pod's namespace (default: default)")
+    p.add_argument("--server", default="http://127.0.0.1:8080",
+                   help="a meshguard replica's health port, e.g. through `kubectl -n meshguard port-forward "
+                        "deploy/meshguard 8080` (default http://127.0.0.1:8080)")
+
+
+def _proxy_config(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    path = f"/debug/proxy-config/{urllib.parse.quote(args.namespace, safe='')}/{urllib.parse.quote(args.pod, safe='')}"
+    try:
+        with urllib.request.urlopen(args.server.rstrip("/") + path, timeout=10) as answer:
+            sys.stdout.write(json.dumps(json.load(answer), indent=2) + "\n")
+            return 0
+    except urllib.error.HTTPError as error:
+        try:
+            reason = json.load(error).get("error", error.reason)
+        except ValueError:
+            reason = error.reason
+        raise UsageError(f"{args.server} answered {error.code}: {reason}") from None
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot reach {args.server}: {error}") from None
+
+
 COMMANDS: list[Command] = [
     ("serve", "run the admission webhook server", _serve_args, _serve),
     ("certs", "generate development or bootstrap certificates", _certs_args, _certs),
@@ -284,6 +313,8 @@ COMMANDS: list[Command] = [
      _netinit_args, _netinit),
     ("bootstrap", "write the sidecar's Envoy bootstrap for this pod (run by the injected init container)",
      _bootstrap_args, _bootstrap),
+    ("proxy-config", "show what the control plane last sent a pod's proxy, and what it acknowledged",
+     _proxy_config_args, _proxy_config),
 ]
 
 

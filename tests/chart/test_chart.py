@@ -371,6 +371,11 @@ READS = [
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["security.istio.io"], "resources": ["peerauthentications"], "verbs": ["get", "list", "watch"]},
 ]
+# The control plane's (controlPlane.enabled, the default): endpoints and which pods carry the proxy.
+CONTROL_PLANE = [
+    {"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+]
 
 
 def _server_rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -398,10 +403,12 @@ def _secrets(*names: str) -> dict[str, Any]:
 
 def test_rbac_least_privilege(render: Render) -> None:
     for case in ("helm", "cert-manager"):
-        assert _server_rules(render(MATRIX[case])) == [*READS, *SIGNER, _secrets(f"{FULLNAME}-mesh-ca")]
-        assert _server_rules(render({**MATRIX[case], "identity": {"mode": "secret"}})) == READS
+        assert _server_rules(render(MATRIX[case])) == [*READS, *CONTROL_PLANE, *SIGNER,
+                                                       _secrets(f"{FULLNAME}-mesh-ca")]
+        without = {**MATRIX[case], "identity": {"mode": "secret"}, "controlPlane": {"enabled": False}}
+        assert _server_rules(render(without)) == READS
     objects = render()
-    assert _server_rules(objects) == [*READS, {
+    assert _server_rules(objects) == [*READS, *CONTROL_PLANE, {
         "apiGroups": ["admissionregistration.k8s.io"],
         "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
         "resourceNames": [FULLNAME], "verbs": ["get", "update"],
@@ -473,12 +480,18 @@ def test_probes_and_services_reach_the_configured_ports(render: Render, case: st
     settings = _server_config(objects, tmp_path)
     container = _container(objects)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"https": settings.server.port, "http-metrics": settings.server.health_port}
+    assert ports == {"https": settings.server.port, "http-metrics": settings.server.health_port,
+                     "grpc-xds": settings.xds.port}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
     fullname = "guard" if case == "overrides" else FULLNAME
     webhook_service = find(objects, "Service", fullname)["spec"]
-    assert webhook_service["ports"] == [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}]
+    assert webhook_service["ports"] == [
+        {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"},
+        {"name": "grpc-xds", "port": settings.xds.port, "targetPort": "grpc-xds", "protocol": "TCP"}]
+    # The proxies dial the Service, at the port it serves xDS on.
+    assert settings.xds.enabled
+    assert settings.injection.xds_address == f"{fullname}.{NAMESPACE}.svc:{settings.xds.port}"
     metrics_service = find(objects, "Service", f"{fullname}-metrics")["spec"]
     assert metrics_service["ports"][0]["targetPort"] == "http-metrics"
     pod_labels = find(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
@@ -584,3 +597,17 @@ def test_values_yaml_matches_the_schema_defaults() -> None:
     assert keys(schema) - value_keys(values) <= {"global", "certificates.certManager.issuerRef.name",
                                                  "certificates.certManager.issuerRef.kind",
                                                  "certificates.certManager.issuerRef.group"}
+
+
+def test_the_control_plane_address_can_be_pinned_or_turned_off(render: Render, tmp_path: Path) -> None:
+    pinned = render({"service": {"clusterIP": "10.96.0.50"}, "controlPlane": {"address": "10.96.0.50:15012"}})
+    assert find(pinned, "Service", FULLNAME)["spec"]["clusterIP"] == "10.96.0.50"
+    assert _server_config(pinned, tmp_path).injection.xds_address == "10.96.0.50:15012"
+    off = render({"controlPlane": {"enabled": False}})
+    settings = _server_config(off, tmp_path)
+    assert not settings.xds.enabled and settings.injection.xds_address is None  # static bootstraps
+    assert [p["name"] for p in find(off, "Service", FULLNAME)["spec"]["ports"]] == ["https"]
+    assert "grpc-xds" not in {p["name"] for p in _container(off)["ports"]}
+    # Out of the cluster (webhooks.url) there is no Service to dial: proxies need an address, else stay static.
+    outside = render({"webhooks": {"url": "https://dev.example.com:8443", "caBundle": "eA=="}})
+    assert not any("xds_address" in json.dumps(o) for o in outside)

@@ -285,3 +285,18 @@ def test_new_endpoints_reach_the_proxies(controlled: ControlledMesh) -> None:
         assert answers == {"plain", "server"}, answers
     finally:
         controlled.write("services", [m for role in SERVICES for m in _service_manifests(role)])
+
+
+def test_proxy_config_shows_what_a_proxy_was_sent_and_acknowledged(controlled: ControlledMesh) -> None:
+    shown = controlled.control.run(sys.executable, "-m", "webhook", "proxy-config", "client-0", "-n", "shop",
+                                   "--server", f"http://127.0.0.1:{HEALTH_PORT}")
+    config = json.loads(shown.stdout)
+    assert set(config["versions"]) == {"cds", "eds", "lds"}
+    assert all(v["sent"] == v["acked"] for v in config["versions"].values()), config["versions"]
+    listeners = {listener["name"] for listener in config["resources"]["lds"]}
+    assert listeners == {"inbound", "outbound"}
+    clusters = {cluster["name"] for cluster in config["resources"]["cds"]}
+    assert {"outbound|80||server.shop", "outbound|80||plain.shop"} <= clusters
+    missing = controlled.control.run(sys.executable, "-m", "webhook", "proxy-config", "nobody", "-n", "shop",
+                                     "--server", f"http://127.0.0.1:{HEALTH_PORT}", check=False)
+    assert missing.returncode == 2 and "no proxy of pod shop/nobody is connected" in missing.stderr

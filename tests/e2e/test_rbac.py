@@ -21,6 +21,9 @@ READ = ("get", "list", "watch")
 STATE = {(resource, "", "", verb) for resource in ("namespaces", "networkpolicies.networking.k8s.io",
                                                    "peerauthentications.security.istio.io") for verb in READ}
 Rules = set[tuple[str, str, str, str]]
+# The control plane (controlPlane.enabled, the default): endpoints, and which pods carry the proxy; no get.
+CONTROL_PLANE = {(resource, "", "", verb) for resource in ("pods", "services", "endpointslices.discovery.k8s.io")
+                 for verb in ("list", "watch")}
 CERTS = "certificates.k8s.io"
 # The workload signer (identity.mode auto or pod-certificate): follow requests, write their status, sign and
 # attest for its own signer only, publish its own trust bundle.
@@ -45,10 +48,11 @@ def test_the_release_account_reads_the_policy_state_and_signs_for_its_own_signer
         cluster: ControlPlane, meshguard: Meshguard, make_namespace: Callable[..., str]) -> None:
     ca_secret = {("secrets", "", "meshguard-mesh-ca", verb) for verb in ("get", "update")}
     assert granted(cluster, RELEASE_NAMESPACE, meshguard.service_account, RELEASE_NAMESPACE) == \
-        STATE | SIGNER | ca_secret
-    assert granted(cluster, RELEASE_NAMESPACE, meshguard.service_account, make_namespace()) == STATE | SIGNER
+        STATE | CONTROL_PLANE | SIGNER | ca_secret
+    assert granted(cluster, RELEASE_NAMESPACE, meshguard.service_account, make_namespace()) == \
+        STATE | CONTROL_PLANE | SIGNER
     user = account(RELEASE_NAMESPACE, meshguard.service_account)
-    for verb, resource in (("list", "pods"), ("get", "secrets"), ("create", "networkpolicies"),
+    for verb, resource in (("get", "pods"), ("update", "pods"), ("get", "secrets"), ("create", "networkpolicies"),
                            ("delete", "namespaces"), ("update", "mutatingwebhookconfigurations")):
         answer = cluster.kubectl("auth", "can-i", verb, resource, "-A", f"--as={user}", check=False)
         assert answer.stdout.strip() == "no", (verb, resource)
@@ -64,12 +68,14 @@ def test_the_release_account_reads_the_policy_state_and_signs_for_its_own_signer
 
 @pytest.fixture
 def self_managed_rbac(cluster: ControlPlane, make_namespace: Callable[..., str]) -> Iterator[tuple[str, str]]:
-    """The chart's ServiceAccount and RBAC in selfManaged certificate mode, with identity.mode secret (no signer),
+    """The chart's ServiceAccount and RBAC in selfManaged certificate mode, with identity.mode secret (no signer)
+    and no control plane,
     applied alone: installing the whole chart would point webhooks at a Service no pod backs."""
     namespace = make_namespace()
     release = "rbac-check"
     rendered = cluster.helm("template", release, str(ROOT / "charts" / "meshguard"), "--namespace", namespace,
                             "--set", "certificates.mode=selfManaged", "--set", "identity.mode=secret",
+                            "--set", "controlPlane.enabled=false",
                             "--show-only", "templates/serviceaccount.yaml",
                             "--show-only", "templates/rbac.yaml").stdout
     objects = [o for o in yaml.safe_load_all(rendered) if o]

@@ -92,3 +92,12 @@ def test_e2e_benchmark_pins_every_thread_of_a_process() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_xds_convergence_quick_run_produces_a_result(tmp_path: Path) -> None:
+    result = _quick_run("bench.xds_convergence", tmp_path / "result.json", timeout=300)
+    assert result["proxies"] == 20 and result["services"] == 20
+    for key in ("initial_sync_s", "rss_mib", "rss_peak_mib", "cpu_s_per_change"):
+        assert isinstance(result[key], int | float) and result[key] >= 0, (key, result)
+    # Every type was pushed and acknowledged, so the server's convergence histogram has all three.
+    assert {f"{kind}_p99_bucket_s" for kind in ("cds", "eds", "lds")} <= set(result), result

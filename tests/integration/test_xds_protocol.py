@@ -226,3 +226,21 @@ def test_over_mutual_tls_only_the_pods_own_identity_gets_its_config(run: Any) ->
             await _stop(tasks)
 
     run(scenario)
+
+
+def test_proxy_configs_are_served_to_loopback_only(run: Any) -> None:
+    import httpx
+
+    from webhook.server import Readiness, build_health_app
+
+    app = build_health_app(Readiness(), Metrics(), lambda namespace, pod: {"node": f"{namespace}/{pod}"})
+
+    async def fetch(client: tuple[str, int]) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, client=client)
+        async with httpx.AsyncClient(transport=transport, base_url="http://meshguard") as http:
+            return await http.get("/debug/proxy-config/shop/web-0")
+
+    remote = run(lambda: fetch(("10.0.0.7", 50000)))
+    assert remote.status_code == 403 and "loopback" in remote.json()["error"]
+    local = run(lambda: fetch(("127.0.0.1", 50000)))
+    assert local.status_code == 200 and local.json() == {"node": "shop/web-0"}

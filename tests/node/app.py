@@ -6,12 +6,14 @@ While /tmp/dead exists the server closes its listening socket and the process id
 process, as a liveness probe must catch.
 
 Client: ``app.py get URL`` prints the status and body and exits 0 on a 2xx answer, 1 otherwise (2 when no
-connection could be made).
+connection could be made). An ``https`` URL is called as a pod calls the API server: verified with the
+ServiceAccount's CA, with its token.
 """
 
 import json
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -49,9 +51,18 @@ def serve() -> None:
         time.sleep(3600)
 
 
+ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
 def get(url: str) -> int:
+    request = urllib.request.Request(url)
+    context = None
+    if url.startswith("https:"):
+        context = ssl.create_default_context(cafile=f"{ACCOUNT}/ca.crt")
+        with open(f"{ACCOUNT}/token") as token:
+            request.add_header("Authorization", f"Bearer {token.read().strip()}")
     try:
-        with urllib.request.urlopen(url, timeout=10) as answer:
+        with urllib.request.urlopen(request, timeout=10, context=context) as answer:
             print(answer.status, answer.read().decode(errors="replace"))
             return 0
     except urllib.error.HTTPError as error:

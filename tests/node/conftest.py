@@ -9,12 +9,12 @@ cluster's pods and events, are kept under ``artifacts/node/`` when a test failed
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +34,14 @@ from tests.e2e.cluster import (
 from tests.e2e.conftest import create_namespace
 from tests.e2e.objects import EXEMPT, MESH, webhooks_answering
 from tests.node import images
-from tests.node.node import POD_CIDR, SERVICE_CIDR, Node, NodeUnavailable, check_machine, node_ip
+from tests.node.node import SERVICE_CIDR, Node, NodeUnavailable, check_machine, node_ip
 
 ARTIFACTS = ROOT / "artifacts" / "node"
-# What a platform team sets today for Service-to-Service mTLS: the pod and Service ranges are in the mesh.
-CHART_CONFIG = {
-    "injection": {"mesh_cidrs": [POD_CIDR, SERVICE_CIDR]},
-    "policy": {"exempt": {"namespace_selectors": [{"matchLabels": {EXEMPT_LABEL: "true"}}]}},
-}
+# The PeerAuthentication CRD a scenario installs is looked for every 2 s (not the default minute).
+CHART_CONFIG = {"policy": {"exempt": {"namespace_selectors": [{"matchLabels": {EXEMPT_LABEL: "true"}}]},
+                           "state": {"crd_poll_seconds": 2}}}
+# The node has no cluster DNS: the proxies dial the control plane at a pinned ClusterIP of meshguard's Service.
+CONTROL_PLANE_IP = str(ipaddress.ip_network(SERVICE_CIDR)[50])
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +100,8 @@ def meshguard_installed(node_cluster: ControlPlane) -> ControlPlane:
     """``helm install`` of the chart with the locally built image; returned once both webhooks answer."""
     node_cluster.helm("install", RELEASE, str(ROOT / "charts" / "meshguard"), "--namespace", RELEASE_NAMESPACE,
                       "--create-namespace", "--set", "replicaCount=2",
+                      "--set", f"service.clusterIP={CONTROL_PLANE_IP}",
+                      "--set", f"controlPlane.address={CONTROL_PLANE_IP}:15012",
                       "--set-json", f"config={json.dumps(CHART_CONFIG)}",
                       "--wait", "--timeout", "5m")
     mesh = create_namespace(node_cluster, "probe-mesh", {**MESH, **EXEMPT})
@@ -190,24 +192,6 @@ def cluster(meshguard_installed: ControlPlane,
     yield Cluster(meshguard_installed, make)
     if created:
         meshguard_installed.kubectl("delete", "namespace", *created, "--wait=false", check=False)
-
-
-class Gap(AssertionError):
-    """A scenario failed where an open issue says it will, until that issue lands (see :func:`waits_on`)."""
-
-
-def waits_on(issue: int, reason: str) -> pytest.MarkDecorator:
-    """An expected failure that only a :class:`Gap` satisfies: a broken harness or fixture still fails."""
-    return pytest.mark.xfail(reason=f"issue {issue}: {reason}", raises=Gap, strict=True)
-
-
-@contextmanager
-def gap() -> Iterator[None]:
-    """Around the part of a :func:`waits_on` scenario that the issue fixes: its failure is the expected one."""
-    try:
-        yield
-    except (AssertionError, TimeoutError) as failure:
-        raise Gap(str(failure)) from failure
 
 
 def allow_all_ingress() -> dict[str, Any]:

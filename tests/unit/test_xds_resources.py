@@ -138,9 +138,7 @@ def test_the_outbound_listener_routes_cluster_ips_and_meshed_pod_ips() -> None:
 def test_inbound_modes_follow_the_same_resolver_as_the_mtls_rule(policies: list[dict[str, Any]],
                                                                   expected: dict[int | None, list[str | None]]) -> None:
     state = store(pod("api-1", "10.0.0.1", labels={"app": "api"}), *policies)
-    record = state.catalog.pod("shop", "api-1")
-    assert record is not None
-    listener = resources.inbound(state, RESOLVER, OPTIONS, record)
+    listener = envoy.inbound_listener(OPTIONS, *RESOLVER.modes(state, "shop", {"app": "api"}))
     found: dict[int | None, list[str | None]] = {}
     for chain in listener["filter_chains"]:
         match = chain.get("filter_chain_match", {})
@@ -163,7 +161,5 @@ def test_every_resource_is_valid_envoy_configuration() -> None:
     for name, assignment in outbound.load_assignments.items():
         pack(ENDPOINTS, name, assignment)
     pack(LISTENER, "outbound", outbound.listener)
-    record = state.catalog.pod("shop", "api-1")
-    assert record is not None
-    pack(LISTENER, "inbound", resources.inbound(state, RESOLVER, OPTIONS, record))
+    pack(LISTENER, "inbound", envoy.inbound_listener(OPTIONS, *RESOLVER.modes(state, "shop", {"app": "api"})))
     assert envoy.MESH_CLUSTER in outbound.clusters

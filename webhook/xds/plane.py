@@ -3,7 +3,11 @@
 The store calls :meth:`ControlPlane.changed` for every watch event; a rebuild waits ``debounce_seconds`` of
 quiet (at most ``max_delay_seconds`` after the first change), then builds the shared resources once, packs each
 into a protobuf ``Any`` once, and wakes every stream. Each stream sends a proxy only the types whose version (a
-digest of exactly what that proxy would get) changed. Runs on the event loop, like the store's writes, so a
+digest of exactly what that proxy would get) changed.
+
+Packing (the JSON through the protobuf schema) costs far more than building the JSON, so a resource whose JSON
+did not change since the last snapshot keeps its packed form, and the proxies' inbound listeners, which depend
+only on their resolved modes, are packed once per set of modes. Runs on the event loop, like the store's writes, so a
 snapshot is never built from a half-applied change.
 """
 
@@ -14,8 +18,10 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 # Imported for their descriptors: json_format resolves each "@type" of the JSON through them.
 from envoy.config.cluster.v3 import cluster_pb2
@@ -29,6 +35,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa:
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from google.protobuf import any_pb2, json_format
 
+from .. import envoy
 from ..envoy import BootstrapOptions
 from ..metrics import Metrics
 from ..state.catalog import PodRecord
@@ -81,7 +88,23 @@ class Snapshot:
     clusters: dict[str, Packed]
     assignments: dict[str, Packed]
     outbound: Packed
-    _inbound: dict[tuple[str, str], Packed] = field(default_factory=dict)
+
+
+class _Packer:
+    """Packs resources, reusing the packed form of JSON it packed for the previous snapshot."""
+
+    def __init__(self) -> None:
+        self._previous: dict[bytes, Packed] = {}
+        self._current: dict[bytes, Packed] = {}
+
+    def __call__(self, type_url: str, name: str, config: dict[str, Any]) -> Packed:
+        key = type_url.encode() + b"\0" + orjson.dumps(config, option=orjson.OPT_SORT_KEYS)
+        packed = self._current.get(key) or self._previous.get(key) or pack(type_url, name, config)
+        self._current[key] = packed
+        return packed
+
+    def next_snapshot(self) -> None:
+        self._previous, self._current = self._current, {}
 
 
 class ControlPlane:
@@ -96,6 +119,9 @@ class ControlPlane:
         self._dirty = asyncio.Event()
         self._updated = asyncio.Condition()
         self.snapshot: Snapshot | None = None
+        self._pack = _Packer()
+        # (mode, port modes) -> the inbound listener for them; the options are fixed for the process.
+        self._inbound: dict[tuple[str, tuple[tuple[int, str], ...]], Packed] = {}
 
     # -- change intake (the store's subscriber, on the loop's thread) ----------------------------------------
 
@@ -133,10 +159,11 @@ class ControlPlane:
         generation = self.snapshot.generation + 1 if self.snapshot else 1
         self.snapshot = Snapshot(
             generation, since if since is not None else time.monotonic(),
-            {name: pack(CLUSTER, name, c) for name, c in outbound.clusters.items()},
-            {name: pack(ENDPOINTS, name, a) for name, a in outbound.load_assignments.items()},
-            pack(LISTENER, resources.OUTBOUND_LISTENER, outbound.listener),
+            {name: self._pack(CLUSTER, name, c) for name, c in outbound.clusters.items()},
+            {name: self._pack(ENDPOINTS, name, a) for name, a in outbound.load_assignments.items()},
+            self._pack(LISTENER, resources.OUTBOUND_LISTENER, outbound.listener),
         )
+        self._pack.next_snapshot()
         self._metrics.xds_push_duration.labels().observe(time.perf_counter() - start)
         log.debug("xds snapshot built", extra={"generation": generation, "clusters": len(outbound.clusters)})
         return self.snapshot
@@ -160,9 +187,10 @@ class ControlPlane:
             return list(snapshot.clusters.values())
         if type_url == ENDPOINTS:
             return [snapshot.assignments[name] for name in sorted(names) if name in snapshot.assignments]
-        key = (pod.namespace, pod.name)
-        inbound = snapshot._inbound.get(key)
+        mode, ports = self._resolver.modes(self.state, pod.namespace, pod.labels)
+        key = (mode, tuple(sorted(ports.items())))
+        inbound = self._inbound.get(key)
         if inbound is None:
-            listener = resources.inbound(self.state, self._resolver, self._options, pod)
-            inbound = snapshot._inbound[key] = pack(LISTENER, resources.INBOUND_LISTENER, listener)
+            listener = envoy.inbound_listener(self._options, mode, ports)
+            inbound = self._inbound[key] = pack(LISTENER, listener["name"], listener)
         return [snapshot.outbound, inbound]

@@ -14,8 +14,9 @@ it dialled as original destination:
 Envoy matches a filter chain's destination port before its address and never backtracks, so a port that any
 chain names gets its own complete set of chains (its Services, the meshed pods, passthrough for the rest).
 
-Inbound (per proxy): the pod's mode per port from the same PeerAuthentication resolver the mTLS admission rule
-uses (:func:`webhook.policy.mtls.resolve`), so what ``/validate`` reports is what the proxy does.
+Inbound (per proxy): :func:`webhook.envoy.inbound_listener` at the pod's modes per port (:meth:`Resolver.modes`),
+from the same PeerAuthentication resolver the mTLS admission rule uses (:func:`webhook.policy.mtls.resolve`), so
+what ``/validate`` reports is what the proxy does.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from ..state.catalog import Catalog, PodRecord, ServiceRecord
 TLS_MATCH_KEY = "envoy.transport_socket_match"
 TLS_MATCH = {"meshguard.io/tls": "mtls"}
 OUTBOUND_LISTENER = "outbound"
-INBOUND_LISTENER = "inbound"
 
 
 class MeshState(Protocol):
@@ -193,9 +193,3 @@ def outbound(state: MeshState, resolver: Resolver, options: BootstrapOptions) ->
                                  "filters": [envoy.tcp_proxy("outbound_passthrough", envoy.PASSTHROUGH_CLUSTER)]},
     }
     return Outbound(clusters, assignments, listener)
-
-
-def inbound(state: MeshState, resolver: Resolver, options: BootstrapOptions, pod: PodRecord) -> dict[str, Any]:
-    """The pod's inbound listener, each port at the mode its PeerAuthentications resolve to."""
-    mode, ports = resolver.modes(state, pod.namespace, pod.labels)
-    return envoy.inbound_listener(options, mode, ports)

@@ -1,6 +1,7 @@
 """The ADS server: one gRPC stream per proxy, state of the world per type (CDS, EDS, LDS), over mutual TLS.
 
-Protocol, as Envoy's xDS spec has it: every response carries a version and a nonce; the proxy's next request of
+Protocol, as Envoy's xDS spec has it: every response carries a version and a nonce (listeners and clusters
+whole, endpoints only those that changed for this proxy); the proxy's next request of
 that type echoes the nonce and either the new version (ACK) or its last good version with an ``error_detail``
 (NACK). A NACKed config is logged and counted, and not sent again; the proxy keeps running its last good one until
 the cluster changes. A request whose nonce is not the latest one sent is stale and ignored.
@@ -28,7 +29,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from ..certs import Issued, issue_leaf, service_dns_names, spiffe_id
 from ..metrics import Metrics
 from ..state.catalog import PodRecord
-from .plane import TYPES, ControlPlane, Packed, Snapshot, version_of
+from .plane import ENDPOINTS, TYPES, ControlPlane, Packed, Snapshot, version_of
 from .settings import XdsSettings
 
 log = logging.getLogger("meshguard.xds")
@@ -56,6 +57,8 @@ class Proxy:
     sent: dict[str, _Sent] = field(default_factory=dict)
     acked: dict[str, str] = field(default_factory=dict)
     resources: dict[str, list[Packed]] = field(default_factory=dict)
+    # The digest of each ClusterLoadAssignment last sent: EDS responses carry only those that changed.
+    endpoints: dict[str, bytes] = field(default_factory=dict)
 
 
 def _metadata(node: Any) -> dict[str, str]:
@@ -191,6 +194,10 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             nonce = str(next(self._nonces))
             proxy.sent[type_url] = _Sent(version, nonce, names, snapshot.changed_at)
             proxy.resources[name] = items
+            if type_url == ENDPOINTS:
+                # Unlike listeners and clusters, endpoints need not be sent whole: Envoy keeps the ones left out.
+                items = [item for item in items if proxy.endpoints.get(item.name) != item.digest]
+                proxy.endpoints.update((item.name, item.digest) for item in items)
             responses.append(discovery_pb2.DiscoveryResponse(
                 version_info=version, type_url=type_url, nonce=nonce, resources=[item.any for item in items]))
             self._metrics.xds_pushes.labels(name).inc()

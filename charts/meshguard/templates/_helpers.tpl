@@ -98,7 +98,12 @@ The ports, cert dir and failure modes here are what the Deployment, probes and w
   "injection" (dict "init_image" (include "meshguard.image" .))
   "identity" (dict "mode" .Values.identity.mode "signer_name" .Values.identity.signerName
                    "ca_secret" (include "meshguard.caSecretName" .))
+  "xds" (dict "enabled" .Values.controlPlane.enabled "port" .Values.controlPlane.port)
 }}
+{{- $xds := include "meshguard.xdsAddress" . }}
+{{- if $xds }}
+{{- $_ := set $defaults.injection "xds_address" $xds }}
+{{- end }}
 {{- if eq .Values.certificates.mode "selfManaged" }}
 {{- $sm := .Values.certificates.selfManaged }}
 {{- $_ := set $defaults "certificates" (dict
@@ -140,4 +145,16 @@ caBundle: {{ . }}
   operator: NotIn
   values:
     {{- toYaml (uniq (concat (list "kube-system" "kube-public" "kube-node-lease" .Release.Namespace) .Values.webhooks.excludeNamespaces)) | nindent 4 }}
+{{- end }}
+
+{{/* Where the proxies dial the control plane: controlPlane.address, else the in-cluster Service; empty when the
+control plane is off or runs outside the cluster without an address. */}}
+{{- define "meshguard.xdsAddress" -}}
+{{- if .Values.controlPlane.enabled }}
+{{- if .Values.controlPlane.address }}
+{{- .Values.controlPlane.address }}
+{{- else if include "meshguard.inCluster" . }}
+{{- printf "%s.%s.svc:%d" (include "meshguard.fullname" .) .Release.Namespace (int .Values.controlPlane.port) }}
+{{- end }}
+{{- end }}
 {{- end }}

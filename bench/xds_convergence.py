@@ -1,0 +1,270 @@
+"""Control-plane convergence: from a cluster change to every proxy having acknowledged it.
+
+    python -m bench.xds_convergence            # 1,000 proxies, 1,000 Services, 10,000 endpoints (several minutes)
+    python -m bench.xds_convergence --quick    # 20 proxies, 20 Services: keeps the harness working in CI
+
+``meshguard serve --dev --state DIR`` runs the control plane over a directory of Pods, Services and EndpointSlices
+(followed like a watch); a second process opens one ADS stream per simulated proxy, subscribes to clusters,
+endpoints and listeners as Envoy does, and acknowledges every response. Each measured change is written to the
+directory; convergence is taken from the server's ``meshguard_xds_convergence_seconds`` (from the change seen by
+the store to each proxy's ACK of it) and, end to end, from the file write to the last proxy's response (which
+includes up to half a second of the file source's polling, absent with the API server's watch). Also reported:
+the control plane's resident memory after the initial sync and at peak, and its CPU seconds per change.
+Results go to ``bench/results/xds-<timestamp>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+NAMESPACES = 10
+MESHED_IMAGE_CONTAINERS = [{"name": "app"}, {"name": "meshguard-proxy"}]
+
+
+def _ip(index: int, base: int = 10) -> str:
+    return f"{base}.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}"
+
+
+def cluster_state(services: int, endpoints: int) -> dict[str, list[dict[str, Any]]]:
+    """Services with ``endpoints`` pods each (every other pod meshed), spread over ``NAMESPACES`` namespaces."""
+    pods, objects = [], []
+    for s in range(services):
+        namespace, name = f"ns-{s % NAMESPACES}", f"svc-{s}"
+        addresses = []
+        for e in range(endpoints):
+            index = s * endpoints + e
+            pod_name = f"{name}-{e}"
+            meshed = index % 2 == 0
+            pods.append({"apiVersion": "v1", "kind": "Pod",
+                         "metadata": {"name": pod_name, "namespace": namespace, "labels": {"app": name}},
+                         "spec": {"serviceAccountName": name,
+                                  "containers": MESHED_IMAGE_CONTAINERS if meshed else [{"name": "app"}]},
+                         "status": {"phase": "Running", "podIP": _ip(index)}})
+            addresses.append({"addresses": [_ip(index)], "conditions": {"ready": True},
+                              "targetRef": {"kind": "Pod", "name": pod_name, "namespace": namespace}})
+        objects.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+                        "spec": {"clusterIP": _ip(s, 172), "ports": [{"name": "http", "port": 80 + s % 5}]}})
+        objects.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                        "metadata": {"name": f"{name}-1", "namespace": namespace,
+                                     "labels": {"kubernetes.io/service-name": name}},
+                        "ports": [{"name": "http", "port": 8080}], "endpoints": addresses})
+    return {"pods": pods, "services": objects}
+
+
+def write(directory: Path, name: str, objects: list[dict[str, Any]]) -> float:
+    """Replace ``name`` in the state directory at once (a JSON List: quick to write and to read)."""
+    partial = directory / f".{name}.partial"
+    partial.write_bytes(orjson.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+    os.replace(partial, directory / f"{name}.json")
+    return time.time()
+
+
+# --- the simulated proxies (a process of their own) --------------------------------------------------------------
+
+
+async def _proxy(address: str, namespace: str, pod: str, eds_names: list[str], log: list[tuple[str, str, float]],
+                 ready: asyncio.Event) -> None:
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+    from google.protobuf import struct_pb2
+
+    metadata = struct_pb2.Struct()
+    metadata.update({"namespace": namespace, "pod_name": pod})
+    node = base_pb2.Node(id=f"sidecar~0.0.0.0~{pod}.{namespace}", metadata=metadata)
+    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+        await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=node))
+        await call.write(discovery_pb2.DiscoveryRequest(type_url=ENDPOINTS, resource_names=eds_names))
+        await call.write(discovery_pb2.DiscoveryRequest(type_url=LISTENER))
+        seen: set[str] = set()
+        async for response in call:
+            log.append((pod, response.type_url, time.time()))
+            await call.write(discovery_pb2.DiscoveryRequest(
+                type_url=response.type_url, version_info=response.version_info, response_nonce=response.nonce,
+                resource_names=eds_names if response.type_url == ENDPOINTS else []))
+            seen.add(response.type_url)
+            if len(seen) == 3:
+                ready.set()
+
+
+async def _clients(address: str, proxies: list[tuple[str, str]], eds_names: list[str], out: Path) -> None:
+    log: list[tuple[str, str, float]] = []
+    events = [asyncio.Event() for _ in proxies]
+    tasks = [asyncio.create_task(_proxy(address, ns, pod, eds_names, log, event))
+             for (ns, pod), event in zip(proxies, events, strict=True)]
+    await asyncio.gather(*(event.wait() for event in events))
+    print("SYNCED", flush=True)
+    try:
+        while True:  # dump the log whenever asked (a line on stdin)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            out.write_text(json.dumps(log))
+            print("DUMPED", flush=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+# --- the driver ---------------------------------------------------------------------------------------------------
+
+
+def _rss_kib(pid: int) -> tuple[int, int]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def _cpu_seconds(pid: int) -> float:
+    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _convergence(metrics: str) -> dict[str, float]:
+    """Per type, the upper bound of the bucket holding the 99th percentile (and the count)."""
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for line in metrics.splitlines():
+        if line.startswith("meshguard_xds_convergence_seconds_bucket"):
+            labels, value = line.rsplit(" ", 1)
+            kind = labels.split('type="')[1].split('"')[0]
+            bound = labels.split('le="')[1].split('"')[0]
+            buckets.setdefault(kind, []).append((float(bound), float(value)))
+    result = {}
+    for kind, rows in buckets.items():
+        total = rows[-1][1]
+        p99 = next(bound for bound, count in rows if count >= 0.99 * total)
+        result[f"{kind}_p99_bucket_s"] = p99
+        result[f"{kind}_acks"] = total
+    return result
+
+
+def run(proxies: int, services: int, endpoints: int, changes: int) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="meshguard-xds-bench-"))
+    state = work / "state"
+    state.mkdir()
+    world = cluster_state(services, endpoints)
+    write(state, "pods", world["pods"])
+    write(state, "services", world["services"])
+    xds_port, health_port = free_port(), free_port()
+    env = {**os.environ, "MESHGUARD_XDS__ENABLED": "true", "MESHGUARD_XDS__PORT": str(xds_port),
+           "MESHGUARD_XDS__HOST": "127.0.0.1", "MESHGUARD_SERVER__PORT": str(free_port()),
+           "MESHGUARD_SERVER__HEALTH_PORT": str(health_port), "MESHGUARD_SERVER__HEALTH_HOST": "127.0.0.1",
+           "MESHGUARD_TLS__CERT_DIR": str(work / "certs"), "MESHGUARD_LOG_LEVEL": "warning"}
+    server = subprocess.Popen([sys.executable, "-m", "webhook", "serve", "--dev", "--state", str(state)], env=env,
+                              stderr=(work / "server.err").open("wb"))
+    clients = None
+    try:
+        health = f"http://127.0.0.1:{health_port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{health}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit(f"the control plane did not start: {(work / 'server.err').read_text()[-2000:]}")
+            time.sleep(0.2)
+        meshed = [p["metadata"] for i, p in enumerate(world["pods"]) if i % 2 == 0][:proxies]
+        eds_names = [f"outbound|{80 + s % 5}||svc-{s}.ns-{s % NAMESPACES}" for s in range(services)]
+        spec = work / "clients.json"
+        spec.write_text(json.dumps({"address": f"127.0.0.1:{xds_port}", "eds": eds_names,
+                                    "proxies": [[m["namespace"], m["name"]] for m in meshed]}))
+        log_path = work / "log.json"
+        sync_start = time.time()
+        clients = subprocess.Popen([sys.executable, "-m", "bench.xds_convergence", "--clients", str(spec),
+                                    str(log_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert clients.stdout is not None and clients.stdin is not None
+        assert clients.stdout.readline().strip() == "SYNCED"
+        initial_sync = time.time() - sync_start
+        rss_synced, _ = _rss_kib(server.pid)
+        cpu_before = _cpu_seconds(server.pid)
+        writes: list[tuple[str, float]] = []
+        for n in range(changes):
+            # An endpoint joins a Service (EDS), then a new Service appears (CDS, EDS and LDS for every proxy).
+            grown = [dict(o) for o in world["services"]]
+            slice_ = next(o for o in grown if o["kind"] == "EndpointSlice")
+            slice_["endpoints"] = [*slice_["endpoints"], {"addresses": [_ip(1_000_000 + n)],
+                                                          "conditions": {"ready": True}}]
+            writes.append((ENDPOINTS, write(state, "services", grown)))
+            time.sleep(2)
+            extra = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"new-{n}", "namespace": "ns-0"},
+                     "spec": {"clusterIP": _ip(500_000 + n, 172), "ports": [{"name": "http", "port": 80}]}}
+            writes.append((CLUSTER, write(state, "services", [*world["services"], extra])))
+            time.sleep(3)
+        cpu_per_change = (_cpu_seconds(server.pid) - cpu_before) / len(writes)
+        clients.stdin.write("\n")
+        clients.stdin.flush()
+        assert clients.stdout.readline().strip() == "DUMPED"
+        log = json.loads(log_path.read_text())
+        end_to_end = []
+        for (type_url, written), following in zip(writes, [*writes[1:], (None, float("inf"))], strict=True):
+            times = {}
+            for pod, kind, at in log:
+                if kind == type_url and written <= at < following[1]:
+                    times.setdefault(pod, at)
+            if len(times) == len(meshed):
+                end_to_end.append(max(times.values()) - written)
+        rss, peak = _rss_kib(server.pid)
+        metrics = httpx.get(f"{health}/metrics", timeout=10).text
+        return {
+            "proxies": len(meshed), "services": services, "endpoints": services * endpoints,
+            "initial_sync_s": round(initial_sync, 2),
+            "rss_after_sync_mib": round(rss_synced / 1024, 1), "rss_mib": round(rss / 1024, 1),
+            "rss_peak_mib": round(peak / 1024, 1), "cpu_s_per_change": round(cpu_per_change, 3),
+            "changes": len(writes), "changes_seen_by_every_proxy": len(end_to_end),
+            "file_write_to_last_proxy_max_s": round(max(end_to_end), 3) if end_to_end else None,
+            **_convergence(metrics),
+        }
+    finally:
+        if clients is not None:
+            clients.kill()
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="20 proxies and 20 Services of 2 endpoints")
+    parser.add_argument("--proxies", type=int, default=1000)
+    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--endpoints", type=int, default=10, help="endpoints per Service")
+    parser.add_argument("--changes", type=int, default=3, help="rounds of (an endpoint, a Service) changes")
+    parser.add_argument("--out", type=Path, help="write the result here (default bench/results/xds-<time>.json)")
+    parser.add_argument("--clients", nargs=2, metavar=("SPEC", "LOG"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.clients:
+        spec = json.loads(Path(args.clients[0]).read_text())
+        asyncio.run(_clients(spec["address"], [tuple(p) for p in spec["proxies"]], spec["eds"],
+                             Path(args.clients[1])))
+        return
+    if args.quick:
+        args.proxies, args.services, args.endpoints, args.changes = 20, 20, 2, 1
+    result = run(args.proxies, args.services, args.endpoints, args.changes)
+    result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    RESULTS.mkdir(exist_ok=True)
+    path = args.out or RESULTS / f"xds-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
