@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from .errors import MeshguardError
@@ -28,6 +29,11 @@ def _yaml_loader() -> type[yaml.SafeLoader]:
 
 def parse(text: str, source: str = "<input>") -> list[dict[str, Any]]:
     """Every object in ``text`` (YAML stream or JSON), with ``List`` items flattened and empty documents dropped."""
+    if text.lstrip().startswith(("{", "[")):
+        try:  # JSON is YAML too, but a JSON parser reads it a hundred times faster
+            return list(_flatten([orjson.loads(text)], source))
+        except orjson.JSONDecodeError:
+            pass  # flow-style YAML: read as YAML below
     try:
         documents = list(yaml.load_all(text, Loader=_yaml_loader()))
     except yaml.YAMLError as exc:
@@ -76,8 +82,6 @@ def load(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 def dump(objects: list[dict[str, Any]], output: str) -> str:
     """Render objects as a YAML stream (``yaml``) or one JSON ``List`` (``json``)."""
     if output == "json":
-        import orjson
-
         if len(objects) == 1:
             return orjson.dumps(objects[0], option=orjson.OPT_INDENT_2).decode() + "\n"
         listing = {"apiVersion": "v1", "kind": "List", "items": objects}

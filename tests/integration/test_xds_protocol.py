@@ -244,3 +244,39 @@ def test_proxy_configs_are_served_to_loopback_only(run: Any) -> None:
     assert remote.status_code == 403 and "loopback" in remote.json()["error"]
     local = run(lambda: fetch(("127.0.0.1", 50000)))
     assert local.status_code == 200 and local.json() == {"node": "shop/web-0"}
+
+
+def test_endpoint_changes_send_only_the_changed_assignment(run: Any) -> None:
+    def slice_of(service: str, ip: str) -> dict[str, Any]:
+        return {"kind": "EndpointSlice", "metadata": {"name": f"{service}-1", "namespace": "shop",
+                                                      "labels": {"kubernetes.io/service-name": service}},
+                "ports": [{"name": "http", "port": 8080}], "endpoints": [{"addresses": [ip]}]}
+
+    other = {**SERVICE, "metadata": {"name": "db", "namespace": "shop"}}
+    names = ("outbound|80||api.shop", "outbound|80||db.shop")
+
+    async def scenario() -> None:
+        plane, tasks = await start()
+        plane.store.replace("Service", [SERVICE, other])
+        plane.store.replace("EndpointSlice", [slice_of("api", "10.0.0.5"), slice_of("db", "10.0.0.6")])
+        try:
+            async with grpc.aio.insecure_channel(plane.address) as channel:
+                stream = Stream(channel)
+                await stream.send(ENDPOINTS, names=names, first=True)
+                first = await stream.receive()
+                assert len(first.resources) == 2
+                await stream.send(ENDPOINTS, first.nonce, first.version_info, names=names)
+                plane.store.apply("EndpointSlice", "MODIFIED", slice_of("api", "10.0.0.7"))
+                second = await stream.receive()
+                assert second.version_info != first.version_info and len(second.resources) == 1
+                from envoy.config.endpoint.v3 import endpoint_pb2
+
+                assignment = endpoint_pb2.ClusterLoadAssignment()
+                second.resources[0].Unpack(assignment)
+                assert assignment.cluster_name == "outbound|80||api.shop"
+                address = assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address
+                assert address == "10.0.0.7"
+        finally:
+            await _stop(tasks)
+
+    run(scenario)

@@ -97,7 +97,11 @@ class FileSource:
         return state_objects(manifests.load([self.directory]), self.default_namespace, (*KINDS, *MESH_KINDS))
 
     def load(self, store: Store) -> list[str]:
-        return [p for kind, objs in self.read().items() for p in store.replace(kind, objs)]
+        return self.install(store, self.read())
+
+    @staticmethod
+    def install(store: Store, found: dict[str, list[dict[str, Any]]]) -> list[str]:
+        return [p for kind, objs in found.items() for p in store.replace(kind, objs)]
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         found = []
@@ -119,12 +123,12 @@ class FileSource:
                 continue
             seen = now
             try:
-                problems = self.load(store)
+                found = await asyncio.to_thread(self.read)  # parsing is slow; the store is written on the loop
             except manifests.ManifestError as exc:  # a file half-written by an editor: keep the last good state
                 log.warning("state directory not reloaded", extra={"error": str(exc)})
                 seen = ()
                 continue
-            for problem in problems:
+            for problem in self.install(store, found):
                 log.warning("ignored an invalid object", extra={"problem": problem})
 
     def read_namespace(self, namespace: str) -> NamespaceState:

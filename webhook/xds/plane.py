@@ -17,8 +17,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -33,6 +33,7 @@ from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2  # noqa: F401
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, json_format
 
 from .. import envoy
@@ -81,6 +82,24 @@ def version_of(items: Iterable[Packed]) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class Response:
+    """A DiscoveryResponse as sent to any number of proxies: serialized once, without its nonce (each stream
+    appends its own: protobuf messages concatenate)."""
+
+    type_url: str
+    version: str
+    body: bytes
+    items: tuple[Packed, ...]  # what it carries, for proxy-config
+
+    @classmethod
+    def of(cls, type_url: str, version: str, items: Iterable[Packed]) -> Response:
+        carried = tuple(items)
+        body = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url,
+                                               resources=[item.any for item in carried]).SerializeToString()
+        return cls(type_url, version, body, carried)
+
+
 @dataclass
 class Snapshot:
     generation: int
@@ -88,6 +107,14 @@ class Snapshot:
     clusters: dict[str, Packed]
     assignments: dict[str, Packed]
     outbound: Packed
+    changed_assignments: frozenset[str]  # names whose assignment differs from the previous snapshot's
+    responses: dict[Any, Response] = field(default_factory=dict)  # shared by every proxy asking the same
+
+    def response(self, key: Any, build: Callable[[], Response]) -> Response:
+        found = self.responses.get(key)
+        if found is None:
+            found = self.responses[key] = build()
+        return found
 
 
 class _Packer:
@@ -156,12 +183,16 @@ class ControlPlane:
     def rebuild(self, since: float | None = None) -> Snapshot:
         start = time.perf_counter()
         outbound = resources.outbound(self.state, self._resolver, self._options)
-        generation = self.snapshot.generation + 1 if self.snapshot else 1
+        previous = self.snapshot
+        generation = previous.generation + 1 if previous else 1
+        assignments = {name: self._pack(ENDPOINTS, name, a) for name, a in outbound.load_assignments.items()}
+        before = previous.assignments if previous else {}
         self.snapshot = Snapshot(
             generation, since if since is not None else time.monotonic(),
             {name: self._pack(CLUSTER, name, c) for name, c in outbound.clusters.items()},
-            {name: self._pack(ENDPOINTS, name, a) for name, a in outbound.load_assignments.items()},
+            assignments,
             self._pack(LISTENER, resources.OUTBOUND_LISTENER, outbound.listener),
+            frozenset(name for name, packed in assignments.items() if before.get(name) is not packed),
         )
         self._pack.next_snapshot()
         self._metrics.xds_push_duration.labels().observe(time.perf_counter() - start)
@@ -180,17 +211,32 @@ class ControlPlane:
 
     # -- per proxy ---------------------------------------------------------------------------------------------
 
-    def resources_for(self, snapshot: Snapshot, type_url: str, pod: PodRecord,
-                      names: frozenset[str]) -> list[Packed]:
-        """What ``pod``'s proxy gets of ``type_url`` (EDS: only the ``names`` it asked for)."""
+    def response(self, snapshot: Snapshot, type_url: str, pod: PodRecord, names: frozenset[str],
+                 endpoints_from: int | None) -> Response:
+        """What ``pod``'s proxy gets of ``type_url``: every cluster; the assignments of the ``names`` it asked for
+        (only those changed since snapshot ``endpoints_from`` when it has all of that one's, which Envoy allows
+        for endpoints); the outbound listener and the inbound one for its modes. Built once per snapshot for
+        all the proxies that get the same."""
         if type_url == CLUSTER:
-            return list(snapshot.clusters.values())
+            return snapshot.response(CLUSTER, lambda: self._whole(CLUSTER, snapshot.clusters.values()))
         if type_url == ENDPOINTS:
-            return [snapshot.assignments[name] for name in sorted(names) if name in snapshot.assignments]
+            def wanted() -> list[Packed]:
+                return [snapshot.assignments[name] for name in sorted(names) if name in snapshot.assignments]
+
+            whole = snapshot.response((ENDPOINTS, names), lambda: self._whole(ENDPOINTS, wanted()))
+            if endpoints_from != snapshot.generation - 1:
+                return whole
+            return snapshot.response((ENDPOINTS, names, "changed"), lambda: Response.of(
+                ENDPOINTS, whole.version, (item for item in whole.items if item.name in snapshot.changed_assignments)))
         mode, ports = self._resolver.modes(self.state, pod.namespace, pod.labels)
         key = (mode, tuple(sorted(ports.items())))
         inbound = self._inbound.get(key)
         if inbound is None:
             listener = envoy.inbound_listener(self._options, mode, ports)
             inbound = self._inbound[key] = pack(LISTENER, listener["name"], listener)
-        return [snapshot.outbound, inbound]
+        return snapshot.response((LISTENER, key), lambda: self._whole(LISTENER, (snapshot.outbound, inbound)))
+
+    @staticmethod
+    def _whole(type_url: str, items: Iterable[Packed]) -> Response:
+        carried = tuple(items)
+        return Response.of(type_url, version_of(carried), carried)

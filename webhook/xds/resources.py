@@ -86,11 +86,6 @@ def service_cluster(service: ServiceRecord, port: int) -> str:
     return f"outbound|{port}||{service.name}.{service.namespace}"
 
 
-def _host_range(ip: str) -> dict[str, Any]:
-    address = ipaddress.ip_address(ip)
-    return {"address_prefix": str(address), "prefix_len": address.max_prefixlen}
-
-
 def _valid_ip(ip: str) -> bool:
     try:
         ipaddress.ip_address(ip)
@@ -145,13 +140,26 @@ def _cluster(name: str, options: BootstrapOptions, identities: list[str]) -> dic
     return cluster
 
 
-def _chain(name: str, cluster: str, port: int | None, ips: Sequence[str]) -> dict[str, Any]:
+def _ranges(ips: Sequence[str]) -> list[dict[str, Any]]:
+    """The fewest prefixes covering exactly ``ips`` (pods of one node's range are often neighbours)."""
+    networks = [ipaddress.ip_network(ip) for ip in ips]
+    collapsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+        *ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv4Network)),
+        *ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network))]
+    return [{"address_prefix": str(n.network_address), "prefix_len": n.prefixlen} for n in collapsed]
+
+
+def _chain(name: str, cluster: str, port: int | None, ranges: list[dict[str, Any]]) -> dict[str, Any]:
     match: dict[str, Any] = {}
     if port is not None:
         match["destination_port"] = port
-    if ips:
-        match["prefix_ranges"] = [_host_range(ip) for ip in ips]
+    if ranges:
+        match["prefix_ranges"] = ranges
     return {"name": name, "filter_chain_match": match, "filters": [envoy.tcp_proxy(name, cluster)]}
+
+
+def _host(ip: str) -> dict[str, Any]:
+    return {"address_prefix": ip, "prefix_len": 128 if ":" in ip else 32}
 
 
 def outbound(state: MeshState, resolver: Resolver, options: BootstrapOptions) -> Outbound:
@@ -166,7 +174,7 @@ def outbound(state: MeshState, resolver: Resolver, options: BootstrapOptions) ->
             assignments[name], identities = _endpoints(state, resolver, service, port, options)
             clusters[name] = _cluster(name, options, identities)
             if ips:
-                by_port[port].append(_chain(name, name, port, ips))
+                by_port[port].append(_chain(name, name, port, [_host(ip) for ip in ips]))
     # Meshed pods by address: one IP each (a finished pod's IP may be reused by a live one).
     meshed: dict[str, PodRecord] = {}
     for pod in state.catalog.pods():
@@ -177,15 +185,18 @@ def outbound(state: MeshState, resolver: Resolver, options: BootstrapOptions) ->
     for pod in meshed.values():
         for port in pod.plaintext_ports:
             by_port.setdefault(port, [])
+    # Most ports leave every meshed pod captured: their ranges are computed once.
+    everyone = _ranges(list(meshed))
     chains = envoy.blackhole_chains(OUTBOUND_LISTENER, (options.outbound_port,))
     for port in sorted(by_port):
         chains += by_port[port]
-        to_mesh = sorted(ip for ip, pod in meshed.items() if port not in pod.plaintext_ports)
-        if to_mesh:
-            chains.append(_chain(f"outbound-mesh-{port}", envoy.MESH_CLUSTER, port, to_mesh))
-        chains.append(_chain(f"outbound-passthrough-{port}", envoy.PASSTHROUGH_CLUSTER, port, ()))
-    if meshed:
-        chains.append(_chain("outbound-mesh", envoy.MESH_CLUSTER, None, sorted(meshed)))
+        captured = [ip for ip, pod in meshed.items() if port not in pod.plaintext_ports]
+        ranges = everyone if len(captured) == len(meshed) else _ranges(captured)
+        if ranges:
+            chains.append(_chain(f"outbound-mesh-{port}", envoy.MESH_CLUSTER, port, ranges))
+        chains.append(_chain(f"outbound-passthrough-{port}", envoy.PASSTHROUGH_CLUSTER, port, []))
+    if everyone:
+        chains.append(_chain("outbound-mesh", envoy.MESH_CLUSTER, None, everyone))
     listener = envoy.capture_listener(options, OUTBOUND_LISTENER, options.outbound_port, "OUTBOUND") | {
         "listener_filters": [envoy.original_dst_filter()],
         "filter_chains": chains,

@@ -29,12 +29,13 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from ..certs import Issued, issue_leaf, service_dns_names, spiffe_id
 from ..metrics import Metrics
 from ..state.catalog import PodRecord
-from .plane import ENDPOINTS, TYPES, ControlPlane, Packed, Snapshot, version_of
+from .plane import ENDPOINTS, TYPES, ControlPlane, Packed, Snapshot
 from .settings import XdsSettings
 
 log = logging.getLogger("meshguard.xds")
 
 SERVER_CERT_DAYS = 365
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
 
 @dataclass
@@ -53,12 +54,11 @@ class Proxy:
     namespace: str
     pod: str
     connected_at: float = field(default_factory=time.time)
-    # type -> (version, nonce, names) last sent, and the resources themselves
-    sent: dict[str, _Sent] = field(default_factory=dict)
+    sent: dict[str, _Sent] = field(default_factory=dict)  # type -> the last response sent
     acked: dict[str, str] = field(default_factory=dict)
-    resources: dict[str, list[Packed]] = field(default_factory=dict)
-    # The digest of each ClusterLoadAssignment last sent: EDS responses carry only those that changed.
-    endpoints: dict[str, bytes] = field(default_factory=dict)
+    resources: dict[str, dict[str, Packed]] = field(default_factory=dict)  # type name -> what it holds
+    # The snapshot whose assignments (for the names it asked) the proxy holds: later ones send only changes.
+    endpoints_from: int | None = None
 
 
 def _metadata(node: Any) -> dict[str, str]:
@@ -91,7 +91,7 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     async def StreamAggregatedResources(  # noqa: N802 - the generated servicer's name
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+    ) -> AsyncIterator[bytes]:
         requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
 
         async def read() -> None:
@@ -180,26 +180,25 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         subscribed[type_url] = frozenset(request.resource_names)
 
     def _responses(self, proxy: Proxy, pod: PodRecord, snapshot: Snapshot,
-                   subscribed: dict[str, frozenset[str]]) -> list[discovery_pb2.DiscoveryResponse]:
+                   subscribed: dict[str, frozenset[str]]) -> list[bytes]:
         responses = []
         for type_url, name in TYPES.items():
             if type_url not in subscribed:
                 continue
             names = subscribed[type_url]
-            items = self._plane.resources_for(snapshot, type_url, pod, names)
-            version = version_of(items)
             sent = proxy.sent.get(type_url)
-            if sent is not None and sent.version == version and sent.names == names:
+            renamed = sent is None or sent.names != names
+            response = self._plane.response(snapshot, type_url, pod, names,
+                                            None if renamed else proxy.endpoints_from)
+            if type_url == ENDPOINTS:
+                proxy.endpoints_from = snapshot.generation
+            if not renamed and sent is not None and sent.version == response.version:
                 continue
             nonce = str(next(self._nonces))
-            proxy.sent[type_url] = _Sent(version, nonce, names, snapshot.changed_at)
-            proxy.resources[name] = items
-            if type_url == ENDPOINTS:
-                # Unlike listeners and clusters, endpoints need not be sent whole: Envoy keeps the ones left out.
-                items = [item for item in items if proxy.endpoints.get(item.name) != item.digest]
-                proxy.endpoints.update((item.name, item.digest) for item in items)
-            responses.append(discovery_pb2.DiscoveryResponse(
-                version_info=version, type_url=type_url, nonce=nonce, resources=[item.any for item in items]))
+            proxy.sent[type_url] = _Sent(response.version, nonce, names, snapshot.changed_at)
+            held = {} if type_url != ENDPOINTS or renamed else proxy.resources.get(name, {})
+            proxy.resources[name] = {**held, **{item.name: item for item in response.items}}
+            responses.append(response.body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString())
             self._metrics.xds_pushes.labels(name).inc()
         return responses
 
@@ -212,7 +211,8 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     "connected_at": proxy.connected_at,
                     "versions": {TYPES[t]: {"sent": s.version, "acked": proxy.acked.get(TYPES[t], "")}
                                  for t, s in proxy.sent.items()},
-                    "resources": {name: [item.json for item in items] for name, items in proxy.resources.items()},
+                    "resources": {name: [item.json for item in items.values()]
+                                  for name, items in proxy.resources.items()},
                 }
         return None
 
@@ -232,7 +232,13 @@ async def serve(servicer: AggregatedDiscovery, settings: XdsSettings, ca: Issued
                 service: str, namespace: str) -> None:
     """Serve until cancelled: mutual TLS with the mesh CA when meshguard holds it, else plaintext."""
     server = grpc.aio.server(options=[("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)])
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+    # Registered by hand, not with the generated helper, to send the responses' bytes as they are: each one is
+    # serialized once per snapshot for every proxy that gets it.
+    method = grpc.stream_stream_rpc_method_handler(
+        servicer.StreamAggregatedResources, request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+        response_serializer=bytes)
+    handler = grpc.method_handlers_generic_handler(SERVICE, {"StreamAggregatedResources": method})
+    server.add_generic_rpc_handlers((handler,))
     address = f"{settings.host}:{settings.port}"
     if ca is not None:
         leaf = server_certificate(ca, service, namespace)
