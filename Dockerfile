@@ -12,10 +12,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-# The dependencies first, against an empty package, so a change to the code does not reinstall them. Every
-# dependency ships binary wheels: no compiler is needed here either.
+# The dependencies first, against an empty package (with a placeholder version, which the package metadata reads
+# from it), so a change to the code does not reinstall them. Every dependency ships binary wheels: no compiler is
+# needed here either.
 COPY pyproject.toml README.md ./
-RUN mkdir webhook && touch webhook/__init__.py \
+RUN mkdir webhook && echo '__version__ = "0"' > webhook/__init__.py \
     && pip install --no-cache-dir --prefer-binary . \
     && pip uninstall --yes meshguard
 COPY webhook ./webhook

@@ -99,3 +99,19 @@ def test_build_context_leaves_out_keys_and_the_virtualenv() -> None:
     sources = {source.rstrip("/") for op, args in instructions(DOCKERFILE.read_text())
                if op == "COPY" and not args.startswith("--from=") for source in args.split()[:-1]}
     assert sources == allowed, "every file the build copies is in the context, and nothing else is"
+
+
+def test_the_version_is_the_packages_everywhere_it_is_written() -> None:
+    """``webhook.__version__`` is the version; the places that cannot import it state it, and must agree."""
+    from webhook import __version__
+    from webhook.injection.settings import InjectionSettings
+
+    parsed = instructions(DOCKERFILE.read_text())
+    assert f"VERSION={__version__}" in [args for op, args in parsed if op == "ARG"]
+    assert f"meshguard:{__version__}" in DOCKERFILE.read_text()  # the build command in its header
+    chart = (ROOT / "charts" / "meshguard" / "Chart.yaml").read_text()
+    assert re.search(rf'^appVersion: "{re.escape(__version__)}"$', chart, re.M)
+    assert InjectionSettings().init_image == f"meshguard:{__version__}"
+    metadata = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; print(m.version('meshguard'))"],
+                              capture_output=True, text=True, check=True)
+    assert metadata.stdout.strip() == __version__

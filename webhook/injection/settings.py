@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from .. import envoy
+from .. import __version__, envoy
 from ..section import Section
 from . import values
 from .values import EnvoyLogLevel
@@ -36,7 +36,7 @@ IncludeRange = Annotated[str, AfterValidator(values.include_range)]
 class InjectionSettings(Section):
     proxy_image: Image = "envoyproxy/envoy:v1.40.0"
     # The init container runs meshguard's own image (``meshguard netinit ...``).
-    init_image: Image = "meshguard:0.1.0"
+    init_image: Image = f"meshguard:{__version__}"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     # Native sidecar (an init container with restartPolicy: Always, Kubernetes >= 1.29): Jobs complete and the
     # app starts only once the proxy is ready. False appends the proxy to ``containers`` (classic mode).
