@@ -21,9 +21,9 @@ import orjson
 
 from tests.conftest import review
 from webhook.config import Settings
+from webhook.handlers import chain
 from webhook.injection.handler import mutate_handler
 from webhook.injection.patch import plan
-from webhook.limits import within_limits
 from webhook.metrics import Metrics
 from webhook.server import AdmissionApp, Webhook
 from webhook.workloads import as_workload
@@ -63,7 +63,7 @@ def measure(app: AdmissionApp, settings: Settings, metrics: Metrics, containers:
     workload = as_workload(pod, "bench")
     assert workload is not None
     body = orjson.dumps(review(pod, namespace="bench"))
-    hook = Webhook(within_limits(mutate_handler(settings, metrics), settings.limits), allow_on_error=False)
+    hook = Webhook(chain(mutate_handler(settings, metrics), settings.limits), allow_on_error=False)
     loop = asyncio.new_event_loop()
     status, answer = loop.run_until_complete(app.admit("mutate", hook, body))
     assert status == 200 and b'"patch"' in answer, answer[:200]

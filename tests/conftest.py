@@ -77,9 +77,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def as_injected(pod: dict[str, Any], namespace: str = "shop", settings: Any = None) -> dict[str, Any]:
+    """``pod`` as the API server stores it after meshguard's ``/mutate``: the real injection patch, applied."""
+    import copy
+
+    import jsonpatch
+
+    from webhook.injection.patch import plan
+    from webhook.injection.settings import InjectionSettings
+    from webhook.workloads import as_workload
+
+    obj = copy.deepcopy(pod)
+    outcome = plan(as_workload(obj, namespace), settings or InjectionSettings(), "meshguard")
+    assert outcome.decision.inject, outcome.decision
+    return jsonpatch.apply_patch(obj, [dict(op) for op in outcome.ops])
+
+
 def review(obj: dict[str, Any] | None, *, operation: str = "CREATE", namespace: str = "default",
            kind: str | None = None, old: dict[str, Any] | None = None, dry_run: bool = False,
-           uid: str | None = None) -> dict[str, Any]:
+           uid: str | None = None, user: str = "kubernetes-admin", sub_resource: str | None = None) -> dict[str, Any]:
     """An AdmissionReview v1 request the way kube-apiserver sends it."""
     kind = kind or (obj or old or {}).get("kind", "Pod")
     group, version = "", "v1"
@@ -101,7 +117,8 @@ def review(obj: dict[str, Any] | None, *, operation: str = "CREATE", namespace: 
             "name": meta.get("name", ""),
             "namespace": namespace,
             "operation": operation,
-            "userInfo": {"username": "kubernetes-admin", "groups": ["system:masters", "system:authenticated"]},
+            "userInfo": {"username": user, "groups": ["system:authenticated"]},
+            **({"subResource": sub_resource} if sub_resource else {}),
             "object": obj,
             "oldObject": old,
             "dryRun": dry_run,

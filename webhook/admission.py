@@ -49,6 +49,8 @@ class AdmissionRequest:
     object: dict[str, Any] | None
     old_object: dict[str, Any] | None
     dry_run: bool
+    sub_resource: str = ""  # "ephemeralcontainers" for kubectl debug
+    user: str = ""  # request.userInfo.username: who sent it, as the API server authenticated them
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +140,22 @@ def parse_request(uid: str, request: dict[str, Any]) -> AdmissionRequest:
         object=obj,
         old_object=old,
         dry_run=request.get("dryRun") is True,
+        sub_resource=_string(request, "subResource", "request", required=False),
+        user=_string(_optional_mapping(request, "userInfo"), "username", "request.userInfo", required=False),
     )
 
 
 def _mapping(parent: dict[str, Any], key: str) -> dict[str, Any]:
     value = parent.get(key)
+    if not isinstance(value, dict):
+        raise ValueError(f"request.{key} must be a JSON object")
+    return value
+
+
+def _optional_mapping(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    value = parent.get(key)
+    if value is None:
+        return {}
     if not isinstance(value, dict):
         raise ValueError(f"request.{key} must be a JSON object")
     return value

@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     dev: bool = False
     # A directory of manifests used as cluster state instead of the live API (for --dev and tests).
     state_dir: Path | None = None
+    # Post a Kubernetes Event on the object for each denial, policy warning and notable injection skip (in a
+    # cluster only; never for dry runs), so users see why in `kubectl describe`.
+    events: bool = True
     server: ServerSettings = ServerSettings()
     tls: TLSSettings = TLSSettings()
     limits: LimitSettings = LimitSettings()

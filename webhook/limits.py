@@ -9,19 +9,13 @@ way around policy.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from .admission import AdmissionRequest, AdmissionResponse, denied
 from .config import LimitSettings
-from .server import Handler
-from .workloads import Workload, as_workload
+from .workloads import CONTAINER_LISTS, Workload
 
 OVER_LIMIT = "over-limit"
-# A webhook's handler, given the request's object already read as a workload (None when it is not one): the
-# workload is built once per request, here, and every layer after the limit check reuses it.
-WorkloadHandler = Callable[[AdmissionRequest, Workload | None], Awaitable[AdmissionResponse]]
-CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 
 
 def _size(value: Any) -> int:
@@ -51,18 +45,3 @@ def problem(workload: Workload, limits: LimitSettings) -> str | None:
             return (f"meshguard refuses {workload.display}: its pods have {count} {what}, more than the limit of "
                     f"{limit} (limits.{key}); no real pod needs that many, so check what generated it")
     return None
-
-
-def within_limits(handler: WorkloadHandler, limits: LimitSettings) -> Handler:
-    """The server's handler: reads the request's object as a workload, denies it (code 400) without looking
-    further when it is over a limit, else passes it to ``handler``."""
-
-    async def handle(request: AdmissionRequest) -> AdmissionResponse:
-        obj = request.object
-        workload = as_workload(obj, request.namespace) if obj is not None else None
-        found = problem(workload, limits) if workload is not None else None
-        if found is not None:
-            return denied(found, reason=OVER_LIMIT, code=400)
-        return await handler(request, workload)
-
-    return handle

@@ -183,6 +183,10 @@ class Metrics:
             "meshguard_unmeshed_pods_admitted", "Pods /validate admitted in the mesh without the sidecar, by reason.",
             ["namespace", "reason"], registry=r,
         )
+        self.events = LoopCounter(
+            "meshguard_events", "Kubernetes Events for denials, warnings and skips, by outcome (posted, failed, "
+            "dropped: the queue was full).", ["outcome"], registry=r,
+        )
         self.xds_connected = Gauge(
             "meshguard_xds_connected_proxies", "Proxies with an open ADS stream to this replica.", registry=r,
         )

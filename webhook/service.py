@@ -15,9 +15,10 @@ from . import selfcert
 from .certs import Issued, ensure_dev_certs
 from .config import Settings
 from .errors import KubeError
+from .events import EventRecorder, Observer, recording
+from .handlers import chain
 from .identity import controller as identity
 from .injection.handler import mutate_handler
-from .limits import within_limits
 from .manifests import ManifestError
 from .metrics import Metrics
 from .policy.handler import build_handler
@@ -35,13 +36,17 @@ Job = Callable[[], Coroutine[Any, Any, None]]
 SERVICE_NAME = "meshguard"
 
 
-def build_webhooks(settings: Settings, metrics: Metrics, store: Store) -> dict[str, Webhook]:
+def build_webhooks(settings: Settings, metrics: Metrics, store: Store,
+                   observe: Observer | None = None) -> dict[str, Webhook]:
+    """Each path's handler chain (``observe`` sees every answer: the Kubernetes Events)."""
     validate = report_unmeshed(build_handler(settings, store, metrics), store, settings, metrics)
+    handlers = {"mutate": chain(mutate_handler(settings, metrics), settings.limits),
+                "validate": chain(validate, settings.limits)}
+    if observe is not None:
+        handlers = {name: recording(handler, name, observe) for name, handler in handlers.items()}
     return {
-        "mutate": Webhook(within_limits(mutate_handler(settings, metrics), settings.limits),
-                          allow_on_error=settings.failure.mutate == "allow"),
-        "validate": Webhook(within_limits(validate, settings.limits),
-                            allow_on_error=settings.failure.validate_ == "allow"),
+        "mutate": Webhook(handlers["mutate"], allow_on_error=settings.failure.mutate == "allow"),
+        "validate": Webhook(handlers["validate"], allow_on_error=settings.failure.validate_ == "allow"),
     }
 
 
@@ -146,5 +151,11 @@ async def serve(settings: Settings) -> None:
         servicer, jobs = control_plane(settings, metrics, store, signer.ca if signer else None)
         background.extend(jobs)
         proxy_config = servicer.describe
+    observe = None
+    if settings.events and not settings.dev and settings.state_dir is None:
+        recorder = EventRecorder(kube.api_client(), metrics)
+        background.append(recorder.run)
+        observe = recorder.observe
     _freeze_heap()
-    await run(settings, build_webhooks(settings, metrics, store), readiness, metrics, background, proxy_config)
+    await run(settings, build_webhooks(settings, metrics, store, observe), readiness, metrics, background,
+              proxy_config)

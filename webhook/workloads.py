@@ -41,6 +41,8 @@ WORKLOAD_KINDS: dict[str, WorkloadKind] = {k.kind: k for k in (
     WorkloadKind("ReplicaSet", "apps", "v1", "replicasets", _TEMPLATE, "list_replica_set_for_all_namespaces"),
     WorkloadKind("Pod", "", "v1", "pods", (), "list_pod_for_all_namespaces"),
 )}
+# Where a pod spec lists containers, in the order the kubelet starts them.
+CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {name: k.template_path for name, k in WORKLOAD_KINDS.items()}
 
 

@@ -25,6 +25,7 @@ from webhook import certs, config
 from webhook.injection.decision import PROXY_NAME
 from webhook.metrics import Metrics
 from webhook.namespaces import SYSTEM_NAMESPACES
+from webhook.policy.handler import EPHEMERAL
 from webhook.policy.selectors import parse_selector
 from webhook.workloads import WORKLOAD_KINDS
 
@@ -239,7 +240,9 @@ def test_validating_webhook_rules_are_the_workload_kinds_meshguard_checks(render
     (workloads,) = [w for w in validating["webhooks"] if w["name"] == "workloads.validate.meshguard.io"]
     called_for = {(group, version, resource) for rule in workloads["rules"] for group in rule["apiGroups"]
                   for version in rule["apiVersions"] for resource in rule["resources"]}
-    assert called_for == {(k.group, k.version, k.resource) for k in WORKLOAD_KINDS.values()}
+    # Every workload kind, and kubectl debug's subresource (its ephemeral containers reach no other webhook).
+    assert called_for == {(k.group, k.version, k.resource) for k in WORKLOAD_KINDS.values()} | {
+        ("", "v1", f"pods/{EPHEMERAL}")}
     assert {tuple(rule["resources"]) for w in mutating["webhooks"] for rule in w["rules"]} == {("pods",)}
 
 
@@ -264,8 +267,10 @@ def test_webhook_settings_every_good_practice(render: Render) -> None:
                for resource in rule["resources"]}
     assert covered == {("", "pods"), ("", "replicationcontrollers"), ("apps", "deployments"),
                        ("apps", "statefulsets"), ("apps", "daemonsets"), ("apps", "replicasets"),
-                       ("batch", "jobs"), ("batch", "cronjobs")}
-    assert all(rule["operations"] == ["CREATE", "UPDATE"] and rule["scope"] == "Namespaced" for rule in hook["rules"])
+                       ("batch", "jobs"), ("batch", "cronjobs"), ("", "pods/ephemeralcontainers")}
+    for rule in hook["rules"]:
+        debug = rule["resources"] == ["pods/ephemeralcontainers"]
+        assert rule["operations"] == (["UPDATE"] if debug else ["CREATE", "UPDATE"]) and rule["scope"] == "Namespaced"
 
 
 def test_failure_and_reinvocation_policies_and_timeouts_come_from_values(render: Render, tmp_path: Path) -> None:
@@ -371,6 +376,8 @@ READS = [
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["security.istio.io"], "resources": ["peerauthentications"], "verbs": ["get", "list", "watch"]},
 ]
+# Events on the objects it denies or warns about.
+EVENTS = [{"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}]
 # The control plane's (controlPlane.enabled, the default): endpoints and which pods carry the proxy.
 CONTROL_PLANE = [
     {"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["list", "watch"]},
@@ -403,12 +410,12 @@ def _secrets(*names: str) -> dict[str, Any]:
 
 def test_rbac_least_privilege(render: Render) -> None:
     for case in ("helm", "cert-manager"):
-        assert _server_rules(render(MATRIX[case])) == [*READS, *CONTROL_PLANE, *SIGNER,
+        assert _server_rules(render(MATRIX[case])) == [*READS, *EVENTS, *CONTROL_PLANE, *SIGNER,
                                                        _secrets(f"{FULLNAME}-mesh-ca")]
         without = {**MATRIX[case], "identity": {"mode": "secret"}, "controlPlane": {"enabled": False}}
-        assert _server_rules(render(without)) == READS
+        assert _server_rules(render(without)) == [*READS, *EVENTS]
     objects = render()
-    assert _server_rules(objects) == [*READS, *CONTROL_PLANE, {
+    assert _server_rules(objects) == [*READS, *EVENTS, *CONTROL_PLANE, {
         "apiGroups": ["admissionregistration.k8s.io"],
         "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
         "resourceNames": [FULLNAME], "verbs": ["get", "update"],

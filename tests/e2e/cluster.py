@@ -242,7 +242,9 @@ class ControlPlane:
             "--authorization-kubeconfig", str(self.kubeconfig),
             "--leader-elect=false", "--secure-port=0",
             "--service-account-private-key-file", str(p / "sa.key"), "--root-ca-file", str(p / "ca.crt"),
-            "--use-service-account-credentials=false",
+            # Each controller as its own ServiceAccount, as kubeadm sets it up: meshguard tells a controller's
+            # request from a tenant's by that user (policy.controller_users).
+            "--use-service-account-credentials=true",
             # With a node, the node lifecycle controller lifts the not-ready taint the kubelet registers with.
             "--controllers",
             "*,-nodeipam,-bootstrapsigner,-tokencleaner" + ("" if self.node_ip else ",-nodelifecycle,-ttl"),

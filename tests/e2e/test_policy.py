@@ -60,6 +60,19 @@ def test_deployments_without_network_policies_are_denied_one_line_each_and_warn_
         shown = warning.removeprefix("Warning: ")
         assert shown == full or (len(shown) <= 120 and full.startswith(shown.removesuffix("…"))), warning
     assert len(cluster.kubectl_json("get", "deployments", "-n", ns)["items"]) == len(names)
+    # Both the denials and the warnings are on the Deployments as Events, for kubectl describe (their ReplicaSets
+    # and pods, warned on in turn, get theirs).
+    def events() -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for event in cluster.kubectl_json("get", "events.events.k8s.io", "-n", ns)["items"]:
+            regarding = event["regarding"]
+            if event.get("reportingController") == "meshguard.io/meshguard" and regarding["kind"] == "Deployment":
+                found.setdefault(event["reason"], set()).add(regarding["name"])
+        return found
+
+    seen = wait_for("meshguard's events", lambda: (e := events()) and len(e.get("PolicyWarning", ())) == len(names)
+                    and e)
+    assert seen == {"PolicyDenied": set(names), "PolicyWarning": set(names)}
 
 
 def test_a_workload_outside_the_mesh_fails_the_mtls_rule(

@@ -21,6 +21,8 @@ READ = ("get", "list", "watch")
 STATE = {(resource, "", "", verb) for resource in ("namespaces", "networkpolicies.networking.k8s.io",
                                                    "peerauthentications.security.istio.io") for verb in READ}
 Rules = set[tuple[str, str, str, str]]
+# Events on the objects it denies or warns about.
+EVENTS = {("events.events.k8s.io", "", "", "create")}
 # The control plane (controlPlane.enabled, the default): endpoints, and which pods carry the proxy; no get.
 CONTROL_PLANE = {(resource, "", "", verb) for resource in ("pods", "services", "endpointslices.discovery.k8s.io")
                  for verb in ("list", "watch")}
@@ -48,9 +50,9 @@ def test_the_release_account_reads_the_policy_state_and_signs_for_its_own_signer
         cluster: ControlPlane, meshguard: Meshguard, make_namespace: Callable[..., str]) -> None:
     ca_secret = {("secrets", "", "meshguard-mesh-ca", verb) for verb in ("get", "update")}
     assert granted(cluster, RELEASE_NAMESPACE, meshguard.service_account, RELEASE_NAMESPACE) == \
-        STATE | CONTROL_PLANE | SIGNER | ca_secret
+        STATE | EVENTS | CONTROL_PLANE | SIGNER | ca_secret
     assert granted(cluster, RELEASE_NAMESPACE, meshguard.service_account, make_namespace()) == \
-        STATE | CONTROL_PLANE | SIGNER
+        STATE | EVENTS | CONTROL_PLANE | SIGNER
     user = account(RELEASE_NAMESPACE, meshguard.service_account)
     for verb, resource in (("get", "pods"), ("update", "pods"), ("get", "secrets"), ("create", "networkpolicies"),
                            ("delete", "namespaces"), ("update", "mutatingwebhookconfigurations")):
@@ -91,5 +93,5 @@ def test_self_managed_mode_adds_its_own_secret_and_webhook_configurations_by_nam
                 for kind in ("mutatingwebhookconfigurations", "validatingwebhookconfigurations")
                 for verb in ("get", "update")}
     secret = {("secrets", "", f"{name}-tls", verb) for verb in ("get", "update")}
-    assert granted(cluster, namespace, name, namespace) == STATE | webhooks | secret
-    assert granted(cluster, namespace, name, make_namespace()) == STATE | webhooks
+    assert granted(cluster, namespace, name, namespace) == STATE | EVENTS | webhooks | secret
+    assert granted(cluster, namespace, name, make_namespace()) == STATE | EVENTS | webhooks

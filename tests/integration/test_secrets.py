@@ -13,13 +13,14 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import RunningServer, review, start_server
+from tests.conftest import RunningServer, as_injected, review, start_server
 from tests.integration.test_validate import MESH, deny_all, namespace, write_state
 
 PASSWORD = f"hunter2-{uuid.uuid4().hex}"
 TOKEN = f"s3cr3t-token-{uuid.uuid4().hex}"
 IMAGE = f"registry.example.com/payments-{uuid.uuid4().hex}:1"  # marks the pod spec: it must never be logged
 SECRETS = (PASSWORD, TOKEN, IMAGE)
+REPLICASET_CONTROLLER = "system:serviceaccount:kube-system:replicaset-controller"
 OWNER = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "pay-1", "uid": "u", "controller": True}]
 
 
@@ -55,9 +56,7 @@ def over_limit() -> dict[str, Any]:
 
 
 def injected() -> dict[str, Any]:
-    obj = pod(owned=True)
-    obj["spec"]["initContainers"] = [{"name": "meshguard-proxy", "image": "envoy", "restartPolicy": "Always"}]
-    return obj
+    return as_injected(pod(owned=True))
 
 
 CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
@@ -66,9 +65,9 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("mutate: name conflict", "/mutate", reserved_name(), {"namespace": "shop"}),
     ("mutate: over a limit", "/mutate", over_limit(), {"namespace": "shop"}),
     ("mutate: skipped", "/mutate", pod(**{"meshguard.io/inject": "false"}), {"namespace": "shop"}),
-    ("validate: allowed", "/validate", injected(), {"namespace": "shop"}),
+    ("validate: allowed", "/validate", injected(), {"namespace": "shop", "user": REPLICASET_CONTROLLER}),
     ("validate: denied", "/validate", deployment(), {"namespace": "bare"}),
-    ("validate: warned, un-meshed", "/validate", pod(owned=True), {"namespace": "shop"}),
+    ("validate: warned, un-meshed", "/validate", pod(owned=True), {"namespace": "shop", "user": REPLICASET_CONTROLLER}),
     ("validate: update", "/validate", deployment(), {"namespace": "bare", "operation": "UPDATE", "old": deployment()}),
     ("validate: over a limit", "/validate", over_limit(), {"namespace": "shop"}),
 ]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import RunningServer, review, start_server
+from tests.conftest import RunningServer, as_injected, review, start_server
 
 MESH = {"meshguard.io/inject": "enabled"}
 
@@ -147,19 +147,22 @@ def test_every_controller_kind_and_pods(server: RunningServer) -> None:
         assert allowed["allowed"] is (obj["kind"] != "Pod"), allowed
 
 
-def test_injected_pod_passes_and_controller_owned_pods_are_only_warned(server: RunningServer) -> None:
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"generateName": "payment-7d4b9-", "labels": {"app": "payment"}},
-           "spec": {"initContainers": [{"name": "meshguard-proxy", "image": "envoy", "restartPolicy": "Always"}],
-                    "containers": [{"name": "app", "image": "shop/payment:1"}]}}
+def test_injected_pod_passes_and_controller_made_pods_are_only_warned(server: RunningServer) -> None:
+    pod = as_injected({"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"generateName": "payment-7d4b9-", "labels": {"app": "payment"}},
+                       "spec": {"containers": [{"name": "app", "image": "shop/payment:1"}]}})
     assert validate(server, pod, "shop")["allowed"] is True
     owned = copy.deepcopy(pod)
     owned["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "payment-7d4b9",
                                              "uid": "u", "controller": True}]
-    response = validate(server, owned, "open")
+    # Sent by the ReplicaSet controller: a policy deleted later must not stop it replacing pods.
+    response = validate(server, owned, "open", user="system:serviceaccount:kube-system:replicaset-controller")
     assert response["allowed"] is True
     assert response["warnings"] == ["Pod open/payment-7d4b9-*: no NetworkPolicy selects it for Ingress; add one "
                                     "(podSelector {} is enough)"]
+    # The same owner reference written by a tenant: not a controller, so enforced.
+    forged = validate(server, owned, "open", user="jane@example.com")
+    assert forged["allowed"] is False and "no NetworkPolicy selects" in forged["status"]["message"]
 
 
 def test_updates(server: RunningServer) -> None:
@@ -261,3 +264,33 @@ def test_invalid_state_directory_stops_the_server(tmp_path: Path) -> None:
         start_server(tmp_path / "srv", args=("--state", str(tmp_path / "missing")))
     assert "cannot read the state directory" in str(raised.value)
 
+
+
+def test_adding_only_meshguards_status_annotation_on_update_is_enforced(server: RunningServer) -> None:
+    """Counted as "pods unchanged" it would only be warned on, and every new pod would then skip injection."""
+    old = deployment()
+    claimed = deployment()
+    claimed["spec"]["template"]["metadata"]["annotations"] = {"meshguard.io/status": '{"version": "0.1.0"}'}
+    response = validate(server, claimed, "shop", operation="UPDATE", old=old)
+    assert response["allowed"] is False
+    assert "claims injection but has no meshguard-proxy container" in response["status"]["message"]
+
+
+def test_debug_containers_in_a_meshed_pod_cannot_undo_the_redirect(server: RunningServer) -> None:
+    pod = as_injected({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1", "labels": {"app": "web"}},
+                       "spec": {"containers": [{"name": "app", "image": "shop/web:1"}]}})
+
+    def debug(security: dict[str, Any]) -> dict[str, Any]:
+        updated = copy.deepcopy(pod)
+        updated["spec"]["ephemeralContainers"] = [{"name": "debugger-x", "image": "busybox",
+                                                   "securityContext": security}]
+        return validate(server, updated, "open", operation="UPDATE", old=pod, sub_resource="ephemeralcontainers")
+
+    plain = debug({})
+    assert plain["allowed"] is True  # kubectl debug as usual, even in a namespace failing other rules
+    refused = debug({"capabilities": {"add": ["NET_ADMIN"]}})
+    assert refused["allowed"] is False
+    assert refused["status"]["message"] == (
+        "Pod open/web-1: its debug container could bypass the meshguard proxy: container debugger-x has NET_ADMIN, "
+        "with which it could undo the traffic redirect; drop NET_ADMIN from container debugger-x")
+    assert debug({"runAsUser": 1337})["allowed"] is False

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import as_injected
 from webhook.config import Settings, load
 from webhook.policy.engine import MTLS, NETWORK_POLICY, Engine, Evaluation, least_strict
 from webhook.state.files import build_store
@@ -30,15 +31,14 @@ def deployment(name: str = "payment", labels: dict[str, str] | None = None, pod_
 def pod(name: str = "payment-7d4b9", labels: dict[str, str] | None = None, proxy: bool = False,
         owner: bool = False, annotations: dict[str, str] | None = None) -> dict[str, Any]:
     containers = [{"name": "app", "image": "shop/app:1"}]
-    init = [{"name": "meshguard-proxy", "image": "envoy", "restartPolicy": "Always"}] if proxy else []
     meta: dict[str, Any] = {"name": name, "labels": {"app": "payment"} if labels is None else labels}
     if owner:
         meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "payment-7d4b9",
                                     "uid": "1", "controller": True}]
     if annotations:
         meta["annotations"] = annotations
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-            "spec": {"initContainers": init, "containers": containers}}
+    obj = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {"containers": containers}}
+    return as_injected(obj) if proxy else obj  # the proxy as the injector adds it
 
 
 def netpol(name: str, selector: dict[str, Any] | None = None, types: list[str] | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied, patched
 from ..config import Settings
-from ..limits import WorkloadHandler
+from ..handlers import WorkloadHandler
 from ..metrics import Metrics
 from ..workloads import Workload
 from .overrides import OverrideError

@@ -23,6 +23,7 @@ from ..injection.decision import (
 )
 from ..namespaces import SYSTEM_NAMESPACES
 from ..workloads import Workload, controller_owner
+from . import integrity
 from .mtls import STRICT, PeerAuthentication, resolve
 from .networkpolicy import NetworkPolicy, coverage
 from .selectors import format_labels, parse_selector
@@ -111,14 +112,23 @@ class Engine:
     def root_namespace(self) -> str:
         return self._policy.mtls.root_namespace
 
-    def evaluate(self, workload: Workload, state: Snapshot, cap: Action = "enforce") -> Evaluation:
+    @property
+    def proxy_uid(self) -> int:
+        return self._settings.injection.proxy_uid
+
+    def evaluate(self, workload: Workload, state: Snapshot, cap: Action = "enforce", old: Workload | None = None,
+                 by_controller: bool | None = None) -> Evaluation:
         """Every rule's result for ``workload``; ``cap`` bounds the action (the handler lowers it for updates
-        that do not change the pods)."""
+        that do not change the pods). ``old`` is the object an update replaces. ``by_controller`` says whether a
+        controller sent the object (the handler decides from the request's user, which a tenant cannot forge);
+        None, for manifests and audits, decides from the object's controller ownerReference."""
         ns_labels = state.namespace_labels(workload.namespace)
         why_exempt = self.exemption(workload, ns_labels)
         if why_exempt:
             return Evaluation(workload, why_exempt)
-        if controller_owner(workload.obj) is not None:
+        if by_controller is None:
+            by_controller = controller_owner(workload.obj) is not None
+        if by_controller:
             cap = least_strict(cap, self._policy.owned_action)
         override = ns_labels.get(POLICY_LABEL)
         results = []
@@ -127,7 +137,7 @@ class Engine:
             (MTLS, self._policy.mtls.action, self._mtls),
         ):
             action = override if override in ACTIONS else configured
-            passed, detail, short = check(workload, ns_labels, state)
+            passed, detail, short = check(workload, ns_labels, state, old)
             results.append(RuleResult(rule, passed, least_strict(action, cap), workload.display, detail, short))
         return Evaluation(workload, None, tuple(results))
 
@@ -146,7 +156,7 @@ class Engine:
         return None
 
     def _network_policy(
-        self, workload: Workload, ns_labels: Mapping[str, str], state: Snapshot
+        self, workload: Workload, ns_labels: Mapping[str, str], state: Snapshot, old: Workload | None
     ) -> tuple[bool, str, str]:
         labels = workload.labels
         selecting = state.network_policies_selecting(workload.namespace, labels)
@@ -161,12 +171,20 @@ class Engine:
         )
         return False, detail, f"no NetworkPolicy selects it for {directions}; add one (podSelector {{}} is enough)"
 
-    def _mtls(self, workload: Workload, ns_labels: Mapping[str, str], state: Snapshot) -> tuple[bool, str, str]:
+    def _mtls(self, workload: Workload, ns_labels: Mapping[str, str], state: Snapshot,
+              old: Workload | None) -> tuple[bool, str, str]:
         missing = self._why_no_sidecar(workload, ns_labels)
         if missing is not None:
             why, fix = missing
             detail = f"its pods will run without the meshguard sidecar ({why}), so they have no mutual TLS; {fix}"
             return False, detail, f"no meshguard sidecar ({why}); {fix}"
+        injection = self._settings.injection
+        bypass = (integrity.tenant_problems(workload.pod_spec, injection.proxy_uid)
+                  + integrity.sidecar_problems(workload, injection, old))
+        if bypass:
+            why, fix = bypass[0]
+            more = f" (and {len(bypass) - 1} more)" if len(bypass) > 1 else ""
+            return False, f"its traffic could bypass the meshguard proxy: {why}{more}; {fix}", f"{why}; {fix}"
         mtls = self._policy.mtls
         effective = resolve(
             workload.labels,
@@ -188,6 +206,12 @@ class Engine:
             where = f"portLevelMtls of {effective.ports_from.display}"
             detail = f"{ports} ({where}), so plaintext is accepted there; set those entries to STRICT or remove them"
             return False, detail, f"{ports} ({where}); set STRICT"
+        uncaptured = integrity.uncaptured_ports(workload)
+        if uncaptured:
+            ports = ", ".join(map(str, uncaptured))
+            why = f"port {ports} is left out of the proxy by {integrity.EXCLUDE_INBOUND}, so it takes plaintext"
+            fix = "remove it from the annotation"
+            return False, f"{why} although mutual TLS is STRICT ({origin}); {fix}", f"{why}; {fix}"
         return True, f"pods carry the meshguard sidecar; mutual TLS is STRICT ({origin})", "mTLS STRICT"
 
     def _why_no_sidecar(self, workload: Workload, ns_labels: Mapping[str, str]) -> tuple[str, str] | None:

@@ -21,19 +21,24 @@ from typing import Any
 
 from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied
 from ..config import Settings
-from ..injection.decision import INJECT_KEY
-from ..limits import WorkloadHandler
+from ..handlers import WorkloadHandler
+from ..injection.decision import proxy_container_present
+from ..injection.overrides import PREFIX
 from ..metrics import LoopCounter, Metrics
 from ..workloads import WORKLOAD_KINDS, Workload, as_workload
+from . import integrity
 from .engine import NETWORK_POLICY, ORDERING_HINT, Engine, Evaluation, LiveSnapshot, RuleResult
 from .settings import Action
 
+EPHEMERAL = "ephemeralcontainers"
 UNCONFIRMED = "meshguard could not re-read this namespace's policies from the API server, so it allowed this"
 
 
 def _pods_of(workload: Workload) -> tuple[Any, ...]:
-    """What the rules read from a pod template; an update that keeps it cannot change a verdict's cause."""
-    return workload.labels, workload.annotations.get(INJECT_KEY), workload.pod_spec
+    """What the rules read from a pod template; an update that keeps it cannot change a verdict's cause. Every
+    meshguard annotation counts: adding its status annotation alone would make every new pod skip injection."""
+    meshguard = {k: v for k, v in workload.annotations.items() if k.startswith(PREFIX)}
+    return workload.labels, meshguard, workload.pod_spec
 
 
 def _unchanged(workload: Workload, old: Mapping[str, Any] | None) -> bool:
@@ -42,6 +47,26 @@ def _unchanged(workload: Workload, old: Mapping[str, Any] | None) -> bool:
         return previous is not None and _pods_of(previous) == _pods_of(workload)
     except RecursionError:  # nested deeper than Python compares (JSON allows 1024 levels): checked as changed
         return False
+
+
+def _old(request: AdmissionRequest, workload: Workload) -> Workload | None:
+    old = request.old_object
+    return as_workload(old, workload.namespace) if request.operation == "UPDATE" and isinstance(old, dict) else None
+
+
+def _debug_containers(workload: Workload, request: AdmissionRequest, engine: Engine,
+                      store: LiveSnapshot) -> AdmissionResponse:
+    """``kubectl debug`` adds ephemeral containers through their own subresource, which the injector never sees:
+    in a pod carrying the proxy they must not run as its uid nor hold the capabilities to undo the redirect."""
+    if not proxy_container_present(workload.template) or engine.exemption(
+            workload, store.namespace_labels(workload.namespace)):
+        return allowed(reason="not-checked")
+    problems = integrity.tenant_problems(workload.pod_spec, engine.proxy_uid, ("ephemeralContainers",))
+    if not problems:
+        return allowed(reason="policy-pass")
+    why, fix = problems[0]
+    return denied(f"{workload.display}: its debug container could bypass the meshguard proxy: {why}; {fix}",
+                  reason="policy-violation")
 
 
 def _deleting(obj: Mapping[str, Any]) -> bool:
@@ -58,17 +83,23 @@ def build_handler(settings: Settings, store: LiveSnapshot, metrics: Metrics) -> 
             return allowed(reason="not-checked")
         if workload is None or request.kind != workload.kind or WORKLOAD_KINDS[workload.kind].group != request.group:
             return allowed(reason="not-a-workload")
+        if request.sub_resource == EPHEMERAL:
+            return _debug_containers(workload, request, engine, store)
+        if request.sub_resource:
+            return allowed(reason="not-checked")
         cap: Action = "enforce"
         if request.operation == "UPDATE" and (_deleting(obj) or _unchanged(workload, request.old_object)):
             cap = "warn"
-        evaluation = engine.evaluate(workload, store, cap)
+        old = _old(request, workload)
+        by_controller = request.user in settings.policy.controller_users
+        evaluation = engine.evaluate(workload, store, cap, old, by_controller)
         notes: tuple[str, ...] = ()
         if evaluation.failing("enforce"):
             fresh = await store.refresh((workload.namespace, engine.root_namespace))
             metrics.policy_rechecks.labels("fresh" if fresh else "failed").inc()
             if not fresh:
                 cap, notes = "warn", (UNCONFIRMED,)
-            evaluation = engine.evaluate(workload, store, cap)
+            evaluation = engine.evaluate(workload, store, cap, old, by_controller)
         return _respond(evaluation, metrics.policy_results, notes)
 
     return handle

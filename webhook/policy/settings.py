@@ -76,5 +76,14 @@ class PolicySettings(Section):
     # checked, but their action is capped at this, so that a policy deleted later cannot stop a controller
     # from replacing crashed pods. "enforce" removes the cap.
     owned_action: Action = "warn"
+    # Who counts as "a controller" for owned_action: the users the API server authenticates kube-controller-manager
+    # as (per-controller service accounts with --use-service-account-credentials, else its own identity). Decided
+    # from the request's user, never from the object's ownerReferences, which whoever writes it can set.
+    controller_users: tuple[str, ...] = (
+        "system:kube-controller-manager",
+        *(f"system:serviceaccount:kube-system:{name}" for name in (
+            "replicaset-controller", "deployment-controller", "statefulset-controller", "daemon-set-controller",
+            "job-controller", "cronjob-controller", "replication-controller")),
+    )
     exempt: Exemptions = Exemptions()
     state: StateSettings = StateSettings()

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 
 from ..admission import AdmissionRequest, AdmissionResponse
 from ..config import Settings
+from ..handlers import WorkloadHandler
 from ..injection.decision import decide, proxy_container_present, selected_for_mesh
-from ..limits import WorkloadHandler
 from ..metrics import Metrics
 from ..workloads import Workload
 from .engine import Snapshot

@@ -1,0 +1,154 @@
+"""A tenant who can edit its own workloads cannot make the mTLS rule pass for a pod whose traffic bypasses the
+proxy: each way around it fails the rule, and every legitimate variant still passes."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from tests.conftest import as_injected
+from webhook.config import Settings
+from webhook.injection.settings import InjectionSettings
+from webhook.policy.engine import MTLS, Engine
+from webhook.state.files import build_store
+from webhook.workloads import as_workload
+
+MESH_NS = {"apiVersion": "v1", "kind": "Namespace",
+           "metadata": {"name": "shop", "labels": {"meshguard.io/inject": "enabled"}}}
+DENY_ALL = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "deny", "namespace": "shop"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+
+
+def app_pod(**spec: Any) -> dict[str, Any]:
+    container = {"name": "app", "image": "shop/app:1", "ports": [{"containerPort": 8080}]}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1", "labels": {"app": "web"}},
+            "spec": {"containers": [container], **spec}}
+
+
+def template_of(pod: dict[str, Any]) -> dict[str, Any]:
+    """A Deployment whose pods are ``pod``: judged before injection, which happens on its pods."""
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": pod["metadata"], "spec": pod["spec"]}}}
+
+
+def mtls(obj: dict[str, Any], old: dict[str, Any] | None = None, settings: Settings | None = None) -> tuple[bool, str]:
+    store, _ = build_store([MESH_NS, DENY_ALL], "shop")
+    engine = Engine(settings or Settings())
+    previous = as_workload(old, "shop") if old else None
+    evaluation = engine.evaluate(as_workload(obj, "shop"), store, old=previous)
+    (result,) = [r for r in evaluation.results if r.rule == MTLS]
+    return result.passed, result.message
+
+
+def test_an_injected_pod_and_a_pod_to_be_injected_pass() -> None:
+    assert mtls(as_injected(app_pod()))[0] and mtls(template_of(app_pod()))[0]
+    # Per-pod overrides the injector honoured are part of what "as meshguard makes it" means.
+    tuned = app_pod()
+    tuned["metadata"]["annotations"] = {"meshguard.io/log-level": "debug", "meshguard.io/proxy-cpu": "200m"}
+    assert mtls(as_injected(tuned))[0]
+    # Classic mode, a hold, and the bootstrap rendered in the pod: all what meshguard makes.
+    for injection in ({"native_sidecar": False, "hold_application_until_proxy_starts": True},
+                      {"bootstrap": "init-container"}):
+        settings = Settings(injection=injection)
+        assert mtls(as_injected(app_pod(), settings=settings.injection), settings=settings)[0]
+
+
+def _edit(pod: dict[str, Any], name: str, **fields: Any) -> dict[str, Any]:
+    edited = copy.deepcopy(pod)
+    for key in ("initContainers", "containers"):
+        for container in edited["spec"].get(key, []):
+            if container["name"] == name:
+                container.update(fields)
+    return edited
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (lambda p: _edit(p, "meshguard-proxy", image="attacker/envoy:1"), "meshguard-proxy container is not the one "
+                                                                      "meshguard injects (its image differ)"),
+    (lambda p: _edit(p, "meshguard-init", args=["netinit", "--dry-run"]), "meshguard-init container is not the one "
+                                                                         "meshguard injects (its args differ)"),
+    (lambda p: {**p, "spec": {**p["spec"], "initContainers": [c for c in p["spec"]["initContainers"]
+                                                              if c["name"] != "meshguard-init"]}},
+     "it has meshguard-proxy without meshguard-init"),
+])
+def test_a_fake_or_edited_sidecar_fails(change: Any, fragment: str) -> None:
+    passed, message = mtls(change(as_injected(app_pod())))
+    assert not passed and fragment in message, message
+    assert message.endswith("remove meshguard's containers and let the injector add them")
+
+
+def test_a_container_merely_named_like_the_proxy_fails() -> None:
+    fake = app_pod(initContainers=[{"name": "meshguard-proxy", "image": "busybox", "restartPolicy": "Always"}])
+    passed, message = mtls(fake)
+    assert not passed and "meshguard-proxy" in message
+
+
+def test_an_update_may_keep_the_sidecar_it_had_but_not_change_it() -> None:
+    before = as_injected(app_pod())
+    # Injected by an older configuration (another proxy image): a later update of the pod keeps it.
+    older = _edit(before, "meshguard-proxy", image="envoyproxy/envoy:v1.39.0")
+    relabeled = copy.deepcopy(older)
+    relabeled["metadata"]["labels"]["tier"] = "web"
+    assert mtls(relabeled, old=older)[0]
+    # Swapping meshguard-init's image on an update (e.g. while a scheduling gate holds the pod): refused.
+    swapped = _edit(before, "meshguard-init", image="attacker/init:1")
+    passed, message = mtls(swapped, old=before)
+    assert not passed and "meshguard-init container is not the one meshguard injects" in message
+
+
+@pytest.mark.parametrize(("spec", "container", "fragment"), [
+    ({"securityContext": {"runAsUser": 1337}}, {}, "container app runs as uid 1337, the proxy's"),
+    ({}, {"securityContext": {"runAsUser": 1337}}, "container app runs as uid 1337"),
+    ({}, {"securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}, "container app has NET_ADMIN"),
+    ({}, {"securityContext": {"capabilities": {"add": ["CAP_NET_RAW"]}}}, "container app has NET_RAW"),
+    ({}, {"securityContext": {"capabilities": {"add": ["all"]}}}, "container app has ALL"),
+    ({}, {"securityContext": {"privileged": True}}, "container app has privileged"),
+])
+def test_the_proxy_uid_and_network_capabilities_fail_in_mesh_pods(spec: dict[str, Any], container: dict[str, Any],
+                                                                  fragment: str) -> None:
+    pod = app_pod(**spec)
+    pod["spec"]["containers"][0].update(container)
+    for candidate in (template_of(pod), as_injected(pod)):  # before injection and after
+        passed, message = mtls(candidate)
+        assert not passed and fragment in message, message
+    # The container's own uid wins over the pod-level one.
+    if spec:
+        pod["spec"]["containers"][0]["securityContext"] = {"runAsUser": 1000}
+        assert mtls(template_of(pod))[0]
+
+
+def test_an_init_container_with_net_admin_fails_too() -> None:
+    pod = app_pod(initContainers=[{"name": "setup", "image": "busybox",
+                                   "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}])
+    passed, message = mtls(template_of(pod))
+    assert not passed and "container setup has NET_ADMIN" in message
+    assert "drop NET_ADMIN from container setup" in message
+
+
+def test_excluding_a_declared_port_under_strict_fails_and_an_undeclared_one_does_not() -> None:
+    pod = app_pod()
+    pod["metadata"]["annotations"] = {"meshguard.io/exclude-inbound-ports": "9090,8080"}
+    passed, message = mtls(template_of(pod))
+    assert not passed
+    assert "port 8080 is left out of the proxy by meshguard.io/exclude-inbound-ports, so it takes plaintext" in message
+    assert message.endswith("remove it from the annotation")
+    pod["metadata"]["annotations"] = {"meshguard.io/exclude-inbound-ports": "9090"}
+    assert mtls(template_of(pod))[0]
+    pod["metadata"]["annotations"] = {"meshguard.io/exclude-inbound-ports": "8080"}
+    assert not mtls(as_injected(pod))[0]  # after injection too
+
+
+def test_a_template_claiming_injection_is_judged_by_its_containers() -> None:
+    claimed = app_pod()
+    claimed["metadata"]["annotations"] = {"meshguard.io/status": '{"version": "0.1.0"}'}
+    passed, message = mtls(template_of(claimed))
+    assert not passed and "claims injection but has no meshguard-proxy container" in message
+
+
+def test_the_injection_settings_decide_what_the_sidecar_should_be() -> None:
+    pod = as_injected(app_pod(), settings=InjectionSettings(proxy_image="registry.example/envoy:1"))
+    assert not mtls(pod)[0]  # this server injects another image
+    assert mtls(pod, settings=Settings(injection={"proxy_image": "registry.example/envoy:1"}))[0]

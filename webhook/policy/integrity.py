@@ -1,0 +1,147 @@
+"""What a tenant could write into a mesh pod to get around its proxy, judged from the pod spec alone.
+
+A tenant edits its own workloads (their pod templates, its pods' images) and nothing else: not meshguard's
+configuration, not namespace labels. Each check below is something such a tenant could write that leaves a pod
+looking meshed while its traffic is not protected, and each is decided from the spec the API server is about to
+store, which the tenant cannot make say something else:
+
+* a container running as the proxy's uid: the redirect lets that uid's traffic through untouched, and it could
+  take the proxy's ports;
+* NET_ADMIN, NET_RAW, ALL or privileged in any container of the tenant (app, init or ephemeral): enough to
+  rewrite the pod's iptables redirect;
+* under STRICT, an exclude-inbound-ports annotation naming one of the pod's own ports: that port takes
+  plaintext while the mTLS rule would say STRICT;
+* meshguard's own containers not as meshguard's configuration makes them (image, command, arguments, ports,
+  security context): a container merely named ``meshguard-proxy``, or an injected pod copied with an edited
+  redirect. On an update, meshguard's containers may stay as they were (a pod injected before an upgrade keeps
+  its proxy), but not change into anything else.
+
+Each problem is a pair of sentences: why the pod would run without effective mutual TLS, and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ..injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
+from ..injection.overrides import PREFIX, OverrideError, apply_overrides, port_list
+from ..injection.settings import InjectionSettings
+from ..injection.spec import build
+from ..workloads import CONTAINER_LISTS, Workload
+
+MESHGUARD_CONTAINERS = (INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME)
+# Capabilities with which a container can change the pod's network stack, the redirect included.
+NETWORK_CAPABILITIES = frozenset({"NET_ADMIN", "NET_RAW", "ALL"})
+# What identifies one of meshguard's containers as the one the configuration makes.
+COMPARED_FIELDS = ("image", "command", "args", "ports", "securityContext")
+
+Problem = tuple[str, str]  # (why, fix)
+EXCLUDE_INBOUND = PREFIX + "exclude-inbound-ports"
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _containers(spec: Mapping[str, Any], lists: tuple[str, ...] = CONTAINER_LISTS) -> Iterator[Mapping[str, Any]]:
+    for key in lists:
+        items = spec.get(key)
+        for container in items if isinstance(items, list) else ():
+            if isinstance(container, Mapping):
+                yield container
+
+
+def _tenant_containers(spec: Mapping[str, Any], lists: tuple[str, ...]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    for container in _containers(spec, lists):
+        name = container.get("name")
+        if name not in MESHGUARD_CONTAINERS:
+            yield (name if isinstance(name, str) else "?"), container
+
+
+def _capability(name: Any) -> str:
+    text = name.upper() if isinstance(name, str) else ""
+    return text.removeprefix("CAP_")
+
+
+def tenant_problems(spec: Mapping[str, Any], proxy_uid: int,
+                    lists: tuple[str, ...] = CONTAINER_LISTS) -> list[Problem]:
+    """The proxy's uid and network capabilities in the tenant's containers of ``lists``."""
+    problems: list[Problem] = []
+    pod_uid = _mapping(spec.get("securityContext")).get("runAsUser")
+    for name, container in _tenant_containers(spec, lists):
+        security = _mapping(container.get("securityContext"))
+        uid = security.get("runAsUser", pod_uid)
+        if uid == proxy_uid:
+            problems.append((f"container {name} runs as uid {proxy_uid}, the proxy's, whose traffic skips the proxy",
+                             f"run it as another user than {proxy_uid}"))
+        added = sorted({_capability(c) for c in _mapping(security.get("capabilities")).get("add") or ()
+                        if isinstance(c, str)} & NETWORK_CAPABILITIES)
+        if security.get("privileged") is True:
+            added.insert(0, "privileged")
+        if added:
+            problems.append((f"container {name} has {', '.join(added)}, with which it could undo the traffic "
+                             "redirect", f"drop {' and '.join(added)} from container {name}"))
+    return problems
+
+
+def uncaptured_ports(workload: Workload) -> list[int]:
+    """The pod's own declared ports that its exclude-inbound-ports annotation leaves out of the proxy."""
+    raw = workload.annotations.get(EXCLUDE_INBOUND)
+    if raw is None:
+        return []
+    try:
+        excluded = set(port_list(raw))
+    except ValueError:
+        return []  # the injector refuses the pod with the annotation's format; nothing to add here
+    declared = {port.get("containerPort") for _, c in _tenant_containers(workload.pod_spec, CONTAINER_LISTS)
+                for port in c.get("ports") or () if isinstance(port, Mapping)}
+    return sorted(p for p in excluded & declared if isinstance(p, int))
+
+
+def _meshguard_containers(spec: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {c["name"]: c for c in _containers(spec) if c.get("name") in MESHGUARD_CONTAINERS}
+
+
+def _compared(container: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: container.get(key) for key in COMPARED_FIELDS}
+
+
+def _holds(wanted: Any, actual: Any) -> bool:
+    """``actual`` says everything ``wanted`` says: the API server may add defaults to objects, never change
+    what was set."""
+    if isinstance(wanted, Mapping):
+        return isinstance(actual, Mapping) and all(k in actual and _holds(v, actual[k]) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(actual, list) and len(actual) == len(wanted) and all(
+            _holds(w, a) for w, a in zip(wanted, actual, strict=True))
+    return bool(wanted == actual)
+
+
+def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workload | None) -> list[Problem]:
+    """meshguard's containers in ``workload`` that are not what its configuration (and the pod's override
+    annotations) make; none when they are unchanged from ``old``."""
+    present = _meshguard_containers(workload.pod_spec)
+    if not present:
+        return []
+    if old is not None:
+        before = _meshguard_containers(old.pod_spec)
+        if {n: _compared(c) for n, c in before.items()} == {n: _compared(c) for n, c in present.items()}:
+            return []
+    try:
+        expected = build(apply_overrides(settings, workload.annotations))
+    except OverrideError as exc:
+        return [(f"its meshguard annotations are invalid ({exc})", "fix them, then recreate the pods")]
+    made = {c["name"]: c for c in (*expected.init_containers, *expected.containers_front, *expected.containers_back)}
+    fix = "remove meshguard's containers and let the injector add them"
+    if PROXY_NAME in present and INIT_NAME not in present:
+        return [(f"it has {PROXY_NAME} without {INIT_NAME}, so no traffic is redirected to it", fix)]
+    for name, container in present.items():
+        wanted = made.get(name)
+        if wanted is None:
+            return [(f"its {name} container is not one meshguard's configuration adds", fix)]
+        differing = [key for key in COMPARED_FIELDS if not _holds(wanted.get(key), container.get(key))]
+        if differing:
+            return [(f"its {name} container is not the one meshguard injects (its {', '.join(differing)} "
+                     "differ)", fix)]
+    return []
