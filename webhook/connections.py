@@ -130,8 +130,8 @@ class _HeadBuffer:
     out with the next, its body.
 
     uvicorn writes a response's head and body separately; over TLS each write is a record and a system call, and
-    on loopback a send also pays for the receiver's TCP processing. Profiled under load, the second write cost
-    about a fifth of a whole admission. Writes before the response starts (``100 Continue``) pass at once, and a
+    on loopback a send also pays for the receiver's TCP processing (the measured cost is in
+    docs/benchmarks.md#speed-tricks). Writes before the response starts (``100 Continue``) pass at once, and a
     head still held when the connection closes (the application failed before its body) goes out first.
     Everything but ``write`` and ``close`` passes through unchanged.
     """

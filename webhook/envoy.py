@@ -293,8 +293,8 @@ def capture_listener(options: BootstrapOptions, name: str, port: int, direction:
         "address": socket_address("0.0.0.0", port),
         "traffic_direction": direction,
         # One access log for the listener, not one per filter chain's tcp_proxy: it sees the same connection
-        # (tcp_proxy fills in the upstream host and cluster), and the bootstrap travels in every injected pod's
-        # spec, where each copy of the log configuration cost about 600 bytes.
+        # (tcp_proxy fills in the upstream host and cluster), and the bootstrap travels in every injected pod's spec
+        # (sizes: docs/benchmarks.md#speed-tricks).
         "access_log": _access_log(),
     }
     if options.ipv6:

@@ -30,7 +30,7 @@ def _yaml_loader() -> type[yaml.SafeLoader]:
 def parse(text: str, source: str = "<input>") -> list[dict[str, Any]]:
     """Every object in ``text`` (YAML stream or JSON), with ``List`` items flattened and empty documents dropped."""
     if text.lstrip().startswith(("{", "[")):
-        try:  # JSON is YAML too, but a JSON parser reads it a hundred times faster
+        try:  # JSON is YAML too, but a JSON parser reads it far faster (docs/benchmarks.md#speed-tricks)
             return list(_flatten([orjson.loads(text)], source))
         except orjson.JSONDecodeError:
             pass  # flow-style YAML: read as YAML below

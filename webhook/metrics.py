@@ -6,9 +6,10 @@ each have their own counters.
 The series every admission request updates are :class:`LoopCounter` and :class:`LoopHistogram`: plain numbers
 turned into Prometheus families when scraped, through the client library's custom-collector interface.
 ``prometheus_client``'s own ``Counter`` and ``Histogram`` take a lock for every increment and scan the buckets in
-Python for every observation; the five or six updates per admission cost about a tenth of a whole ``/mutate``
-answer under load. meshguard updates these series and serves ``/metrics`` from one event-loop thread, so there is
-nothing to lock. Series updated from other threads (the cluster watches) stay ``prometheus_client``'s own.
+Python for every observation, a measurable share of a whole ``/mutate`` answer under load
+(docs/benchmarks.md#speed-tricks). meshguard updates these series and serves ``/metrics`` from one event-loop
+thread, so there is nothing to lock. Series updated from other threads (the cluster watches) stay
+``prometheus_client``'s own.
 """
 
 from __future__ import annotations

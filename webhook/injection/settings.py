@@ -70,7 +70,7 @@ class InjectionSettings(Section):
     xds_tls: bool = True
     # How the proxy gets its Envoy bootstrap. inline: in its arguments (--config-yaml), no extra container.
     # init-container: rendered in the pod by a meshguard-bootstrap init container into the shared volume; the
-    # pod object is then about 7 KB smaller, which the API server pays for on every write, watch and webhook call.
+    # pod object is then smaller, which the API server pays for on every write, watch and webhook call.
     bootstrap: Literal["inline", "init-container"] = "inline"
     # Rewrite the app containers' httpGet and tcpSocket probes to the sidecar, which checks the app over localhost
     # (under STRICT the kubelet's plaintext probes would be refused); annotation meshguard.io/rewrite-app-probes.
