@@ -6,12 +6,13 @@ and the handlers know nothing of HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from . import selfcert
+from . import kubejson, selfcert
 from .certs import Issued, ensure_dev_certs
 from .config import Settings
 from .errors import KubeError
@@ -101,6 +102,15 @@ def control_plane(settings: Settings, metrics: Metrics, store: Store,
     return servicer, [plane.run, serve]
 
 
+def serves_sleep_action(version: Mapping[str, Any]) -> bool:
+    """Whether an API server of this ``/version`` accepts ``lifecycle.preStop.sleep`` (on by default from 1.30;
+    managed clusters report minors such as "29+"). An unreadable version is taken as a recent one."""
+    major, minor = str(version.get("major", "")), str(version.get("minor", "")).rstrip("+")
+    if not (major.isdigit() and minor.isdigit()):
+        return True
+    return (int(major), int(minor)) >= (1, 30)
+
+
 def _freeze_heap() -> None:
     """Move every object alive now (the loaded cluster state, imports) out of the garbage collector's reach.
 
@@ -134,6 +144,18 @@ async def serve(settings: Settings) -> None:
         # Without the mesh CA the ADS server cannot prove itself to the proxies: they connect in plaintext.
         injection = settings.injection.model_copy(update={"xds_tls": False})
         settings = settings.model_copy(update={"injection": injection})
+    if not settings.dev and settings.state_dir is None and settings.injection.prestop_sleep:
+        try:
+            version = await asyncio.to_thread(kubejson.call, kube.api_client(), "GET", "/version")
+        except (KubeError, kube.ClusterError) as exc:
+            log.warning("cannot read the API server's version; assuming it serves the preStop sleep action",
+                        extra={"error": str(exc)})
+        else:
+            if not serves_sleep_action(version or {}):
+                log.info("the API server predates the preStop sleep action (1.30): proxies get no preStop",
+                         extra={"version": (version or {}).get("gitVersion")})
+                injection = settings.injection.model_copy(update={"prestop_sleep": False})
+                settings = settings.model_copy(update={"injection": injection})
     metrics = Metrics()
     readiness = Readiness()
     log.info(

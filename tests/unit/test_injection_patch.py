@@ -20,6 +20,7 @@ from webhook.injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME, ST
 from webhook.injection.patch import escape, patch_ops, plan
 from webhook.injection.settings import InjectionSettings
 from webhook.injection.spec import BOOTSTRAP_FILE, build
+from webhook.service import serves_sleep_action
 from webhook.workloads import as_workload
 
 DEFAULTS = InjectionSettings()
@@ -254,6 +255,19 @@ def test_proxy_container() -> None:
     assert proxy["lifecycle"]["preStop"] == {"sleep": {"seconds": DEFAULTS.drain_seconds}}
     mounts = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}
     assert mounts["meshguard-certs"] == envoy.BootstrapOptions().cert_dir
+
+
+@pytest.mark.parametrize(("version", "sleeps"), [
+    ({"major": "1", "minor": "30"}, True), ({"major": "1", "minor": "37"}, True),
+    ({"major": "1", "minor": "29"}, False), ({"major": "1", "minor": "29+"}, False),  # a managed cluster's
+    ({"major": "1", "minor": "31+"}, True), ({}, True),  # unreadable: taken as recent
+])
+def test_the_drain_sleep_only_where_the_api_server_accepts_it(version: dict[str, str], sleeps: bool) -> None:
+    assert serves_sleep_action(version) is sleeps
+    settings = InjectionSettings(prestop_sleep=serves_sleep_action(version))
+    lifecycle = proxy_of(inject(pod(), settings)).get("lifecycle", {})
+    # On 1.29 the API server refuses a pod with the sleep action: no preStop at all there.
+    assert ("preStop" in lifecycle) is sleeps
 
 
 BOOTSTRAP_IN_POD = InjectionSettings(bootstrap="init-container")

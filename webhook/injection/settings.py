@@ -77,6 +77,9 @@ class InjectionSettings(Section):
     rewrite_app_probes: bool = True
     # How long the proxy keeps serving after the pod is told to stop (preStop), so in-flight requests finish.
     drain_seconds: int = Field(5, ge=0, le=3600)
+    # The API server accepts the preStop sleep action (Kubernetes 1.30+, beta and on by default). Set at start from
+    # the API server's version; without it the proxy gets no preStop (the API server would refuse the pod).
+    prestop_sleep: bool = True
     # Namespaces never injected in addition to kube-system, kube-public, kube-node-lease and meshguard's own.
     exclude_namespaces: tuple[str, ...] = ()
 

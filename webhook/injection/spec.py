@@ -201,7 +201,7 @@ def proxy_container(settings: InjectionSettings, native: bool, hold: bool) -> di
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     lifecycle: dict[str, Any] = {}
-    if settings.drain_seconds:
+    if settings.drain_seconds and settings.prestop_sleep:
         # Keep serving while the app finishes its in-flight requests; the sleep action needs no shell in the image.
         lifecycle["preStop"] = {"sleep": {"seconds": settings.drain_seconds}}
     if native:
