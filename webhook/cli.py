@@ -240,7 +240,7 @@ def _check(args: argparse.Namespace) -> int:
     store, problems = build_store(objects, args.namespace, labels)
     if problems:
         raise UsageError("; ".join(problems))
-    result = report.check(Engine(settings), store, iter_workloads(objects, args.namespace))
+    result = report.check(Engine(settings, offline=True), store, iter_workloads(objects, args.namespace))
     sys.stdout.write(report.render(result, args.output))
     return 1 if result.failed else 0
 

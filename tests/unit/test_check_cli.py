@@ -105,3 +105,22 @@ def test_configuration_file_applies(capsys: pytest.CaptureFixture[str], tmp_path
     code, out, _ = check(capsys, "-f", BOUTIQUE, "-n", "shop", "--config", str(config))
     assert code == 0
     assert out.count("EXEMPT Deployment shop/") == 12
+
+
+def test_a_bare_pod_is_judged_as_the_injector_would_make_it(capsys: pytest.CaptureFixture[str],
+                                                            tmp_path: Path) -> None:
+    """Offline there is no injector: a Pod manifest in a mesh namespace is judged with the sidecar it will get,
+    not told to go and recreate itself in a live cluster."""
+    pod: dict[str, Any] = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels": {"app": "web"}},
+                           "spec": {"containers": [{"name": "app", "image": "shop/web:1"}]}}
+    deny = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "deny"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(yaml.safe_dump_all([pod, deny]))
+    code, out, _ = check(capsys, "-f", str(manifest), "-n", "shop", *IN_MESH)
+    assert code == 0 and "PASS   Pod shop/web" in out, out
+    # What the injector cannot fix still fails: a container that could undo the redirect.
+    pod["spec"]["containers"][0]["securityContext"] = {"capabilities": {"add": ["NET_ADMIN"]}}
+    manifest.write_text(yaml.safe_dump_all([pod, deny]))
+    code, out, _ = check(capsys, "-f", str(manifest), "-n", "shop", *IN_MESH)
+    assert code == 1 and "container app has NET_ADMIN, with which it could undo the traffic redirect" in out, out

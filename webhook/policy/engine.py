@@ -71,7 +71,12 @@ class RuleResult:
 
     @property
     def warning(self) -> str:
-        return textwrap.shorten(f"{self.workload}: {self.short}", WARNING_LIMIT, placeholder="…")
+        """``short`` after the workload, under the limit: a long name is cut rather than the fix at the end."""
+        text = f"{self.workload}: {self.short}"
+        room = WARNING_LIMIT - len(self.short) - 2
+        if len(text) <= WARNING_LIMIT or room < 20:
+            return textwrap.shorten(text, WARNING_LIMIT, placeholder="…")
+        return f"{self.workload[:room - 1]}…: {self.short}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +104,10 @@ def least_strict(a: Action, b: Action) -> Action:
 class Engine:
     """The configured rules, compiled once (exemption selectors) and applied to any number of workloads."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, offline: bool = False) -> None:
+        """``offline``: judging manifests (``meshguard check``), where a bare Pod is judged after injection."""
         self._settings = settings
+        self._offline = offline
         self._policy = settings.policy
         exempt = settings.policy.exempt
         self._always_exempt = frozenset((*SYSTEM_NAMESPACES, settings.namespace))
@@ -175,16 +182,16 @@ class Engine:
               old: Workload | None) -> tuple[bool, str, str]:
         missing = self._why_no_sidecar(workload, ns_labels)
         if missing is not None:
-            why, fix = missing
+            why, fix, brief = missing
             detail = f"its pods will run without the meshguard sidecar ({why}), so they have no mutual TLS; {fix}"
-            return False, detail, f"no meshguard sidecar ({why}); {fix}"
+            return False, detail, f"no sidecar: {brief}"
         injection = self._settings.injection
         bypass = (integrity.tenant_problems(workload.pod_spec, injection.proxy_uid)
                   + integrity.sidecar_problems(workload, injection, old))
         if bypass:
-            why, fix = bypass[0]
+            why, fix, brief = bypass[0]
             more = f" (and {len(bypass) - 1} more)" if len(bypass) > 1 else ""
-            return False, f"its traffic could bypass the meshguard proxy: {why}{more}; {fix}", f"{why}; {fix}"
+            return False, f"its traffic could bypass the meshguard proxy: {why}{more}; {fix}", f"{brief}; {fix}"
         mtls = self._policy.mtls
         effective = resolve(
             workload.labels,
@@ -211,15 +218,40 @@ class Engine:
             ports = ", ".join(map(str, uncaptured))
             why = f"port {ports} is left out of the proxy by {integrity.EXCLUDE_INBOUND}, so it takes plaintext"
             fix = "remove it from the annotation"
-            return False, f"{why} although mutual TLS is STRICT ({origin}); {fix}", f"{why}; {fix}"
+            brief = f"port {ports} excluded from the proxy; remove it from {integrity.EXCLUDE_INBOUND}"
+            return False, f"{why} although mutual TLS is STRICT ({origin}); {fix}", brief
         return True, f"pods carry the meshguard sidecar; mutual TLS is STRICT ({origin})", "mTLS STRICT"
 
-    def _why_no_sidecar(self, workload: Workload, ns_labels: Mapping[str, str]) -> tuple[str, str] | None:
-        """None when the pods will carry the proxy, else (why not, the fix). A Pod is judged by its containers:
-        validation runs after mutation, so an injected Pod already has them. The status annotation alone does not
-        count: a workload could write it itself, and only the container carries mTLS."""
+    def _why_no_sidecar(self, workload: Workload, ns_labels: Mapping[str, str]) -> tuple[str, str, str] | None:
+        """None when the pods will carry the proxy, else (why not, the fix, both in a few words for a warning). A
+        Pod is judged by its containers: validation runs after mutation, so an injected Pod already has them. The
+        status annotation alone does not count: a workload could write it itself, and only the container carries
+        mTLS. Offline (``meshguard check``) a bare Pod is judged as the injector would make it."""
         if proxy_container_present(workload.template):
             return None
+        ns = workload.namespace
+        label = f"{INJECT_KEY}={NAMESPACE_ENABLED}"
+        if not selected_for_mesh(ns_labels, workload.labels):
+            return (f"namespace {ns} is not labeled {label}", f"label namespace {ns} {label}",
+                    f"namespace not meshed; label it {label}")
+        decision = decide(workload, self._settings.injection, self._settings.namespace)
+        if decision.reason in ("opt-out-label", "opt-out-annotation"):
+            fix = f"remove the {INJECT_KEY} opt-out"
+            return decision.message, fix, f"opted out; {fix}"
+        if decision.reason == "already-injected":
+            fix = "remove the claim and recreate it"
+            return f"it claims injection but has no {PROXY_NAME} container", fix, f"claims injection, no proxy; {fix}"
+        exempt = "ask the platform team to exempt it in policy.exempt"
+        fixes = {"host-network": (f"run it without hostNetwork, or {exempt}", "uses hostNetwork; run without it"),
+                 "other-mesh": ("remove the other mesh's injection from it, or ask the platform team to exempt it",
+                                "in another mesh; remove its injection")}
+        if not decision.inject:
+            fix, brief = fixes.get(decision.reason, (exempt, f"not injected ({decision.reason}); {exempt}"))
+            return decision.message, fix, brief
+        if workload.kind == "Pod" and not self._offline:
+            return ("the injector did not add it", "recreate the pod while meshguard's /mutate webhook is running",
+                    "not injected; recreate it while meshguard runs")
+        return None
         ns = workload.namespace
         label_ns = f"label namespace {ns} {INJECT_KEY}={NAMESPACE_ENABLED}"
         if not selected_for_mesh(ns_labels, workload.labels):

@@ -64,7 +64,7 @@ def _debug_containers(workload: Workload, request: AdmissionRequest, engine: Eng
     problems = integrity.tenant_problems(workload.pod_spec, engine.proxy_uid, ("ephemeralContainers",))
     if not problems:
         return allowed(reason="policy-pass")
-    why, fix = problems[0]
+    why, fix, _ = problems[0]
     return denied(f"{workload.display}: its debug container could bypass the meshguard proxy: {why}; {fix}",
                   reason="policy-violation")
 

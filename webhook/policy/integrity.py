@@ -16,7 +16,8 @@ store, which the tenant cannot make say something else:
   redirect. On an update, meshguard's containers may stay as they were (a pod injected before an upgrade keeps
   its proxy), but not change into anything else.
 
-Each problem is a pair of sentences: why the pod would run without effective mutual TLS, and the fix.
+Each problem says why the pod would run without effective mutual TLS, the fix, and the same why in a few words
+for a warning (which the API server wants under 120 characters, the fix included).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ NETWORK_CAPABILITIES = frozenset({"NET_ADMIN", "NET_RAW", "ALL"})
 # What identifies one of meshguard's containers as the one the configuration makes.
 COMPARED_FIELDS = ("image", "command", "args", "ports", "securityContext")
 
-Problem = tuple[str, str]  # (why, fix)
+Problem = tuple[str, str, str]  # (why, fix, the why in a few words)
 EXCLUDE_INBOUND = PREFIX + "exclude-inbound-ports"
 
 
@@ -74,14 +75,15 @@ def tenant_problems(spec: Mapping[str, Any], proxy_uid: int,
         uid = security.get("runAsUser", pod_uid)
         if uid == proxy_uid:
             problems.append((f"container {name} runs as uid {proxy_uid}, the proxy's, whose traffic skips the proxy",
-                             f"run it as another user than {proxy_uid}"))
+                             f"run it as another user than {proxy_uid}", f"{name} runs as the proxy's uid"))
         added = sorted({_capability(c) for c in _mapping(security.get("capabilities")).get("add") or ()
                         if isinstance(c, str)} & NETWORK_CAPABILITIES)
         if security.get("privileged") is True:
             added.insert(0, "privileged")
         if added:
             problems.append((f"container {name} has {', '.join(added)}, with which it could undo the traffic "
-                             "redirect", f"drop {' and '.join(added)} from container {name}"))
+                             "redirect", f"drop {' and '.join(added)} from container {name}",
+                             f"{name} has {', '.join(added)}"))
     return problems
 
 
@@ -131,17 +133,19 @@ def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workl
     try:
         expected = build(apply_overrides(settings, workload.annotations))
     except OverrideError as exc:
-        return [(f"its meshguard annotations are invalid ({exc})", "fix them, then recreate the pods")]
+        return [(f"its meshguard annotations are invalid ({exc})", "fix them, then recreate the pods",
+                 "invalid meshguard annotations")]
     made = {c["name"]: c for c in (*expected.init_containers, *expected.containers_front, *expected.containers_back)}
     fix = "remove meshguard's containers and let the injector add them"
     if PROXY_NAME in present and INIT_NAME not in present:
-        return [(f"it has {PROXY_NAME} without {INIT_NAME}, so no traffic is redirected to it", fix)]
+        return [(f"it has {PROXY_NAME} without {INIT_NAME}, so no traffic is redirected to it", fix,
+                 f"{PROXY_NAME} without {INIT_NAME}")]
     for name, container in present.items():
         wanted = made.get(name)
         if wanted is None:
-            return [(f"its {name} container is not one meshguard's configuration adds", fix)]
+            return [(f"its {name} container is not one meshguard's configuration adds", fix, f"{name} not as injected")]
         differing = [key for key in COMPARED_FIELDS if not _holds(wanted.get(key), container.get(key))]
         if differing:
             return [(f"its {name} container is not the one meshguard injects (its {', '.join(differing)} "
-                     "differ)", fix)]
+                     "differ)", fix, f"{name} not as injected")]
     return []
