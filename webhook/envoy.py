@@ -432,6 +432,20 @@ def tcp_connect_check(period: int, timeout: int) -> dict[str, Any]:
             "unhealthy_threshold": 1, "healthy_threshold": 1, "tcp_health_check": {}}
 
 
+def grpc_health_check(period: int, timeout: int, service: str) -> dict[str, Any]:
+    """An active gRPC health check (``grpc.health.v1.Health/Check`` of ``service``), every ``period`` seconds: the
+    host is healthy while the answer is SERVING. Its cluster must speak HTTP/2 (:func:`http2`)."""
+    check = {**tcp_connect_check(period, timeout), "grpc_health_check": {"service_name": service} if service else {}}
+    del check["tcp_health_check"]
+    return check
+
+
+def http2() -> dict[str, Any]:
+    """A cluster's protocol options for gRPC: HTTP/2 to the upstream."""
+    http_options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    return {http_options: typed(http_options, explicit_http_config={"http2_protocol_options": {}})}
+
+
 def cluster_health_filter(path: str, cluster: str) -> dict[str, Any]:
     """Answers ``GET path`` itself: 200 while ``cluster``'s host passes its health check, else 503."""
     return {"name": "envoy.filters.http.health_check", "typed_config": typed(
@@ -499,11 +513,7 @@ def xds_cluster(options: BootstrapOptions) -> dict[str, Any]:
     except ValueError:
         kind = "STRICT_DNS"
     cluster = _static_cluster(XDS_CLUSTER, host, port, kind)
-    # ADS is gRPC: HTTP/2 to the upstream.
-    http_options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-    cluster["typed_extension_protocol_options"] = {
-        http_options: typed(http_options, explicit_http_config={"http2_protocol_options": {}})
-    }
+    cluster["typed_extension_protocol_options"] = http2()  # ADS is gRPC
     if options.xds_tls:
         # The control plane is not a workload: trust the mesh CA without requiring a SPIFFE ID of it.
         cluster["transport_socket"] = upstream_tls(options, verify_peer=False)

@@ -21,7 +21,7 @@ from cryptography import x509
 
 from tests.chart.conftest import CHART, FULLNAME, NAMESPACE, RELEASE, Render, RenderError, find, kinds, run_helm
 from tests.unit.test_selfcert import handshake
-from webhook import certs, config
+from webhook import __version__, certs, config
 from webhook.injection.decision import PROXY_NAME
 from webhook.metrics import Metrics
 from webhook.namespaces import SYSTEM_NAMESPACES
@@ -618,3 +618,23 @@ def test_the_control_plane_address_can_be_pinned_or_turned_off(render: Render, t
     # Out of the cluster (webhooks.url) there is no Service to dial: proxies need an address, else stay static.
     outside = render({"webhooks": {"url": "https://dev.example.com:8443", "caBundle": "eA=="}})
     assert not any("xds_address" in json.dumps(o) for o in outside)
+
+
+def test_the_audit_cronjob_reads_every_workload_kind_and_runs_locked_down(render: Render) -> None:
+    assert not [o for o in render() if o["kind"] == "CronJob"]  # off by default
+    objects = render({"audit": {"enabled": True, "schedule": "*/30 * * * *"}})
+    cron = find(objects, "CronJob", f"{FULLNAME}-audit")
+    assert cron["spec"]["schedule"] == "*/30 * * * *" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["audit", "--config", "/etc/meshguard/config.yaml", "-o", "json"]
+    assert container["image"] == f"meshguard:{__version__}" and pod["restartPolicy"] == "Never"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"]
+    assert pod["serviceAccountName"] == f"{FULLNAME}-audit"
+    # Exactly list on the policy state and on every workload kind meshguard handles: nothing to write.
+    role = find(objects, "ClusterRole", f"{FULLNAME}-audit")
+    listed = {(group, resource) for rule in role["rules"] for group in rule["apiGroups"]
+              for resource in rule["resources"]}
+    assert listed == {(k.group, k.resource) for k in WORKLOAD_KINDS.values()} | {
+        ("", "namespaces"), ("networking.k8s.io", "networkpolicies"), ("security.istio.io", "peerauthentications")}
+    assert all(rule["verbs"] == ["list"] for rule in role["rules"])

@@ -1,6 +1,7 @@
 """The node scenarios' app: an HTTP server the tests steer through files, and a client (standard library only).
 
 Server (the image's entrypoint, no arguments): listens on $PORT (8080). ``GET /healthz`` answers 200, or 503 while
+/tmp/unhealthy exists, and the gRPC health service on $GRPC_PORT (8081) answers SERVING, or NOT_SERVING while
 /tmp/unhealthy exists; any other path answers 200 with JSON naming the pod, the path and the request headers.
 While /tmp/dead exists the server closes its listening socket and the process idles: a dead app behind a live
 process, as a liveness probe must catch.
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -39,13 +41,34 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
 
+def serve_grpc_health() -> Any:
+    """grpc.health.v1.Health/Check, whatever the service asked about, without generated code: the answer is a
+    HealthCheckResponse whose only field, status (1), is SERVING (1) or NOT_SERVING (2)."""
+    from concurrent import futures
+
+    import grpc
+
+    def check(request: bytes, context: object) -> bytes:
+        return b"\x08\x02" if os.path.exists("/tmp/unhealthy") else b"\x08\x01"
+
+    method = grpc.unary_unary_rpc_method_handler(check)  # no (de)serializers: the bytes as they are
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("grpc.health.v1.Health",
+                                                                         {"Check": method}),))
+    server.add_insecure_port(f"[::]:{os.environ.get('GRPC_PORT', '8081')}")
+    server.start()
+    return server  # the caller keeps it: a grpc.Server stops when it is garbage-collected
+
+
 def serve() -> None:
     server = ThreadingHTTPServer(("", int(os.environ.get("PORT", "8080"))), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    health = serve_grpc_health()
     while not os.path.exists("/tmp/dead"):
         time.sleep(0.2)
     server.shutdown()
     server.server_close()
+    health.stop(None)
     print("dead: not listening any more", flush=True)
     while True:
         time.sleep(3600)

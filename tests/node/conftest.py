@@ -99,7 +99,7 @@ def _keep_state(cluster: ControlPlane, workdir: Path) -> None:
 def meshguard_installed(node_cluster: ControlPlane) -> ControlPlane:
     """``helm install`` of the chart with the locally built image; returned once both webhooks answer."""
     node_cluster.helm("install", RELEASE, str(ROOT / "charts" / "meshguard"), "--namespace", RELEASE_NAMESPACE,
-                      "--create-namespace", "--set", "replicaCount=2",
+                      "--create-namespace", "--set", "replicaCount=2", "--set", "audit.enabled=true",
                       "--set", f"service.clusterIP={CONTROL_PLANE_IP}",
                       "--set", f"controlPlane.address={CONTROL_PLANE_IP}:15012",
                       "--set-json", f"config={json.dumps(CHART_CONFIG)}",

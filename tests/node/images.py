@@ -239,16 +239,17 @@ def build(out: Path, pause: Path) -> dict[str, Path]:
     archives[ENVOY_IMAGE] = write_archive(out / "envoy.tar", ENVOY_IMAGE, [layer.tar()],
                                           {"Entrypoint": ["envoy"], "Env": [f"PATH={PATH}"]})
 
+    packages = _meshguard_layer()  # the package and its dependencies (grpcio among them, for the app too)
     archives[MESHGUARD_IMAGE] = write_archive(
-        out / "meshguard.tar", MESHGUARD_IMAGE, [python, _meshguard_layer()],
+        out / "meshguard.tar", MESHGUARD_IMAGE, [python, packages],
         {"Entrypoint": ["meshguard"], "Cmd": ["serve", "--config", "/etc/meshguard/config.yaml"],
          "Env": [*env, f"PYTHONPATH={SITE}"], "User": "65532:65532"})
 
     layer = Layer()
     layer.file("/app/app.py", _APP, 0o644)
-    archives[APP_IMAGE] = write_archive(out / "app.tar", APP_IMAGE, [python, layer.tar()],
-                                        {"Entrypoint": [str(PYTHON), "/app/app.py"], "Env": env,
-                                         "User": "1000:1000"})
+    archives[APP_IMAGE] = write_archive(out / "app.tar", APP_IMAGE, [python, packages, layer.tar()],
+                                        {"Entrypoint": [str(PYTHON), "/app/app.py"],
+                                         "Env": [*env, f"PYTHONPATH={SITE}"], "User": "1000:1000"})
     return archives
 
 

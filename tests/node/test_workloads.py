@@ -7,6 +7,7 @@ the mesh, so the expectation is about meshguard, not about the harness.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from pathlib import Path
@@ -24,14 +25,17 @@ from tests.pcap import read_pcap
 PORT = 8080
 
 
-def app(name: str, replicas: int = 1, probes: bool = False, grace: int | None = None) -> list[dict[str, Any]]:
-    """A Deployment of the test app (``tests/node/app.py``) and its Service (port 80 -> 8080)."""
+def app(name: str, replicas: int = 1, probes: bool = False, grace: int | None = None,
+        readiness: str = "http") -> list[dict[str, Any]]:
+    """A Deployment of the test app (``tests/node/app.py``) and its Service (port 80 -> 8080); with ``probes``, a
+    readiness probe of kind ``readiness`` (``http`` on /healthz, or ``grpc`` health on 8081) and a tcpSocket
+    liveness probe."""
     container: dict[str, Any] = {"name": "app", "image": APP_IMAGE, "imagePullPolicy": "Never",
                                  "ports": [{"name": "http", "containerPort": PORT}]}
     if probes:
         # Quick probes, so "not Ready" and "restarted" show within seconds.
-        container["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1,
-                                       "failureThreshold": 1}
+        check = {"httpGet": {"path": "/healthz", "port": "http"}} if readiness == "http" else {"grpc": {"port": 8081}}
+        container["readinessProbe"] = {**check, "periodSeconds": 1, "failureThreshold": 1}
         container["livenessProbe"] = {"tcpSocket": {"port": PORT}, "periodSeconds": 1, "failureThreshold": 2}
     spec: dict[str, Any] = {"containers": [container]}
     if grace is not None:
@@ -172,12 +176,13 @@ def test_a_peer_authentication_change_reaches_running_proxies(cluster: Cluster) 
     assert all(s["restartCount"] == 0 for s in now["initContainerStatuses"] + now["containerStatuses"]), now
 
 
+@pytest.mark.parametrize("readiness", ["http", "grpc"])
 @pytest.mark.parametrize("meshed", [pytest.param(False, id="without-mesh"), pytest.param(True, id="meshed")])
-def test_app_probes_mean_what_they_meant(cluster: Cluster, meshed: bool) -> None:
+def test_app_probes_mean_what_they_meant(cluster: Cluster, meshed: bool, readiness: str) -> None:
     """Under STRICT, the kubelet's plaintext probes reach the app only through the sidecar's rewritten probes; the
-    same app without the mesh is the control."""
+    same app without the mesh is the control. The readiness probe is httpGet or gRPC health."""
     namespace = cluster.mesh_namespace("probes") if meshed else cluster.plain_namespace("probes")
-    cluster.apply(app("web", probes=True), namespace)
+    cluster.apply(app("web", probes=True, readiness=readiness), namespace)
     pod = cluster.wait_ready(namespace, "app=web", timeout=60)[0]
     name = pod["metadata"]["name"]
     if meshed:
@@ -248,3 +253,23 @@ def test_meshed_pods_ride_out_a_meshguard_outage(cluster: Cluster) -> None:
     cluster.kubectl("rollout", "status", *deployment, "--timeout=180s", timeout=190)
     late = cluster.wait_ready(server_ns, "app=late", timeout=180)[0]
     assert PROXY in [c["name"] for c in late["spec"]["initContainers"]]
+
+
+def test_the_audit_cronjob_reports_the_cluster_with_its_own_account(cluster: Cluster) -> None:
+    """The chart's CronJob, run now: its ServiceAccount may list what it reads, and the report is its log."""
+    namespace = cluster.mesh_namespace("audited")
+    run(cluster, namespace, "web")
+    job = "audit-now"
+    cluster.kubectl("create", "job", job, f"--from=cronjob/{RELEASE}-audit", "-n", RELEASE_NAMESPACE)
+    try:
+        wait_for("the audit to finish", lambda: any(
+            c["type"] in ("Complete", "Failed") and c["status"] == "True"
+            for c in cluster.json("get", "job", job, "-n", RELEASE_NAMESPACE).get("status", {}).get("conditions", [])),
+            timeout=180)
+        log = cluster.kubectl("logs", f"job/{job}", "-n", RELEASE_NAMESPACE).stdout
+        report = json.loads(log[log.index("{"):])  # after the progress lines (stderr, in the same log)
+    finally:
+        cluster.kubectl("delete", "job", job, "-n", RELEASE_NAMESPACE, "--wait=false", check=False)
+    audited = {(w["kind"], w["namespace"], w["name"]): w for w in report["workloads"]}
+    assert audited[("Deployment", namespace, "web")]["passed"] is True
+    assert report["summary"]["workloads"] >= len(audited) > 0

@@ -73,9 +73,27 @@ def test_tcp_probes_become_a_connect_check_per_port_at_the_quickest_period() -> 
                for f in parts["http_filters"])
 
 
+def test_grpc_probes_become_a_grpc_health_check_over_http2() -> None:
+    app = _app(readinessProbe={"grpc": {"port": 9000}, "periodSeconds": 4},
+               livenessProbe={"grpc": {"port": 9000, "service": "web.v1"}, "timeoutSeconds": 3})
+    out = rewrite({"containers": [app]}, 15021, EXCLUDED)
+    assert {field: new["httpGet"] for _, field, new in out.probes} == {
+        "readinessProbe": {"path": "/app-health/web/readyz", "port": 15021, "scheme": "HTTP"},
+        "livenessProbe": {"path": "/app-health/web/livez", "port": 15021, "scheme": "HTTP"}}
+    assert all("grpc" not in new for _, _, new in out.probes)
+    clusters = {c["name"]: c for c in _splices(out)["clusters"]}
+    assert set(clusters) == {"probe|grpc|9000", "probe|grpc|9000|web.v1"}  # one per service asked about
+    (ready,) = clusters["probe|grpc|9000"]["health_checks"]
+    assert ready["grpc_health_check"] == {} and ready["interval"] == "4s" and "tcp_health_check" not in ready
+    (live,) = clusters["probe|grpc|9000|web.v1"]["health_checks"]
+    assert live["grpc_health_check"] == {"service_name": "web.v1"} and live["timeout"] == "3s"
+    options = clusters["probe|grpc|9000"]["typed_extension_protocol_options"]
+    assert list(options.values())[0]["explicit_http_config"] == {"http2_protocol_options": {}}
+
+
 def test_probes_left_alone() -> None:
     containers = [
-        _app(readinessProbe={"exec": {"command": ["true"]}}, livenessProbe={"grpc": {"port": 9000}},
+        _app(readinessProbe={"exec": {"command": ["true"]}}, livenessProbe={"grpc": {"port": 9100}},
              startupProbe={"httpGet": {"port": 9100}}),  # 9100 is excluded from capture below
         {"name": "named", "image": "x", "readinessProbe": {"httpGet": {"port": "no-such-port"}}},
     ]

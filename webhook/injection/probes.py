@@ -9,11 +9,14 @@ each such probe of an app container becomes an ``httpGet`` on the proxy's readin
 - ``httpGet``: the same request (path with its query, headers, HTTP or HTTPS) to ``127.0.0.1:<port>``; the
   kubelet judges the status code as before;
 - ``tcpSocket``: a real TCP connect to ``127.0.0.1:<port>``, made by Envoy's active health check every
-  ``periodSeconds`` (within ``timeoutSeconds``); the path answers 200 while the last connect succeeded, else 503.
+  ``periodSeconds`` (within ``timeoutSeconds``); the path answers 200 while the last connect succeeded, else 503;
+- ``grpc``: the gRPC health check (``grpc.health.v1.Health/Check`` of the probe's ``service``) to
+  ``127.0.0.1:<port>`` over HTTP/2, by Envoy's active health check in the same way: 200 while the app answers
+  SERVING, else 503.
 
 Timing fields (delays, periods, thresholds) are kept; the probe's ``timeoutSeconds`` bounds the proxy's own
-call. Probes on ports excluded from capture, ``exec`` probes, ``grpc`` probes and the probes of containers
-meshguard adds are left as they are. The proxy's part is per pod, but the injected proxy container is the same
+call. Probes on ports excluded from capture, ``exec`` probes and the probes of containers meshguard adds are
+left as they are. The proxy's part is per pod, but the injected proxy container is the same
 for every pod: its Envoy bootstrap has three empty splice points (:data:`webhook.envoy.SPLICES`), and the patch
 sets the proxy's matching environment variables to this pod's routes, filters and clusters, which the kubelet
 (or ``meshguard bootstrap``) splices in.
@@ -69,11 +72,13 @@ def _seconds(probe: Mapping[str, Any], key: str, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
 
 
-def _target_cluster(kind: str, port: int) -> dict[str, Any]:
-    cluster = envoy.local_cluster(f"probe|{kind}|{port}", port)
+def _target_cluster(kind: str, port: int, service: str = "") -> dict[str, Any]:
+    cluster = envoy.local_cluster(f"probe|{kind}|{port}" + (f"|{service}" if service else ""), port)
     if kind == "https":
         # The kubelet does not verify an HTTPS probe's certificate either.
         cluster["transport_socket"] = envoy.unverified_tls()
+    if kind == "grpc":
+        cluster["typed_extension_protocol_options"] = envoy.http2()
     return cluster
 
 
@@ -90,8 +95,8 @@ def rewrite(spec: Mapping[str, Any], readiness_port: int, excluded_ports: tuple[
             if not isinstance(probe, dict):
                 continue
             path = f"{APP_HEALTH}/{name}/{segment}"
-            http, tcp = probe.get("httpGet"), probe.get("tcpSocket")
-            action = http if isinstance(http, dict) else tcp if isinstance(tcp, dict) else None
+            http, tcp, grpc = probe.get("httpGet"), probe.get("tcpSocket"), probe.get("grpc")
+            action = next((a for a in (http, tcp, grpc) if isinstance(a, dict)), None)
             port = _port(container, action.get("port")) if action is not None else None
             if action is None or port is None or port in excluded_ports or port == readiness_port:
                 continue
@@ -106,15 +111,18 @@ def rewrite(spec: Mapping[str, Any], readiness_port: int, excluded_ports: tuple[
                 if isinstance(http.get("httpHeaders"), list):
                     new_get["httpHeaders"] = http["httpHeaders"]
             else:
-                cluster = _target_cluster("tcp", port)
+                named = grpc.get("service") if action is grpc else None
+                service = named if isinstance(named, str) else ""
+                cluster = _target_cluster("tcp" if action is tcp else "grpc", port, service)
                 period = _seconds(probe, "periodSeconds", _PERIOD_DEFAULT)
                 previous = out.clusters.get(cluster["name"], {}).get("health_checks")
                 if previous:  # one check per port, as often as its most frequent probe
                     period = min(period, int(previous[0]["interval"].rstrip("s")))
-                cluster["health_checks"] = [envoy.tcp_connect_check(period, timeout)]
+                cluster["health_checks"] = [envoy.tcp_connect_check(period, timeout) if action is tcp
+                                            else envoy.grpc_health_check(period, timeout, service)]
                 out.filters.append(envoy.cluster_health_filter(path, cluster["name"]))
             out.clusters[cluster["name"]] = {**out.clusters.get(cluster["name"], {}), **cluster}
-            new_probe = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket")}
+            new_probe = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket", "grpc")}
             new_probe["httpGet"] = new_get
             out.probes.append((index, probe_field, new_probe))
     return out
