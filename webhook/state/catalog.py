@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..injection.decision import INIT_NAME, PROXY_NAME
+from ..injection.decision import INIT_NAME, proxy_container_present
 from ..lists import split_list
 from ..netinit import EXCLUDE_INBOUND_FLAG
 from ..workloads import labels_of, object_name
@@ -119,12 +119,6 @@ def parse_slice(obj: Mapping[str, Any], namespace: str) -> SliceRecord:
     return SliceRecord(namespace, object_name(obj), service, _ports(obj.get("ports")), tuple(endpoints))
 
 
-def carries_proxy(pod: Mapping[str, Any]) -> bool:
-    spec = _mapping(pod.get("spec"))
-    containers = [*_list(spec.get("initContainers")), *_list(spec.get("containers"))]
-    return any(_mapping(c).get("name") == PROXY_NAME for c in containers)
-
-
 def _excluded_inbound(spec: Mapping[str, Any]) -> frozenset[int]:
     for container in _list(spec.get("initContainers")):
         container = _mapping(container)
@@ -146,7 +140,7 @@ def parse_pod(obj: Mapping[str, Any], namespace: str) -> PodRecord:
         ips = (status["podIP"],)
     account = spec.get("serviceAccountName")
     return PodRecord(namespace, object_name(obj), ips, dict(labels_of(obj)),
-                     account if isinstance(account, str) and account else "default", carries_proxy(obj),
+                     account if isinstance(account, str) and account else "default", proxy_container_present(obj),
                      status.get("phase") not in ("Succeeded", "Failed"), _excluded_inbound(spec))
 
 
