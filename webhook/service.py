@@ -111,6 +111,21 @@ def serves_sleep_action(version: Mapping[str, Any]) -> bool:
     return (int(major), int(minor)) >= (1, 30)
 
 
+async def _sleep_action_served() -> bool:
+    """Whether this cluster's API server accepts the preStop sleep action (:func:`serves_sleep_action`)."""
+    try:
+        version = await asyncio.to_thread(kubejson.call, kube.api_client(), "GET", "/version") or {}
+    except (KubeError, kube.ClusterError) as exc:
+        log.warning("cannot read the API server's version; assuming it serves the preStop sleep action",
+                    extra={"error": str(exc)})
+        return True
+    if serves_sleep_action(version):
+        return True
+    log.info("the API server predates the preStop sleep action (1.30): proxies get no preStop",
+             extra={"version": version.get("gitVersion")})
+    return False
+
+
 def _freeze_heap() -> None:
     """Move every object alive now (the loaded cluster state, imports) out of the garbage collector's reach.
 
@@ -135,27 +150,20 @@ async def serve(settings: Settings) -> None:
         signer = await identity.start(settings)
     except KubeError as exc:
         raise SystemExit(f"meshguard: cannot set up the workload certificate signer: {exc}") from exc
+    in_cluster = not settings.dev and settings.state_dir is None
+    # What the injector must know of this cluster and this process, found out at start.
+    found: dict[str, Any] = {}
     if signer is not None:
         background.append(signer.run)
         # Each injected proxy then mounts its own Pod Certificate from this signer instead of a Secret.
-        injection = settings.injection.model_copy(update={"pod_certificate_signer": settings.identity.signer_name})
-        settings = settings.model_copy(update={"injection": injection})
+        found["pod_certificate_signer"] = settings.identity.signer_name
     if settings.xds.enabled and signer is None:
         # Without the mesh CA the ADS server cannot prove itself to the proxies: they connect in plaintext.
-        injection = settings.injection.model_copy(update={"xds_tls": False})
-        settings = settings.model_copy(update={"injection": injection})
-    if not settings.dev and settings.state_dir is None and settings.injection.prestop_sleep:
-        try:
-            version = await asyncio.to_thread(kubejson.call, kube.api_client(), "GET", "/version")
-        except (KubeError, kube.ClusterError) as exc:
-            log.warning("cannot read the API server's version; assuming it serves the preStop sleep action",
-                        extra={"error": str(exc)})
-        else:
-            if not serves_sleep_action(version or {}):
-                log.info("the API server predates the preStop sleep action (1.30): proxies get no preStop",
-                         extra={"version": (version or {}).get("gitVersion")})
-                injection = settings.injection.model_copy(update={"prestop_sleep": False})
-                settings = settings.model_copy(update={"injection": injection})
+        found["xds_tls"] = False
+    if in_cluster and settings.injection.prestop_sleep and not await _sleep_action_served():
+        found["prestop_sleep"] = False
+    if found:
+        settings = settings.model_copy(update={"injection": settings.injection.model_copy(update=found)})
     metrics = Metrics()
     readiness = Readiness()
     log.info(
@@ -174,7 +182,7 @@ async def serve(settings: Settings) -> None:
         background.extend(jobs)
         proxy_config = servicer.describe
     observe = None
-    if settings.events and not settings.dev and settings.state_dir is None:
+    if settings.events and in_cluster:
         recorder = EventRecorder(kube.api_client(), metrics)
         background.append(recorder.run)
         observe = recorder.observe
