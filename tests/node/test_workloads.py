@@ -67,12 +67,13 @@ def spiffe(namespace: str) -> str:
 
 
 class Tcpdump:
-    """``tcpdump`` of ``host``'s TCP traffic on the node's pod bridge while the ``with`` block runs; :attr:`payloads`
-    afterwards."""
+    """``tcpdump`` of the TCP traffic between two pods on the node's pod bridge while the ``with`` block runs;
+    :attr:`payloads` afterwards. Only between them: the kubelet's probes of either pod are plaintext by design."""
 
-    def __init__(self, path: Path, host: str) -> None:
+    def __init__(self, path: Path, host: str, peer: str) -> None:
         self.path = path
         self.host = host
+        self.peer = peer
         self.payloads: list[bytes] = []
 
     def __enter__(self) -> Tcpdump:
@@ -80,7 +81,7 @@ class Tcpdump:
         with self.errors.open("wb") as err:
             self.process = subprocess.Popen(
                 ["tcpdump", "-i", BRIDGE, "-n", "--immediate-mode", "-U", "-Z", "root", "-w", str(self.path),
-                 "tcp and host", self.host], stdout=subprocess.DEVNULL, stderr=err)
+                 "tcp and host", self.host, "and host", self.peer], stdout=subprocess.DEVNULL, stderr=err)
         wait_for("tcpdump to listen", lambda: "listening on" in self.errors.read_text(errors="replace"))
         return self
 
@@ -106,7 +107,7 @@ def test_service_to_service_is_mutual_tls_by_cluster_ip_and_pod_ip(cluster: Clus
     client_ns = cluster.mesh_namespace("client")
     server = run(cluster, server_ns, "web")
     client = run(cluster, client_ns, "client")
-    with Tcpdump(tmp_path / "bridge.pcap", client["status"]["podIP"]) as capture:
+    with Tcpdump(tmp_path / "bridge.pcap", client["status"]["podIP"], server["status"]["podIP"]) as capture:
         name = client["metadata"]["name"]
         by_service = cluster.get(client_ns, name, f"http://{cluster_ip(cluster, server_ns, 'web')}/")
         by_pod = cluster.get(client_ns, name, f"http://{server['status']['podIP']}:{PORT}/")
@@ -144,8 +145,9 @@ def test_a_meshed_pod_reaches_unmeshed_services_in_plaintext(cluster: Cluster, t
     client_ns = cluster.mesh_namespace("client")
     outside_ns = cluster.plain_namespace("outside")
     outside = run(cluster, outside_ns, "plain-web")
-    client = run(cluster, client_ns, "client")["metadata"]["name"]
-    with Tcpdump(tmp_path / "bridge.pcap", outside["status"]["podIP"]) as capture:
+    client_pod = run(cluster, client_ns, "client")
+    client = client_pod["metadata"]["name"]
+    with Tcpdump(tmp_path / "bridge.pcap", outside["status"]["podIP"], client_pod["status"]["podIP"]) as capture:
         answer = cluster.get(client_ns, client, f"http://{cluster_ip(cluster, outside_ns, 'plain-web')}/")
     assert answer.returncode == 0, answer.stdout + answer.stderr
     assert any(b"GET /" in p for p in capture.payloads), "the call to the unmeshed pod was not plaintext"
