@@ -41,10 +41,9 @@ def _pods_of(workload: Workload) -> tuple[Any, ...]:
     return workload.labels, meshguard, workload.pod_spec
 
 
-def _unchanged(workload: Workload, old: Mapping[str, Any] | None) -> bool:
-    previous = as_workload(dict(old), workload.namespace) if isinstance(old, Mapping) else None
+def _unchanged(workload: Workload, old: Workload | None) -> bool:
     try:
-        return previous is not None and _pods_of(previous) == _pods_of(workload)
+        return old is not None and _pods_of(old) == _pods_of(workload)
     except RecursionError:  # nested deeper than Python compares (JSON allows 1024 levels): checked as changed
         return False
 
@@ -88,9 +87,9 @@ def build_handler(settings: Settings, store: LiveSnapshot, metrics: Metrics) -> 
         if request.sub_resource:
             return allowed(reason="not-checked")
         cap: Action = "enforce"
-        if request.operation == "UPDATE" and (_deleting(obj) or _unchanged(workload, request.old_object)):
+        old = _old(request, workload)  # read once: for the "pods unchanged" test and for the rules
+        if request.operation == "UPDATE" and (_deleting(obj) or _unchanged(workload, old)):
             cap = "warn"
-        old = _old(request, workload)
         by_controller = request.user in settings.policy.controller_users
         evaluation = engine.evaluate(workload, store, cap, old, by_controller)
         notes: tuple[str, ...] = ()
