@@ -44,7 +44,7 @@ def _now() -> dt.datetime:
 
 
 def _builder(
-    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, days: int
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, days: float
 ) -> x509.CertificateBuilder:
     now = _now()
     return (
@@ -93,7 +93,7 @@ def issue_leaf(
     dns_names: tuple[str, ...] = (),
     ip_addresses: tuple[str, ...] = (),
     uris: tuple[str, ...] = (),
-    days: int = 365,
+    days: float = 365,
     server: bool = True,
     client: bool = False,
     organizations: tuple[str, ...] = (),
@@ -148,7 +148,7 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
 
 
 def issue_workload(
-    ca: Issued, namespace: str, service_account: str, trust_domain: str = "cluster.local", days: int = 30
+    ca: Issued, namespace: str, service_account: str, trust_domain: str = "cluster.local", days: float = 30
 ) -> Issued:
     """A workload certificate: the SPIFFE ID as its only SAN, usable both to serve (inbound) and as a client
     (outbound), since every sidecar is both. In a cluster cert-manager issues the same shape and renews it."""

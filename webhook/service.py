@@ -147,17 +147,16 @@ async def serve(settings: Settings) -> None:
             raise SystemExit(f"meshguard: cannot set up the self-managed serving certificate: {exc}") from exc
         background.append(certificates.run)
     try:
-        signer = await identity.start(settings)
+        workload_identity = await identity.start(settings)
     except KubeError as exc:
-        raise SystemExit(f"meshguard: cannot set up the workload certificate signer: {exc}") from exc
+        raise SystemExit(f"meshguard: cannot set up workload identity: {exc}") from exc
     in_cluster = not settings.dev and settings.state_dir is None
     # What the injector must know of this cluster and this process, found out at start.
     found: dict[str, Any] = {}
-    if signer is not None:
-        background.append(signer.run)
-        # Each injected proxy then mounts its own Pod Certificate from this signer instead of a Secret.
-        found["pod_certificate_signer"] = settings.identity.signer_name
-    if settings.xds.enabled and signer is None:
+    if workload_identity is not None:
+        background.append(workload_identity.run)
+        found.update(workload_identity.injection)
+    elif settings.xds.enabled:
         # Without the mesh CA the ADS server cannot prove itself to the proxies: they connect in plaintext.
         found["xds_tls"] = False
     if in_cluster and settings.injection.prestop_sleep and not await _sleep_action_served():
@@ -178,7 +177,7 @@ async def serve(settings: Settings) -> None:
     background.extend(jobs)
     proxy_config = None
     if settings.xds.enabled:
-        servicer, jobs = control_plane(settings, metrics, store, signer.ca if signer else None)
+        servicer, jobs = control_plane(settings, metrics, store, workload_identity.ca if workload_identity else None)
         background.extend(jobs)
         proxy_config = servicer.describe
     observe = None

@@ -62,13 +62,16 @@ Render = Callable[..., list[dict[str, Any]]]
 
 @pytest.fixture(scope="session")
 def render(helm: str) -> Render:
-    """``render(values, namespace=...)``: the objects ``helm template`` renders, memoised per arguments."""
+    """``render(values, namespace=..., api_versions=...)``: the objects ``helm template`` renders for a cluster
+    serving ``api_versions`` too (``group/version/Kind``), memoised per arguments."""
     cache: dict[str, list[dict[str, Any]]] = {}
 
-    def _render(values: dict[str, Any] | None = None, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
-        key = json.dumps([values, namespace], sort_keys=True)
+    def _render(values: dict[str, Any] | None = None, namespace: str = NAMESPACE,
+                api_versions: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        key = json.dumps([values, namespace, api_versions], sort_keys=True)
         if key not in cache:
-            out = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", namespace, values=values)
+            served = [arg for version in api_versions for arg in ("--api-versions", version)]
+            out = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", namespace, *served, values=values)
             cache[key] = [doc for doc in yaml.safe_load_all(out) if doc]
         return cache[key]
 

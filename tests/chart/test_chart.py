@@ -119,9 +119,11 @@ def test_the_mesh_ca_secret_is_kept_on_uninstall_and_named_in_the_config(render:
     # The running proxies trust this CA: deleting it with the release would strand them.
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" and "data" not in secret
     assert (settings.mode, settings.signer_name) == ("auto", "meshguard.io/workload")
-    off = render({"identity": {"mode": "secret"}})
+    off = render({"identity": {"mode": "static"}})
     assert not [o for o in off if o["kind"] == "Secret" and o["metadata"]["name"] == settings.ca_secret]
-    assert _server_config(off, tmp_path).identity.mode == "secret"
+    assert _server_config(off, tmp_path).identity.mode == "static"
+    # Secrets per ServiceAccount are issued from the same CA.
+    assert find(render({"identity": {"mode": "secret"}}), "Secret", settings.ca_secret)
 
 
 @pytest.mark.parametrize(("case", "expected"), [
@@ -408,13 +410,27 @@ def _secrets(*names: str) -> dict[str, Any]:
     return {"apiGroups": [""], "resources": ["secrets"], "resourceNames": list(names), "verbs": ["get", "update"]}
 
 
+# A certificate Secret per ServiceAccount (identity.mode secret, or auto without Pod Certificates).
+ACCOUNT_SECRETS = [
+    {"apiGroups": [""], "resources": ["serviceaccounts", "pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update"]},
+]
+POD_CERTIFICATES = ("certificates.k8s.io/v1/PodCertificateRequest",)
+
+
 def test_rbac_least_privilege(render: Render) -> None:
     for case in ("helm", "cert-manager"):
-        assert _server_rules(render(MATRIX[case])) == [*READS, *EVENTS, *CONTROL_PLANE, *SIGNER,
-                                                       _secrets(f"{FULLNAME}-mesh-ca")]
-        without = {**MATRIX[case], "identity": {"mode": "secret"}, "controlPlane": {"enabled": False}}
+        assert _server_rules(render(MATRIX[case], api_versions=POD_CERTIFICATES)) == [
+            *READS, *EVENTS, *CONTROL_PLANE, *SIGNER, _secrets(f"{FULLNAME}-mesh-ca")]
+        without = {**MATRIX[case], "identity": {"mode": "static"}, "controlPlane": {"enabled": False}}
         assert _server_rules(render(without)) == [*READS, *EVENTS]
-    objects = render()
+        secrets = {**MATRIX[case], "identity": {"mode": "secret"}}
+        assert _server_rules(render(secrets, api_versions=POD_CERTIFICATES)) == [
+            *READS, *EVENTS, *CONTROL_PLANE, *ACCOUNT_SECRETS, _secrets(f"{FULLNAME}-mesh-ca")]
+        # auto on a cluster without Pod Certificates may do either (the cluster may be upgraded under it).
+        assert _server_rules(render(MATRIX[case])) == [
+            *READS, *EVENTS, *CONTROL_PLANE, *ACCOUNT_SECRETS, *SIGNER, _secrets(f"{FULLNAME}-mesh-ca")]
+    objects = render(api_versions=POD_CERTIFICATES)
     assert _server_rules(objects) == [*READS, *EVENTS, *CONTROL_PLANE, {
         "apiGroups": ["admissionregistration.k8s.io"],
         "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],

@@ -70,13 +70,13 @@ def test_the_release_account_reads_the_policy_state_and_signs_for_its_own_signer
 
 @pytest.fixture
 def self_managed_rbac(cluster: ControlPlane, make_namespace: Callable[..., str]) -> Iterator[tuple[str, str]]:
-    """The chart's ServiceAccount and RBAC in selfManaged certificate mode, with identity.mode secret (no signer)
+    """The chart's ServiceAccount and RBAC in selfManaged certificate mode, with identity.mode static (no signer)
     and no control plane,
     applied alone: installing the whole chart would point webhooks at a Service no pod backs."""
     namespace = make_namespace()
     release = "rbac-check"
     rendered = cluster.helm("template", release, str(ROOT / "charts" / "meshguard"), "--namespace", namespace,
-                            "--set", "certificates.mode=selfManaged", "--set", "identity.mode=secret",
+                            "--set", "certificates.mode=selfManaged", "--set", "identity.mode=static",
                             "--set", "controlPlane.enabled=false",
                             "--show-only", "templates/serviceaccount.yaml",
                             "--show-only", "templates/rbac.yaml").stdout

@@ -1,16 +1,22 @@
-"""Workload certificates from meshguard's signer, on a real node: the kubelet makes the key and the request, the
-signer in meshguard's pods answers it, and the pod starts with its own certificate (Kubernetes Pod Certificates)."""
+"""Workload certificates on a real node: from meshguard's signer (the kubelet makes the key and the request, the
+signer in meshguard's pods answers it, and the pod starts with its own certificate: Kubernetes Pod Certificates),
+and, as on clusters without them, from the Secret meshguard keeps for each ServiceAccount."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from cryptography import x509
 
-from tests.e2e.cluster import wait_for
+from tests.conftest import ROOT
+from tests.e2e.cluster import RELEASE, RELEASE_NAMESPACE, wait_for
+from tests.e2e.objects import PROXY
 from tests.node.conftest import Cluster
 from tests.node.images import APP_IMAGE, PYTHON
+from tests.node.test_workloads import app
 
 SIGNER = "meshguard.io/workload"
 BUNDLE = "meshguard.io:workload:mesh-ca"
@@ -67,3 +73,50 @@ def test_a_key_type_envoy_cannot_serve_is_denied_with_the_reason(cluster: Cluste
     condition = wait_for("the request to be answered", denied, timeout=60)
     assert (condition["type"], condition["reason"]) == ("Denied", "UnsupportedKeyType")
     assert cluster.json("get", "pod", "edwards", "-n", namespace)["status"]["phase"] == "Pending"
+
+
+@pytest.fixture
+def secret_mode(cluster: Cluster) -> Iterator[None]:
+    """meshguard upgraded to ``identity.mode: secret`` (what ``auto`` picks on a cluster without Pod
+    Certificates), and back to ``auto`` afterwards."""
+    def mode(value: str) -> None:
+        cluster.plane.helm("upgrade", RELEASE, str(ROOT / "charts" / "meshguard"), "--namespace",
+                           RELEASE_NAMESPACE, "--reuse-values", "--set", f"identity.mode={value}", "--wait",
+                           "--timeout", "5m")
+        # Until the old replicas are gone they still answer admissions, with the other mode's volume.
+        wait_for("the old replicas to be gone", lambda: not [
+            p for p in cluster.json("get", "pods", "-n", RELEASE_NAMESPACE, "-l",
+                                    "app.kubernetes.io/component=webhook")["items"]
+            if p["metadata"].get("deletionTimestamp")], timeout=120)
+
+    mode("secret")
+    try:
+        yield
+    finally:
+        mode("auto")
+
+
+def test_without_pod_certificates_each_service_account_gets_its_secret_and_peers_tell_them_apart(
+        cluster: Cluster, secret_mode: None) -> None:
+    namespace = cluster.mesh_namespace("accounts")
+    for account in ("payments", "frontend"):
+        cluster.kubectl("create", "serviceaccount", account, "-n", namespace)
+    deployments = {"web": "payments", "client": "frontend", "other": None}
+    for name, account in deployments.items():
+        objects = app(name)
+        if account:
+            objects[0]["spec"]["template"]["spec"]["serviceAccountName"] = account
+        cluster.apply(objects, namespace)
+    pods = {name: cluster.wait_ready(namespace, f"app={name}")[0] for name in deployments}
+    for name, account in deployments.items():
+        volume = {v["name"]: v for v in pods[name]["spec"]["volumes"]}["meshguard-certs"]
+        assert volume["secret"]["secretName"] == f"meshguard-identity-{account or 'default'}"
+    web_ip = cluster.wait_routed(namespace, "web")
+    for caller in ("client", "other"):
+        called = cluster.get(namespace, pods[caller]["metadata"]["name"], f"http://{web_ip}/")
+        assert called.returncode == 0, called.stdout + called.stderr
+    # The server's proxy verified each caller's certificate: two accounts, two identities in its access log.
+    prefix = f"peer=spiffe://cluster.local/ns/{namespace}/sa/"
+    wait_for("both callers in the server proxy's access log", lambda: {
+        f"{prefix}frontend", f"{prefix}default"} <= set(cluster.logs(
+            namespace, pods["web"]["metadata"]["name"], PROXY).replace(" ", "\n").splitlines()), timeout=30)

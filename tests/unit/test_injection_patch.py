@@ -320,6 +320,13 @@ def test_volumes() -> None:
         "shop-mesh-cert"
 
 
+@pytest.mark.parametrize(("spec", "account"), [({"serviceAccountName": "payments"}, "payments"),
+                                                 ({"serviceAccount": "legacy"}, "legacy"), ({}, "default")])
+def test_with_secrets_per_account_each_proxy_mounts_its_service_accounts(spec: dict[str, str], account: str) -> None:
+    injected = inject(pod(**spec), InjectionSettings(cert_secret_per_account=True))
+    volume = {v["name"]: v for v in injected["spec"]["volumes"]}["meshguard-certs"]
+    assert volume["secret"] == {"secretName": f"meshguard-identity-{account}", "defaultMode": 0o444}
+
 
 def test_with_the_signer_each_proxy_mounts_its_own_pod_certificate_and_the_mesh_trust_bundle() -> None:
     injected = inject(pod(), InjectionSettings(pod_certificate_signer="meshguard.io/workload"))

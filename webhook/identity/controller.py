@@ -1,8 +1,11 @@
-"""The I/O of workload identity: the mesh CA kept in a Secret, its ClusterTrustBundle, and the signer that follows
-PodCertificateRequests and writes each one's status once (the decision is :mod:`webhook.identity.signer`'s).
+"""The I/O of workload identity: the mesh CA kept in a Secret, its ClusterTrustBundle, the signer that follows
+PodCertificateRequests and writes each one's status once (the decision is :mod:`webhook.identity.signer`'s), and,
+on clusters without Pod Certificates, the keeper of one certificate Secret per ServiceAccount of the mesh (its
+decisions are :mod:`webhook.identity.accounts`').
 
-Every replica runs the signer. The status is written with the request's ``resourceVersion``, so when two
-replicas answer the same request one wins and the other gets a 409 and moves on: each request is signed once.
+Every replica runs them. Writes carry the object's ``resourceVersion`` (or create it), so when two replicas do
+the same work one wins and the other gets a 409 and moves on: each request is signed once, each Secret renewed
+once.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -24,8 +30,10 @@ from .. import kubejson
 from ..certs import CA_CERT, CA_KEY, Issued, generate_ca
 from ..config import Settings
 from ..errors import Conflict, KubeError
+from ..injection.decision import INJECT_KEY, NAMESPACE_ENABLED, POD_ENABLED
 from ..state.kube import api_client
-from .settings import POD_CERTIFICATES_API, IdentitySettings
+from . import accounts
+from .settings import POD_CERTIFICATES_API, IdentitySettings, account_secret_name
 from .signer import decide
 
 log = logging.getLogger("meshguard.identity")
@@ -34,6 +42,39 @@ REQUESTS = f"/apis/{POD_CERTIFICATES_API}/podcertificaterequests"
 BUNDLES = f"/apis/{POD_CERTIFICATES_API}/clustertrustbundles"
 WATCH_SECONDS = 60  # then a fresh list: a request left for later (a CA problem) is looked at again
 BACKOFF_SECONDS = 5.0
+# How often every account's Secret is checked (one list of them): renewals, and repairs of edited Secrets.
+SWEEP_SECONDS = 60
+
+
+def _follow_once(client: Any, path: str, query: str, on_list: Callable[[list[dict[str, Any]]], None],
+                 on_event: Callable[[str, dict[str, Any]], None]) -> None:
+    """One list of ``path?query`` handed to ``on_list``, then one watch from it until the server ends it, each
+    ADDED, MODIFIED or DELETED event handed to ``on_event``."""
+    listing = kubejson.call(client, "GET", f"{path}?{query}") or {}
+    on_list(listing.get("items", []))
+    version = listing.get("metadata", {}).get("resourceVersion", "")
+    watch = (f"{path}?{query}&watch=1&allowWatchBookmarks=true&timeoutSeconds={WATCH_SECONDS}"
+             f"&resourceVersion={version}")
+    for event in kubejson.watch(client, watch, WATCH_SECONDS):
+        kind = event.get("type")
+        if kind in ("ADDED", "MODIFIED", "DELETED"):
+            on_event(kind, event.get("object") or {})
+        elif kind == "ERROR":
+            return  # expired: list again
+
+
+def _forever(what: str, once: Callable[[], None], stopped: threading.Event | None = None) -> None:
+    """``once`` again and again in a daemon thread (blocking calls must not hold up the process's exit) until
+    ``stopped``: a controller must outlive any one failure, or pods wait for ever."""
+    def loop() -> None:
+        while stopped is None or not stopped.is_set():
+            try:
+                once()
+            except Exception as exc:
+                log.warning("not followed; retrying", extra={"what": what, "error": str(exc)})
+                time.sleep(BACKOFF_SECONDS)
+
+    threading.Thread(target=loop, name=what, daemon=True).start()
 
 
 def serves_pod_certificates(client: Any) -> bool:
@@ -126,47 +167,208 @@ class Signer:
 
     def follow_once(self) -> None:
         """One list, then one watch from it until the server ends it."""
-        listing = kubejson.call(self._client, "GET", f"{REQUESTS}?{self._query}") or {}
-        for request in listing.get("items", []):
-            self.answer(request)
-        version = listing.get("metadata", {}).get("resourceVersion", "")
-        path = (f"{REQUESTS}?{self._query}&watch=1&allowWatchBookmarks=true&timeoutSeconds={WATCH_SECONDS}"
-                f"&resourceVersion={version}")
-        for event in kubejson.watch(self._client, path, WATCH_SECONDS):
-            if event.get("type") in ("ADDED", "MODIFIED"):
-                self.answer(event.get("object") or {})
-            elif event.get("type") == "ERROR":
-                return  # expired: list again
+        def on_list(requests: list[dict[str, Any]]) -> None:
+            for request in requests:
+                self.answer(request)
 
-    def _follow(self) -> None:
-        while True:
-            try:
-                self.follow_once()
-            except Exception as exc:  # the signer must outlive any one failure, or pods wait for ever
-                log.warning("PodCertificateRequests not followed; retrying", extra={"error": str(exc)})
-                time.sleep(BACKOFF_SECONDS)
+        def on_event(kind: str, request: dict[str, Any]) -> None:
+            if kind != "DELETED":
+                self.answer(request)
+
+        _follow_once(self._client, REQUESTS, self._query, on_list, on_event)
 
     async def run(self) -> None:
-        """Follow in a daemon thread (a watch blocks, and must not hold up the process's exit) until cancelled."""
-        threading.Thread(target=self._follow, name="pod-certificate-signer", daemon=True).start()
+        """Answer requests in a thread until cancelled."""
+        _forever("PodCertificateRequests", self.follow_once)
         await asyncio.Event().wait()
 
 
-async def start(settings: Settings) -> Signer | None:
-    """The signer for this process, with the mesh CA loaded and published; None when certificates come from
-    Secrets (``identity.mode: secret``, or ``auto`` on an API server without Pod Certificates) or when there is
-    no cluster (``--dev``, ``--state``). Raises :class:`KubeError` when the API server cannot be used."""
+def _key(obj: dict[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace", ""), meta.get("name", "")
+
+
+def _account_of(pod: dict[str, Any]) -> str:
+    spec = pod.get("spec") or {}
+    return spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+
+
+@dataclass
+class _Mesh:
+    """What the keeper follows: namespaces labeled for the mesh, every ServiceAccount's uid, and the accounts of
+    pods opted in by their own label (in namespaces that are not)."""
+
+    namespaces: dict[str, bool] = field(default_factory=dict)
+    accounts: dict[tuple[str, str], str] = field(default_factory=dict)
+    opted_in: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+
+    def wanted(self) -> dict[tuple[str, str], str]:
+        """(namespace, account) -> uid of every account whose pods get the proxy."""
+        opted = set(self.opted_in.values())
+        return {key: uid for key, uid in self.accounts.items() if key[0] in self.namespaces or key in opted}
+
+
+# What each followed object adds to its table of _Mesh: (key, value).
+_RECORDS: dict[str, Callable[[dict[str, Any]], tuple[Any, Any]]] = {
+    "namespaces": lambda ns: (_key(ns)[1], True),
+    "accounts": lambda account: (_key(account), (account.get("metadata") or {}).get("uid", "")),
+    "opted_in": lambda pod: (_key(pod), (_key(pod)[0], _account_of(pod))),
+}
+_SOURCES = {
+    "namespaces": ("/api/v1/namespaces", "labelSelector=" + quote(f"{INJECT_KEY}={NAMESPACE_ENABLED}", safe="")),
+    "accounts": ("/api/v1/serviceaccounts", ""),
+    "opted_in": ("/api/v1/pods", "labelSelector=" + quote(f"{INJECT_KEY}={POD_ENABLED}", safe="")),
+}
+
+
+class AccountSecrets:
+    """Keeps a workload certificate Secret for every ServiceAccount of the mesh (``identity.mode: secret``).
+
+    The Secret ``meshguard-identity-<account>`` is created when the account, its namespace's label or an opted-in
+    pod appears, renewed from half-life on, repaired when edited, and deleted with the account by the garbage
+    collector (it is owned by it). The kubelet writes a renewed Secret into running pods and the proxy reads it
+    from there, without a restart.
+    """
+
+    def __init__(self, client: Any, settings: IdentitySettings, trust_domain: str, ca: Issued,
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+                 sweep_seconds: float = SWEEP_SECONDS) -> None:
+        self._client = client
+        self._lifetime = dt.timedelta(hours=settings.lifetime_hours)
+        self._trust_domain = trust_domain
+        self.ca = ca
+        self._clock = clock
+        self._mesh = _Mesh()
+        self._lock = threading.Lock()
+        self._sweep = threading.Event()
+        self._sweep_seconds = sweep_seconds
+        self._stopped = threading.Event()
+
+    def ensure(self, namespace: str, account: str, uid: str, current: dict[str, Any] | None = None,
+               read: bool = True) -> None:
+        """Make the account's Secret right: ``current`` is what a list showed (``read`` it first if not given)."""
+        path = f"/api/v1/namespaces/{namespace}/secrets"
+        name = account_secret_name(account)
+        if current is None and read:
+            current = kubejson.call(self._client, "GET", f"{path}/{name}")
+        if current is not None:
+            reason = accounts.reissue_reason(current, self.ca, self._trust_domain, account, uid, self._clock())
+            if reason is None:
+                return
+        wanted = accounts.secret(self.ca, self._trust_domain, namespace, account, uid, self._lifetime)
+        try:
+            if current is None:
+                kubejson.call(self._client, "POST", path, wanted)
+                reason = "missing"
+            else:
+                wanted["metadata"]["resourceVersion"] = current["metadata"].get("resourceVersion")
+                kubejson.call(self._client, "PUT", f"{path}/{name}", wanted)
+        except Conflict:
+            if current is None and not read:
+                self.ensure(namespace, account, uid)  # it exists after all, unlisted: judge what it holds
+            return  # else another replica wrote it first
+        log.info("workload certificate Secret issued", extra={"secret": f"{namespace}/{name}", "reason": reason})
+
+    def sweep(self) -> None:
+        """Check every wanted account's Secret against one list of them."""
+        with self._lock:
+            wanted = self._mesh.wanted()
+        query = "labelSelector=" + quote(f"{accounts.LABEL}={accounts.LABEL_VALUE}", safe="")
+        listing = kubejson.call(self._client, "GET", f"/api/v1/secrets?{query}") or {}
+        held = {_key(s): s for s in listing.get("items", [])}
+        for (namespace, account), uid in wanted.items():
+            self._ensure(namespace, account, uid, held.get((namespace, account_secret_name(account))), read=False)
+
+    def _ensure(self, namespace: str, account: str, uid: str, current: dict[str, Any] | None = None,
+                read: bool = True) -> None:
+        """:meth:`ensure`, a failure logged: one account's Secret (a tenant's Opaque one in its place) must not
+        hold up the others'."""
+        try:
+            self.ensure(namespace, account, uid, current, read)
+        except KubeError as exc:
+            log.warning("workload certificate Secret not written", extra={
+                "secret": f"{namespace}/{account_secret_name(account)}", "error": str(exc)})
+
+    def _follow(self, table: str) -> None:
+        """Keep one table of what is followed; a watch event that makes an account wanted writes its Secret at
+        once, a list (at start, after each watch) has the sweep check them all."""
+        record = _RECORDS[table]
+
+        def on_list(items: list[dict[str, Any]]) -> None:
+            with self._lock:
+                setattr(self._mesh, table, dict(record(obj) for obj in items))
+            self._sweep.set()
+
+        def on_event(kind: str, obj: dict[str, Any]) -> None:
+            key, value = record(obj)
+            with self._lock:
+                before = self._mesh.wanted()
+                rows = getattr(self._mesh, table)
+                if kind == "DELETED":
+                    rows.pop(key, None)
+                else:
+                    rows[key] = value
+                new = {k: uid for k, uid in self._mesh.wanted().items() if before.get(k) != uid}
+            for (namespace, account), uid in new.items():
+                self._ensure(namespace, account, uid)
+
+        _follow_once(self._client, *_SOURCES[table], on_list, on_event)
+
+    def _sweep_once(self) -> None:
+        self._sweep.wait(self._sweep_seconds)
+        self._sweep.clear()
+        if not self._stopped.is_set():
+            self.sweep()
+
+    def start(self) -> None:
+        """Follow namespaces, accounts and opted-in pods, and sweep, each in a thread."""
+        for table in _SOURCES:
+            _forever(f"identity {table}", functools.partial(self._follow, table), self._stopped)
+        _forever("workload certificate Secrets", self._sweep_once, self._stopped)
+
+    def stop(self) -> None:
+        """The threads end after their current watch (tests; a server ends with its process)."""
+        self._stopped.set()
+        self._sweep.set()
+
+    async def run(self) -> None:
+        """:meth:`start`, then wait until cancelled."""
+        self.start()
+        await asyncio.Event().wait()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How this process gives proxies their identity: the mesh CA, the job that issues certificates, and what the
+    injector must set for it."""
+
+    ca: Issued
+    run: Callable[[], Coroutine[Any, Any, None]]
+    injection: dict[str, Any]
+
+
+async def start(settings: Settings) -> Identity | None:
+    """Workload identity for this process, with the mesh CA loaded (and published for Pod Certificates); None when
+    the platform team provides the certificates (``identity.mode: static``) or when there is no cluster
+    (``--dev``, ``--state``). Raises :class:`KubeError` when the API server cannot be used."""
     identity = settings.identity
-    if identity.mode == "secret" or settings.dev or settings.state_dir is not None:
+    if identity.mode == "static" or settings.dev or settings.state_dir is not None:
         return None
     client = api_client()
-    served = await asyncio.to_thread(serves_pod_certificates, client)
-    if not served:
-        if identity.mode == "pod-certificate":
+    pod_certificates = identity.mode == "pod-certificate"
+    if identity.mode in ("auto", "pod-certificate"):
+        served = await asyncio.to_thread(serves_pod_certificates, client)
+        if pod_certificates and not served:
             raise KubeError(f"identity.mode is pod-certificate, but the API server does not serve "
                             f"PodCertificateRequests ({POD_CERTIFICATES_API}); use mode secret or auto")
-        log.info("the API server does not serve Pod Certificates: proxies use the workload certificate Secrets")
-        return None
+        pod_certificates = served
     ca = await asyncio.to_thread(load_or_create_ca, client, settings.namespace, identity)
-    await asyncio.to_thread(publish_trust_bundle, client, identity, ca)
-    return Signer(client, identity, settings.injection.trust_domain, ca)
+    trust_domain = settings.injection.trust_domain
+    if pod_certificates:
+        await asyncio.to_thread(publish_trust_bundle, client, identity, ca)
+        signer = Signer(client, identity, trust_domain, ca)
+        # Each injected proxy mounts its own Pod Certificate from this signer.
+        return Identity(ca, signer.run, {"pod_certificate_signer": identity.signer_name})
+    log.info("workload certificates are kept in a Secret per ServiceAccount", extra={"mode": identity.mode})
+    keeper = AccountSecrets(client, identity, trust_domain, ca)
+    return Identity(ca, keeper.run, {"cert_secret_per_account": True})

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MeshguardError
+from ..identity.settings import account_secret_name
 from ..workloads import Workload
 from .decision import BOOTSTRAP_NAME, DEFAULT_CONTAINER_ANNOTATION, PROXY_NAME, STATUS_ANNOTATION, Decision, decide
 from .overrides import apply_overrides
@@ -122,11 +123,22 @@ def plan(workload: Workload, settings: InjectionSettings, own_namespace: str) ->
     if not decision.inject:
         return Outcome(decision, [])
     effective = _fit_drain(apply_overrides(settings, workload.annotations), workload.pod_spec)
+    if effective.cert_secret_per_account:
+        effective = effective.model_copy(update={"cert_secret": account_secret_name(_account(workload.pod_spec))})
     sidecar = build(effective)
     _check_names(workload.pod_spec, sidecar)
     rewritten = (rewrite(workload.pod_spec, READINESS_PORT, (STATS_PORT, *effective.exclude_inbound_ports))
                  if effective.rewrite_app_probes else None)
     return Outcome(decision, patch_ops(workload.template, sidecar, workload.pointer, rewritten))
+
+
+def _account(spec: Mapping[str, Any]) -> str:
+    """The pod's ServiceAccount (the API server's ServiceAccount plugin sets it before webhooks are called)."""
+    for key in ("serviceAccountName", "serviceAccount"):
+        name = spec.get(key)
+        if isinstance(name, str) and name:
+            return name
+    return "default"
 
 
 # The API server's default terminationGracePeriodSeconds.

@@ -54,10 +54,14 @@ class InjectionSettings(Section):
     exclude_outbound_ports: tuple[Port, ...] = ()
     include_outbound_ip_ranges: tuple[IncludeRange, ...] = Field(("*",), min_length=1)
     exclude_outbound_ip_ranges: tuple[Cidr, ...] = ()
-    # The Secret (in the pod's namespace) holding the workload certificate: tls.crt, tls.key, ca.crt.
+    # The Secret (in the pod's namespace) holding the workload certificate: tls.crt, tls.key, ca.crt
+    # (identity.mode static, made by the platform team).
     cert_secret: str = Field("meshguard-workload-cert", min_length=1, max_length=253)
+    # Instead of cert_secret, the Secret meshguard keeps for the pod's ServiceAccount (meshguard-identity-<name>):
+    # set at start when identity.mode is secret (or auto on an API server without Pod Certificates).
+    cert_secret_per_account: bool = False
     # The signer of the proxy's own Pod Certificate (its key made by the kubelet, its SPIFFE ID that of the pod's
-    # ServiceAccount) instead of cert_secret: set at start from identity.mode when meshguard's signer runs.
+    # ServiceAccount) instead of a Secret: set at start from identity.mode when meshguard's signer runs.
     pod_certificate_signer: str | None = None
     mtls_mode: Literal["STRICT", "PERMISSIVE"] = "STRICT"
     # Outbound destinations that are in the mesh and get mTLS.

@@ -63,8 +63,18 @@ app.kubernetes.io/part-of: meshguard
 {{- define "meshguard.trustBundleName" -}}
 {{- printf "%s:mesh-ca" (replace "/" ":" .Values.identity.signerName) }}
 {{- end }}
+{{/* Whether meshguard issues workload certificates (with the mesh CA): all modes but static. */}}
 {{- define "meshguard.identity" -}}
-{{- if ne .Values.identity.mode "secret" }}true{{ end }}
+{{- if ne .Values.identity.mode "static" }}true{{ end }}
+{{- end }}
+{{/* Whether it may sign Pod Certificates: mode pod-certificate, or auto. */}}
+{{- define "meshguard.signer" -}}
+{{- if has .Values.identity.mode (list "auto" "pod-certificate") }}true{{ end }}
+{{- end }}
+{{/* Whether it may keep a certificate Secret per ServiceAccount: mode secret, or auto where the cluster does not
+     serve Pod Certificates (the signer's rules stay, for when the cluster is upgraded). */}}
+{{- define "meshguard.accountSecrets" -}}
+{{- if or (eq .Values.identity.mode "secret") (and (eq .Values.identity.mode "auto") (not (.Capabilities.APIVersions.Has "certificates.k8s.io/v1/PodCertificateRequest"))) }}true{{ end }}
 {{- end }}
 
 {{/* Whether the server runs in this cluster (false when webhooks.url points elsewhere). */}}
