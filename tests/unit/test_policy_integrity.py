@@ -49,6 +49,11 @@ def test_an_injected_pod_and_a_pod_to_be_injected_pass() -> None:
     tuned = app_pod()
     tuned["metadata"]["annotations"] = {"meshguard.io/log-level": "debug", "meshguard.io/proxy-cpu": "200m"}
     assert mtls(as_injected(tuned))[0]
+    # A drain fitted to a short grace period, and a certificate Secret per ServiceAccount: what it made too.
+    for grace in (0, 3):
+        assert mtls(as_injected(app_pod(terminationGracePeriodSeconds=grace)))[0]
+    settings = Settings(injection={"cert_secret_per_account": True})
+    assert mtls(as_injected(app_pod(serviceAccountName="web"), settings=settings.injection), settings=settings)[0]
     # Classic mode, a hold, and the bootstrap rendered in the pod: all what meshguard makes.
     for injection in ({"native_sidecar": False, "hold_application_until_proxy_starts": True},
                       {"bootstrap": "init-container"}):

@@ -122,14 +122,22 @@ def plan(workload: Workload, settings: InjectionSettings, own_namespace: str) ->
     decision = decide(workload, settings, own_namespace)
     if not decision.inject:
         return Outcome(decision, [])
-    effective = _fit_drain(apply_overrides(settings, workload.annotations), workload.pod_spec)
-    if effective.cert_secret_per_account:
-        effective = effective.model_copy(update={"cert_secret": account_secret_name(_account(workload.pod_spec))})
+    effective = effective_settings(workload, settings)
     sidecar = build(effective)
     _check_names(workload.pod_spec, sidecar)
     rewritten = (rewrite(workload.pod_spec, READINESS_PORT, (STATS_PORT, *effective.exclude_inbound_ports))
                  if effective.rewrite_app_probes else None)
     return Outcome(decision, patch_ops(workload.template, sidecar, workload.pointer, rewritten))
+
+
+def effective_settings(workload: Workload, settings: InjectionSettings) -> InjectionSettings:
+    """What this pod gets: ``settings`` with its override annotations (raises
+    :class:`~webhook.injection.overrides.OverrideError`), its drain fitted to its grace period, and its
+    ServiceAccount's certificate Secret. The policy compares a pod's meshguard containers with what these make."""
+    effective = _fit_drain(apply_overrides(settings, workload.annotations), workload.pod_spec)
+    if effective.cert_secret_per_account:
+        effective = effective.model_copy(update={"cert_secret": account_secret_name(_account(workload.pod_spec))})
+    return effective
 
 
 def _account(spec: Mapping[str, Any]) -> str:

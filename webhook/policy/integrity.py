@@ -26,7 +26,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
-from ..injection.overrides import PREFIX, OverrideError, apply_overrides, port_list
+from ..injection.overrides import PREFIX, OverrideError, port_list
+from ..injection.patch import effective_settings
 from ..injection.settings import InjectionSettings
 from ..injection.spec import build
 from ..workloads import CONTAINER_LISTS, Workload
@@ -131,7 +132,7 @@ def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workl
         if {n: _compared(c) for n, c in before.items()} == {n: _compared(c) for n, c in present.items()}:
             return []
     try:
-        expected = build(apply_overrides(settings, workload.annotations))
+        expected = build(effective_settings(workload, settings))
     except OverrideError as exc:
         return [(f"its meshguard annotations are invalid ({exc})", "fix them, then recreate the pods",
                  "invalid meshguard annotations")]
