@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import RunningServer, review
 from tests.fixtures.injection.podcheck import all_containers, pod_spec_problems, uninjected
 from tests.unit.test_injection_overrides import INVALID
+from webhook.injection.annotations import PLATFORM_ONLY
 from webhook.injection.decision import INIT_NAME, PROXY_NAME, STATUS_ANNOTATION
 
 
@@ -127,7 +128,10 @@ def test_every_invalid_override_is_named_in_one_denial(server: RunningServer) ->
     assert response["allowed"] is False and response["status"]["code"] == 400
     message = response["status"]["message"]
     for annotation, value in bad.items():
-        assert f'annotation {annotation}: "{value}" is invalid; expected ' in message
+        if annotation.removeprefix("meshguard.io/") in PLATFORM_ONLY:  # refused whatever its value
+            assert f"annotation {annotation} is not one the platform lets pods set" in message
+        else:
+            assert f'annotation {annotation}: "{value}" is invalid; expected ' in message
     assert "\n" not in message
 
 

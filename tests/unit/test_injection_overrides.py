@@ -9,11 +9,14 @@ import pytest
 import yaml
 
 from webhook import config
-from webhook.injection.overrides import ANNOTATIONS, OverrideError, apply_overrides
+from webhook.injection.annotations import ANNOTATIONS, OVERRIDES
+from webhook.injection.overrides import OverrideError, apply_overrides
 from webhook.injection.settings import InjectionSettings
 from webhook.injection.values import parse_quantity
 
 DEFAULTS = InjectionSettings()
+# A platform that lets pods use every override.
+EVERY_OVERRIDE = InjectionSettings(allowed_overrides=tuple(OVERRIDES))
 
 
 @pytest.mark.parametrize(("text", "value"), [
@@ -51,8 +54,22 @@ INVALID = [
 @pytest.mark.parametrize(("name", "value", "accepted"), INVALID, ids=[f"{c[0]}={c[1]!r}" for c in INVALID])
 def test_invalid_override_names_annotation_and_format(name: str, value: str, accepted: str) -> None:
     with pytest.raises(OverrideError) as caught:
-        apply_overrides(DEFAULTS, {f"meshguard.io/{name}": value})
+        apply_overrides(EVERY_OVERRIDE, {f"meshguard.io/{name}": value})
     assert str(caught.value).startswith(f'annotation meshguard.io/{name}: "{value}" is invalid; expected {accepted}')
+
+
+def test_a_pod_may_choose_its_proxy_image_only_where_the_platform_lets_it() -> None:
+    image = {"meshguard.io/proxy-image": "registry.example/envoy:patched", "meshguard.io/proxy-cpu": "200m"}
+    with pytest.raises(OverrideError) as caught:
+        apply_overrides(DEFAULTS, image)
+    assert caught.value.problems == ["annotation meshguard.io/proxy-image is not one the platform lets pods set "
+                                     "(injection.allowed_overrides); remove it"]
+    assert apply_overrides(EVERY_OVERRIDE, image).proxy_image == "registry.example/envoy:patched"
+    # The platform may take any override away from pods.
+    with pytest.raises(OverrideError, match="meshguard.io/proxy-cpu is not one the platform lets pods set"):
+        apply_overrides(InjectionSettings(allowed_overrides=("log-level",)), {"meshguard.io/proxy-cpu": "200m"})
+    with pytest.raises(ValueError, match="'proxy-colour' is not an override annotation"):
+        InjectionSettings(allowed_overrides=("proxy-colour",))
 
 
 def test_every_bad_annotation_is_reported_at_once() -> None:

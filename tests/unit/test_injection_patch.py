@@ -368,7 +368,8 @@ OVERRIDES = [
 @pytest.mark.parametrize(("name", "value", "read", "expected"), OVERRIDES, ids=[case[0] for case in OVERRIDES])
 def test_override(name: str, value: str, read: Any, expected: Any) -> None:
     assert read(inject(pod())) != expected
-    assert read(inject(pod(annotations={f"meshguard.io/{name}": value}))) == expected
+    settings = InjectionSettings(allowed_overrides=(name,))
+    assert read(inject(pod(annotations={f"meshguard.io/{name}": value}), settings)) == expected
 
 
 def test_log_level_override_reaches_the_bootstrap() -> None:

@@ -157,3 +157,18 @@ def test_the_injection_settings_decide_what_the_sidecar_should_be() -> None:
     pod = as_injected(app_pod(), settings=InjectionSettings(proxy_image="registry.example/envoy:1"))
     assert not mtls(pod)[0]  # this server injects another image
     assert mtls(pod, settings=Settings(injection={"proxy_image": "registry.example/envoy:1"}))[0]
+
+
+def test_a_workload_whose_pods_the_injector_would_refuse_fails_before_any_pod_is_made() -> None:
+    chosen = app_pod()
+    chosen["metadata"]["annotations"] = {"meshguard.io/proxy-image": "attacker/envoy:1"}
+    passed, message = mtls(template_of(chosen))
+    assert not passed
+    assert message.endswith("the injector will refuse its pods: annotation meshguard.io/proxy-image is not one the "
+                            "platform lets pods set (injection.allowed_overrides); remove it; fix or remove those "
+                            "annotations")
+    allowed = Settings(injection={"allowed_overrides": ["proxy-image"]})
+    assert mtls(template_of(chosen), settings=allowed)[0]
+    # An injected pod whose image the platform allowed passes; the same image without the allowance does not.
+    injected = as_injected(chosen, settings=allowed.injection)
+    assert mtls(injected, settings=allowed)[0] and not mtls(injected)[0]

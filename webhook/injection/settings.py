@@ -14,6 +14,7 @@ from pydantic import AfterValidator, Field, model_validator
 from .. import __version__, envoy
 from ..section import Section
 from . import values
+from .annotations import OVERRIDES, PREFIX, TENANT_OVERRIDES
 from .values import EnvoyLogLevel
 
 INBOUND_PORT = 15006
@@ -31,6 +32,15 @@ Image = Annotated[str, AfterValidator(values.image)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Cidr = Annotated[str, AfterValidator(values.cidr)]
 IncludeRange = Annotated[str, AfterValidator(values.include_range)]
+
+
+def _override(name: str) -> str:
+    if name not in OVERRIDES:
+        raise ValueError(f"{name!r} is not an override annotation (without {PREFIX}): one of {', '.join(OVERRIDES)}")
+    return name
+
+
+Override = Annotated[str, AfterValidator(_override)]
 
 
 class InjectionSettings(Section):
@@ -84,6 +94,9 @@ class InjectionSettings(Section):
     # The API server accepts the preStop sleep action (Kubernetes 1.30+, beta and on by default). Set at start from
     # the API server's version; without it the proxy gets no preStop (the API server would refuse the pod).
     prestop_sleep: bool = True
+    # The override annotations pods may use (names without meshguard.io/); a pod using another is refused. All
+    # but proxy-image by default: a pod choosing its proxy's image chooses what handles its traffic.
+    allowed_overrides: tuple[Override, ...] = TENANT_OVERRIDES
     # Namespaces never injected in addition to kube-system, kube-public, kube-node-lease and meshguard's own.
     exclude_namespaces: tuple[str, ...] = ()
 

@@ -186,6 +186,12 @@ class Engine:
             detail = f"its pods will run without the meshguard sidecar ({why}), so they have no mutual TLS; {fix}"
             return False, detail, f"no sidecar: {brief}"
         injection = self._settings.injection
+        # Not injected yet (a template, or a bare Pod judged offline): its pods must get past the injector.
+        injected = proxy_container_present(workload.template)
+        refused = None if injected else integrity.override_problem(workload, injection)
+        if refused is not None:
+            return False, f"the injector will refuse its pods: {refused}; fix or remove those annotations", \
+                "the injector will refuse its pods' meshguard annotations; fix them"
         bypass = (integrity.tenant_problems(workload.pod_spec, injection.proxy_uid)
                   + integrity.sidecar_problems(workload, injection, old))
         if bypass:
@@ -251,20 +257,4 @@ class Engine:
         if workload.kind == "Pod" and not self._offline:
             return ("the injector did not add it", "recreate the pod while meshguard's /mutate webhook is running",
                     "not injected; recreate it while meshguard runs")
-        return None
-        ns = workload.namespace
-        label_ns = f"label namespace {ns} {INJECT_KEY}={NAMESPACE_ENABLED}"
-        if not selected_for_mesh(ns_labels, workload.labels):
-            return f"namespace {ns} is not labeled {INJECT_KEY}={NAMESPACE_ENABLED}", label_ns
-        decision = decide(workload, self._settings.injection, self._settings.namespace)
-        if decision.reason in ("opt-out-label", "opt-out-annotation"):
-            return decision.message, f"remove the {INJECT_KEY} opt-out"
-        if decision.reason == "already-injected":
-            return f"it claims injection but has no {PROXY_NAME} container", "remove the claim and recreate it"
-        fixes = {"host-network": "run it without hostNetwork, or ask the platform team to exempt it in policy.exempt",
-                 "other-mesh": "remove the other mesh's injection from it, or ask the platform team to exempt it"}
-        if not decision.inject:
-            return decision.message, fixes.get(decision.reason, "ask the platform team to exempt it in policy.exempt")
-        if workload.kind == "Pod":
-            return "the injector did not add it", "recreate the pod while meshguard's /mutate webhook is running"
         return None

@@ -22,8 +22,8 @@ from typing import Any
 from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied
 from ..config import Settings
 from ..handlers import WorkloadHandler
+from ..injection.annotations import PREFIX
 from ..injection.decision import proxy_container_present
-from ..injection.overrides import PREFIX
 from ..metrics import LoopCounter, Metrics
 from ..workloads import WORKLOAD_KINDS, Workload, as_workload
 from . import integrity

@@ -25,8 +25,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ..injection.annotations import PREFIX, port_list
 from ..injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
-from ..injection.overrides import PREFIX, OverrideError, port_list
+from ..injection.overrides import OverrideError
 from ..injection.patch import effective_settings
 from ..injection.settings import InjectionSettings
 from ..injection.spec import build
@@ -119,6 +120,15 @@ def _holds(wanted: Any, actual: Any) -> bool:
         return isinstance(actual, list) and len(actual) == len(wanted) and all(
             _holds(w, a) for w, a in zip(wanted, actual, strict=True))
     return bool(wanted == actual)
+
+
+def override_problem(workload: Workload, settings: InjectionSettings) -> str | None:
+    """Why the injector would refuse the pod's override annotations (invalid, or not allowed by the platform)."""
+    try:
+        effective_settings(workload, settings)
+    except OverrideError as exc:
+        return str(exc)
+    return None
 
 
 def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workload | None) -> list[Problem]:
