@@ -69,7 +69,7 @@ def _key_usage(ca: bool) -> x509.KeyUsage:
     )
 
 
-def generate_ca(common_name: str = "meshguard-ca", days: int = 3650) -> Issued:
+def generate_ca(common_name: str = "meshguard-ca", days: float = 3650) -> Issued:
     """A self-signed CA that may sign leaf certificates only (path length 0)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(

@@ -180,6 +180,15 @@ class Metrics:
             "meshguard_serving_certificate_expiring",
             "1 when the serving certificate in use expires within tls.expiry_warning_days, else 0.", registry=r,
         )
+        self.mesh_ca_expiry = Gauge(
+            "meshguard_mesh_ca_expiry_timestamp_seconds", "Unix time at which the mesh CA that signs expires.",
+            registry=r,
+        )
+        self.mesh_ca_expiring = Gauge(
+            "meshguard_mesh_ca_expiring",
+            "1 when the mesh CA expires within identity.ca_renew_before_days with no successor on its way (a CA of "
+            "the platform's own: meshguard does not replace it), else 0.", registry=r,
+        )
         self.unmeshed_pods = LoopCounter(
             "meshguard_unmeshed_pods_admitted", "Pods /validate admitted in the mesh without the sidecar, by reason.",
             ["namespace", "reason"], registry=r,

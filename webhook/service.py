@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from . import kubejson, selfcert
-from .certs import Issued, ensure_dev_certs
+from .certs import ensure_dev_certs
 from .config import Settings
 from .errors import KubeError
 from .events import EventRecorder, Observer, recording
@@ -87,7 +87,7 @@ def cluster_state(settings: Settings, metrics: Metrics, readiness: Readiness) ->
 
 
 def control_plane(settings: Settings, metrics: Metrics, store: Store,
-                  ca: Issued | None) -> tuple[xds_server.AggregatedDiscovery, list[Job]]:
+                  ca: identity.MeshAuthority | None) -> tuple[xds_server.AggregatedDiscovery, list[Job]]:
     """The ADS server the proxies connect to, fed by the same store (and PeerAuthentication resolver) as
     /validate; mutual TLS when this process holds the mesh CA."""
     mtls = settings.policy.mtls
@@ -97,7 +97,8 @@ def control_plane(settings: Settings, metrics: Metrics, store: Store,
     servicer = xds_server.AggregatedDiscovery(plane, metrics, settings.injection.trust_domain, tls=ca is not None)
 
     async def serve() -> None:
-        await xds_server.serve(servicer, settings.xds, ca, settings.certificates.service, settings.namespace)
+        current = (lambda: ca.current) if ca is not None else None
+        await xds_server.serve(servicer, settings.xds, current, settings.certificates.service, settings.namespace)
 
     return servicer, [plane.run, serve]
 
@@ -139,6 +140,7 @@ def _freeze_heap() -> None:
 async def serve(settings: Settings) -> None:
     if settings.dev and ensure_dev_certs(settings.tls.cert_dir, SERVICE_NAME, settings.namespace):
         log.info("generated development certificates", extra={"cert_dir": str(settings.tls.cert_dir)})
+    metrics = Metrics()
     background: list[Job] = []
     if settings.certificates.self_managed:
         try:
@@ -147,14 +149,14 @@ async def serve(settings: Settings) -> None:
             raise SystemExit(f"meshguard: cannot set up the self-managed serving certificate: {exc}") from exc
         background.append(certificates.run)
     try:
-        workload_identity = await identity.start(settings)
+        workload_identity = await identity.start(settings, metrics)
     except KubeError as exc:
         raise SystemExit(f"meshguard: cannot set up workload identity: {exc}") from exc
     in_cluster = not settings.dev and settings.state_dir is None
     # What the injector must know of this cluster and this process, found out at start.
     found: dict[str, Any] = {}
     if workload_identity is not None:
-        background.append(workload_identity.run)
+        background.extend(workload_identity.jobs)
         found.update(workload_identity.injection)
     elif settings.xds.enabled:
         # Without the mesh CA the ADS server cannot prove itself to the proxies: they connect in plaintext.
@@ -163,7 +165,6 @@ async def serve(settings: Settings) -> None:
         found["prestop_sleep"] = False
     if found:
         settings = settings.model_copy(update={"injection": settings.injection.model_copy(update=found)})
-    metrics = Metrics()
     readiness = Readiness()
     log.info(
         "starting",

@@ -1,7 +1,7 @@
 """A certificate Secret per ServiceAccount (``identity.mode: secret``, and ``auto`` where Pod Certificates are not
 served), kept by meshguard against the real API server and controller manager, with exactly the chart's RBAC for
 that mode: made for the accounts of mesh namespaces and of opted-in pods, renewed, repaired, written once when
-two replicas race, and deleted with the account."""
+two replicas race, deleted with the account, and issued again through each step of a mesh CA rotation."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import ROOT
 from tests.e2e.cluster import ControlPlane, wait_for
 from tests.e2e.test_rbac import EVENTS, READ, STATE, granted
-from webhook.identity.controller import AccountSecrets, load_or_create_ca
+from webhook import certs
+from webhook.identity import authority
+from webhook.identity.controller import AccountSecrets, MeshAuthority
 from webhook.identity.settings import IdentitySettings
 from webhook.state.kube import api_client
 
@@ -52,7 +55,7 @@ def keeper(release: tuple[str, str, Path]) -> Iterator[AccountSecrets]:
     """The keeper as a replica runs it, with the release's token only."""
     namespace, _, kubeconfig = release
     client = api_client(kubeconfig)
-    ca = load_or_create_ca(client, namespace, SETTINGS)  # fills in the chart's empty CA Secret
+    ca = MeshAuthority(client, namespace, SETTINGS)  # fills in the chart's empty CA Secret
     running = AccountSecrets(client, SETTINGS, "cluster.local", ca, sweep_seconds=1)
     running.start()
     yield running
@@ -90,7 +93,7 @@ def test_each_account_of_a_mesh_namespace_gets_its_own_certificate_and_loses_it_
     assert made["type"] == "kubernetes.io/tls"
     assert made["metadata"]["ownerReferences"][0]["uid"] == payments["metadata"]["uid"]
     leaf = _leaf(made)
-    leaf.verify_directly_issued_by(keeper.ca.cert)
+    leaf.verify_directly_issued_by(keeper.ca.current.signing.cert)
     sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(n.value) for n in sans] == [f"spiffe://cluster.local/ns/{namespace}/sa/payments"]
     assert wait_for("the default account's Secret", lambda: _secret(cluster, namespace, "default"), timeout=30)
@@ -136,3 +139,54 @@ def test_an_edited_secret_is_repaired_and_a_due_one_renewed_once_across_replicas
     assert renewed is not None and _leaf(renewed).serial_number != _leaf(repaired).serial_number
     two.ensure(namespace, "orders", uid, current=repaired)
     assert _secret(cluster, namespace, "orders") == renewed
+
+
+def test_a_mesh_ca_rotation_reaches_the_secret_and_every_account_on_the_real_api_server(
+        cluster: ControlPlane, keeper: AccountSecrets, release: tuple[str, str, Path],
+        make_namespace: Callable[..., str]) -> None:
+    namespace, _, kubeconfig = release
+    ca_secret = "ids-meshguard-mesh-ca"
+    # A CA meshguard made, 5 days from expiry: past identity.ca_renew_before_days.
+    stored = cluster.kubectl_json("get", "secret", ca_secret, "-n", namespace)
+    cluster.apply([authority.write(authority.Authority(certs.generate_ca("meshguard mesh CA", days=5),
+                                                       managed=True), stored)], "-n", namespace)
+    old = authority.read(cluster.kubectl_json("get", "secret", ca_secret, "-n", namespace))
+    assert old is not None
+    rotating = SETTINGS.model_copy(update={"ca_renew_before_days": 10, "ca_propagation_minutes": 1,
+                                           "lifetime_hours": 1})
+    now = [dt.datetime.now(dt.UTC)]
+    ca = MeshAuthority(api_client(kubeconfig), namespace, rotating, clock=lambda: now[0])
+    # 1. A successor, written to the Secret for every replica, trusted but not signing yet.
+    held = authority.read(cluster.kubectl_json("get", "secret", ca_secret, "-n", namespace))
+    assert held is not None and held.next is not None and held.signing.cert == old.signing.cert
+    new = held.next.cert
+    assert ca.current.trusted == (old.signing.cert, new)
+    mesh = make_namespace(MESH)
+    uid = _account(cluster, mesh, "ledger")["metadata"]["uid"]
+    issuer = AccountSecrets(api_client(kubeconfig), rotating, "cluster.local", ca)
+
+    def issued() -> tuple[x509.Certificate, bytes]:
+        issuer.ensure(mesh, "ledger", uid)
+        made = _secret(cluster, mesh, "ledger")
+        assert made is not None
+        return _leaf(made), base64.b64decode(made["data"]["ca.crt"])
+
+    leaf, bundle = issued()
+    leaf.verify_directly_issued_by(old.signing.cert)
+    assert bundle == ca.current.bundle_pem() and new.public_bytes(serialization.Encoding.PEM) in bundle
+    # 2. Once it has had time to reach every proxy, it signs; the old one is still trusted.
+    now[0] += dt.timedelta(minutes=2)
+    ca.refresh()
+    assert ca.current.signing.cert == new and ca.current.trusted == (new, old.signing.cert)
+    leaf, bundle = issued()
+    leaf.verify_directly_issued_by(new)
+    assert bundle == ca.current.bundle_pem()
+    # Another replica reading the Secret with the real clock agrees.
+    assert MeshAuthority(api_client(kubeconfig), namespace, rotating).current.trusted == ca.current.trusted
+    # 3. A certificate lifetime later, the old CA is trusted no more, in the Secret and in every account's Secret.
+    now[0] += dt.timedelta(hours=2)
+    ca.refresh()
+    assert ca.current.trusted == (new,)
+    assert issued()[1] == new.public_bytes(serialization.Encoding.PEM)
+    stored = cluster.kubectl_json("get", "secret", ca_secret, "-n", namespace)
+    assert "previous.crt" not in stored["data"] and "next.crt" not in stored["data"]

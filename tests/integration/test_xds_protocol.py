@@ -15,6 +15,7 @@ from google.rpc import status_pb2
 
 from tests.conftest import free_port
 from webhook import certs
+from webhook.identity.authority import Authority
 from webhook.injection.settings import InjectionSettings
 from webhook.metrics import Metrics
 from webhook.state.store import Store
@@ -57,7 +58,8 @@ async def start(tls_ca: certs.Issued | None = None) -> tuple[Plane, list[asyncio
     state.subscribe(plane.changed)
     servicer = xds_server.AggregatedDiscovery(plane, metrics, "cluster.local", tls=tls_ca is not None)
     tasks = [asyncio.create_task(plane.run()),
-             asyncio.create_task(xds_server.serve(servicer, settings, tls_ca, "meshguard", "meshguard"))]
+             asyncio.create_task(xds_server.serve(servicer, settings, (lambda: Authority(tls_ca)) if tls_ca else None,
+                                                  "meshguard", "meshguard"))]
     await asyncio.sleep(0.2)
     return Plane(state, metrics, servicer, f"127.0.0.1:{settings.port}"), tasks
 

@@ -12,9 +12,10 @@ from cryptography import x509
 
 from webhook import certs
 from webhook.identity.accounts import LABEL, reissue_reason, secret
+from webhook.identity.authority import Authority
 from webhook.identity.settings import account_secret_name
 
-CA = certs.generate_ca("test mesh CA")
+CA = Authority(certs.generate_ca("test mesh CA"))
 DAY = dt.timedelta(hours=24)
 UID = "4c1d6a52-0000-4000-8000-000000000001"
 
@@ -34,11 +35,11 @@ def test_the_secret_holds_a_certificate_of_the_account_owned_by_it() -> None:
     assert (meta["name"], meta["namespace"]) == ("meshguard-identity-web", "shop") and LABEL in meta["labels"]
     assert meta["ownerReferences"] == [{"apiVersion": "v1", "kind": "ServiceAccount", "name": "web", "uid": UID}]
     leaf = x509.load_pem_x509_certificate(base64.b64decode(made["data"]["tls.crt"]))
-    leaf.verify_directly_issued_by(CA.cert)
+    leaf.verify_directly_issued_by(CA.signing.cert)
     sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(n.value) for n in sans] == ["spiffe://cluster.local/ns/shop/sa/web"]
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == DAY + dt.timedelta(minutes=5)  # backdated
-    assert base64.b64decode(made["data"]["ca.crt"]) == CA.cert_pem()
+    assert base64.b64decode(made["data"]["ca.crt"]) == CA.bundle_pem() == CA.signing.cert_pem()
     assert reissue_reason(made, CA, "cluster.local", "web", UID, _now()) is None
 
 
@@ -63,12 +64,14 @@ OTHER_CA = certs.generate_ca("a tenant's own CA")
     # A tenant who can write Secrets in its namespace puts in a certificate of its own CA...
     (lambda: _edited(tls_crt=certs.issue_workload(OTHER_CA, "shop", "web").cert_pem()), "not issued by the mesh CA"),
     # ...or a trust bundle that also trusts it,
-    (lambda: _edited(ca_crt=CA.cert_pem() + OTHER_CA.cert_pem()), "its trust bundle is not the mesh CA"),
+    (lambda: _edited(ca_crt=CA.bundle_pem() + OTHER_CA.cert_pem()), "its trust bundle is not the mesh CA's"),
     # or another account's certificate (from a Secret it can read),
-    (lambda: _edited(tls_crt=certs.issue_workload(CA, "shop", "admin").cert_pem()), "names another identity"),
-    (lambda: _edited(tls_crt=certs.issue_workload(CA, "billing", "web").cert_pem()), "names another identity"),
+    (lambda: _edited(tls_crt=certs.issue_workload(CA.signing, "shop", "admin").cert_pem()), "names another identity"),
+    (lambda: _edited(tls_crt=certs.issue_workload(CA.signing, "billing", "web").cert_pem()),
+     "names another identity"),
     # or a key that is not the certificate's,
-    (lambda: _edited(tls_key=certs.issue_workload(CA, "shop", "web").key_pem()), "its key is not the certificate's"),
+    (lambda: _edited(tls_key=certs.issue_workload(CA.signing, "shop", "web").key_pem()),
+     "its key is not the certificate's"),
     (lambda: _edited(tls_crt=b"not a certificate"), "no readable certificate and key"),
     (lambda: {**_fresh(), "data": None}, "no readable certificate and key"),
 ], ids=["foreign-ca", "extra-trust", "other-account", "other-namespace", "other-key", "garbage", "empty"])

@@ -17,7 +17,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from ..certs import CA_CERT, TLS_CERT, TLS_KEY, Issued, issue_workload, spiffe_id
+from ..certs import CA_CERT, TLS_CERT, TLS_KEY, issue_workload, spiffe_id
+from .authority import Authority
 from .settings import account_secret_name
 
 # Marks the Secrets meshguard keeps, so that one list finds them all; the value is never trusted.
@@ -25,10 +26,11 @@ LABEL = "meshguard.io/identity"
 LABEL_VALUE = "workload"
 
 
-def secret(ca: Issued, trust_domain: str, namespace: str, account: str, uid: str,
+def secret(ca: Authority, trust_domain: str, namespace: str, account: str, uid: str,
            lifetime: dt.timedelta) -> dict[str, Any]:
-    """The Secret holding a fresh certificate for ``account`` (uid ``uid``) in ``namespace``."""
-    issued = issue_workload(ca, namespace, account, trust_domain, days=lifetime / dt.timedelta(days=1))
+    """The Secret holding a fresh certificate for ``account`` (uid ``uid``) in ``namespace``, signed by the mesh
+    CA, with its trust bundle."""
+    issued = issue_workload(ca.signing, namespace, account, trust_domain, days=lifetime / dt.timedelta(days=1))
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -39,7 +41,7 @@ def secret(ca: Issued, trust_domain: str, namespace: str, account: str, uid: str
             "labels": {LABEL: LABEL_VALUE},
             "ownerReferences": [{"apiVersion": "v1", "kind": "ServiceAccount", "name": account, "uid": uid}],
         },
-        "data": {TLS_CERT: _b64(issued.cert_pem()), TLS_KEY: _b64(issued.key_pem()), CA_CERT: _b64(ca.cert_pem())},
+        "data": {TLS_CERT: _b64(issued.cert_pem()), TLS_KEY: _b64(issued.key_pem()), CA_CERT: _b64(ca.bundle_pem())},
     }
 
 
@@ -47,7 +49,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def reissue_reason(current: dict[str, Any], ca: Issued, trust_domain: str, account: str, uid: str,
+def reissue_reason(current: dict[str, Any], ca: Authority, trust_domain: str, account: str, uid: str,
                    now: dt.datetime) -> str | None:
     """Why the Secret ``current`` must be issued again, or None when it is good as it is."""
     owners = (current.get("metadata") or {}).get("ownerReferences") or []
@@ -61,11 +63,11 @@ def reissue_reason(current: dict[str, Any], ca: Issued, trust_domain: str, accou
     except (ValueError, TypeError, binascii.Error):
         return "no readable certificate and key"
     try:
-        cert.verify_directly_issued_by(ca.cert)
+        cert.verify_directly_issued_by(ca.signing.cert)
     except (ValueError, TypeError, InvalidSignature):
         return "not issued by the mesh CA"
-    if bundle != ca.cert_pem():
-        return "its trust bundle is not the mesh CA"
+    if bundle != ca.bundle_pem():
+        return "its trust bundle is not the mesh CA's"
     namespace = (current.get("metadata") or {}).get("namespace", "")
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -11,7 +11,6 @@ once.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import functools
 import logging
@@ -22,17 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from .. import kubejson
-from ..certs import CA_CERT, CA_KEY, Issued, generate_ca
 from ..config import Settings
 from ..errors import Conflict, KubeError
 from ..injection.decision import INJECT_KEY, NAMESPACE_ENABLED, POD_ENABLED
+from ..metrics import Metrics
 from ..state.kube import api_client
-from . import accounts
+from . import accounts, authority
 from .settings import POD_CERTIFICATES_API, IdentitySettings, account_secret_name
 from .signer import decide
 
@@ -40,6 +35,7 @@ log = logging.getLogger("meshguard.identity")
 
 REQUESTS = f"/apis/{POD_CERTIFICATES_API}/podcertificaterequests"
 BUNDLES = f"/apis/{POD_CERTIFICATES_API}/clustertrustbundles"
+REFRESH_SECONDS = 60  # how often the mesh CA's Secret is read again (another replica's rotation step)
 WATCH_SECONDS = 60  # then a fresh list: a request left for later (a CA problem) is looked at again
 BACKOFF_SECONDS = 5.0
 # How often every account's Secret is checked (one list of them): renewals, and repairs of edited Secrets.
@@ -83,41 +79,108 @@ def serves_pod_certificates(client: Any) -> bool:
     return any(r.get("name") == "podcertificaterequests" for r in (group or {}).get("resources", []))
 
 
-def load_or_create_ca(client: Any, namespace: str, settings: IdentitySettings) -> Issued:
-    """The mesh CA from its Secret, which the chart creates empty: the first replica to find it empty fills it in,
-    and a replica that loses that race reads the winner's. A platform team may put its own CA there instead."""
-    path = f"/api/v1/namespaces/{namespace}/secrets/{settings.ca_secret}"
-    for _ in range(5):
-        secret = kubejson.call(client, "GET", path)
+class MeshAuthority:
+    """The mesh CA as its Secret holds it: loaded at start (the chart creates the Secret empty; the first replica
+    to find it empty fills it in, a replica that loses that race reads the winner's), then read again every
+    :data:`REFRESH_SECONDS`, taking the rotation's next step when one is due (:mod:`webhook.identity.authority`).
+    Whoever uses the CA reads :attr:`current` each time, and ``on_change`` callbacks hear of a new trust bundle.
+    """
+
+    def __init__(self, client: Any, namespace: str, settings: IdentitySettings, metrics: Metrics | None = None,
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
+        self._client = client
+        self._path = f"/api/v1/namespaces/{namespace}/secrets/{settings.ca_secret}"
+        self._where = f"Secret {namespace}/{settings.ca_secret}"
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._listeners: list[Callable[[authority.Authority], None]] = []
+        self._warned: dt.datetime | None = None
+        self.current = self._load()
+
+    def on_change(self, callback: Callable[[authority.Authority], None]) -> None:
+        self._listeners.append(callback)
+
+    def _read(self) -> tuple[dict[str, Any], authority.Authority | None]:
+        secret = kubejson.call(self._client, "GET", self._path)
         if secret is None:
-            raise KubeError(f"Secret {namespace}/{settings.ca_secret} does not exist (the chart creates it)")
-        data = secret.get("data") or {}
-        if CA_CERT in data and CA_KEY in data:
-            try:
-                cert = x509.load_pem_x509_certificate(base64.b64decode(data[CA_CERT]))
-                key = serialization.load_pem_private_key(base64.b64decode(data[CA_KEY]), None)
-            except ValueError as exc:
-                raise KubeError(f"Secret {namespace}/{settings.ca_secret} holds no usable CA: {exc}") from exc
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise KubeError(f"Secret {namespace}/{settings.ca_secret}: {CA_KEY} must be an EC key")
-            return Issued(cert, key)
-        ca = generate_ca("meshguard mesh CA", days=settings.ca_validity_days)
-        secret["data"] = {CA_CERT: base64.b64encode(ca.cert_pem()).decode(),
-                          CA_KEY: base64.b64encode(ca.key_pem()).decode()}
+            raise KubeError(f"{self._where} does not exist (the chart creates it)")
         try:
-            kubejson.call(client, "PUT", path, secret)
-        except Conflict:
-            continue
-        log.info("mesh CA created", extra={"secret": settings.ca_secret,
-                                           "not_after": ca.cert.not_valid_after_utc.isoformat()})
-        return ca
-    raise KubeError(f"Secret {namespace}/{settings.ca_secret} kept changing")
+            return secret, authority.read(secret)
+        except authority.AuthorityError as exc:
+            raise KubeError(f"{self._where}: {exc}") from exc
+
+    def _load(self) -> authority.Authority:
+        for _ in range(5):
+            secret, held = self._read()
+            if held is not None:
+                return self._stepped(secret, held)
+            made = authority.generate(self._settings.ca_validity_days)
+            try:
+                kubejson.call(self._client, "PUT", self._path, authority.write(made, secret))
+            except Conflict:
+                continue
+            log.info("mesh CA created", extra={"secret": self._settings.ca_secret,
+                                               "not_after": made.signing.cert.not_valid_after_utc.isoformat()})
+            return self._observed(made)
+        raise KubeError(f"{self._where} kept changing")
+
+    def _stepped(self, secret: dict[str, Any], held: authority.Authority) -> authority.Authority:
+        """``held`` with every due rotation step taken and written; another replica's write wins a conflict."""
+        timing = self._settings.ca_timing
+        while (due := authority.step(held, self._clock(), timing)) is not None:
+            held, what = due
+            try:
+                secret = kubejson.call(self._client, "PUT", self._path, authority.write(held, secret)) or secret
+            except Conflict:
+                return self._stepped(*self._read_held())
+            log.info(what, extra={"secret": self._settings.ca_secret,
+                                  "trusted": [c.serial_number for c in held.trusted]})
+        return self._observed(held)
+
+    def _read_held(self) -> tuple[dict[str, Any], authority.Authority]:
+        secret, held = self._read()
+        if held is None:
+            raise KubeError(f"{self._where} was emptied")
+        return secret, held
+
+    def _observed(self, held: authority.Authority) -> authority.Authority:
+        """Export the signing CA's expiry, and warn (daily) while a CA meshguard will not replace is expiring."""
+        now = self._clock()
+        expiring = authority.expiring(held, now, self._settings.ca_timing)
+        not_after = held.signing.cert.not_valid_after_utc
+        if self._metrics is not None:
+            self._metrics.mesh_ca_expiry.set(not_after.timestamp())
+            self._metrics.mesh_ca_expiring.set(int(expiring))
+        if expiring and (self._warned is None or now - self._warned >= dt.timedelta(days=1)):
+            self._warned = now
+            log.warning("the mesh CA expires soon and meshguard does not replace a CA it did not make: put its "
+                        f"successor in next.crt and next.key of the {self._where}",
+                        extra={"not_after": not_after.isoformat()})
+        return held
+
+    def refresh(self) -> None:
+        """Read the Secret again, take a due step, and tell the listeners when the trust bundle changed."""
+        held = self._stepped(*self._read_held())
+        before, self.current = self.current, held
+        if held.bundle_pem() != before.bundle_pem() or held.signing.cert != before.signing.cert:
+            for callback in self._listeners:
+                callback(held)
+
+    async def run(self) -> None:
+        """:meth:`refresh` every :data:`REFRESH_SECONDS` in a thread, until cancelled."""
+        def once() -> None:
+            time.sleep(REFRESH_SECONDS)
+            self.refresh()
+
+        _forever("mesh CA", once)
+        await asyncio.Event().wait()
 
 
-def publish_trust_bundle(client: Any, settings: IdentitySettings, ca: Issued) -> None:
-    """The mesh CA as the signer's ClusterTrustBundle, which the proxies mount to verify their peers."""
+def publish_trust_bundle(client: Any, settings: IdentitySettings, held: authority.Authority) -> None:
+    """The mesh CA's trust bundle as the signer's ClusterTrustBundle, which the proxies mount to verify peers."""
     path = f"{BUNDLES}/{quote(settings.trust_bundle_name, safe='')}"
-    pem = ca.cert_pem().decode()
+    pem = held.bundle_pem().decode()
     for _ in range(5):
         current = kubejson.call(client, "GET", path)
         if current is not None and current.get("spec", {}).get("trustBundle") == pem:
@@ -136,7 +199,7 @@ def publish_trust_bundle(client: Any, settings: IdentitySettings, ca: Issued) ->
 class Signer:
     """Answers the PodCertificateRequests of ``settings.signer_name``: lists them, then watches, in a thread."""
 
-    def __init__(self, client: Any, settings: IdentitySettings, trust_domain: str, ca: Issued) -> None:
+    def __init__(self, client: Any, settings: IdentitySettings, trust_domain: str, ca: MeshAuthority) -> None:
         self._client = client
         self._settings = settings
         self._trust_domain = trust_domain
@@ -149,8 +212,8 @@ class Signer:
         if spec.get("signerName") != self._settings.signer_name or (request.get("status") or {}).get("conditions"):
             return
         where = f"{meta.get('namespace')}/{meta.get('name')}"
-        verdict = decide(request, self.ca, self._trust_domain, dt.timedelta(hours=self._settings.lifetime_hours),
-                         dt.datetime.now(dt.UTC))
+        verdict = decide(request, self.ca.current.signing, self._trust_domain,
+                         dt.timedelta(hours=self._settings.lifetime_hours), dt.datetime.now(dt.UTC))
         if verdict.status is None:
             log.warning("PodCertificateRequest left for later", extra={"request": where, "reason": verdict.retry})
             return
@@ -230,7 +293,7 @@ class AccountSecrets:
     from there, without a restart.
     """
 
-    def __init__(self, client: Any, settings: IdentitySettings, trust_domain: str, ca: Issued,
+    def __init__(self, client: Any, settings: IdentitySettings, trust_domain: str, ca: MeshAuthority,
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
                  sweep_seconds: float = SWEEP_SECONDS) -> None:
         self._client = client
@@ -252,10 +315,11 @@ class AccountSecrets:
         if current is None and read:
             current = kubejson.call(self._client, "GET", f"{path}/{name}")
         if current is not None:
-            reason = accounts.reissue_reason(current, self.ca, self._trust_domain, account, uid, self._clock())
+            reason = accounts.reissue_reason(current, self.ca.current, self._trust_domain, account, uid,
+                                             self._clock())
             if reason is None:
                 return
-        wanted = accounts.secret(self.ca, self._trust_domain, namespace, account, uid, self._lifetime)
+        wanted = accounts.secret(self.ca.current, self._trust_domain, namespace, account, uid, self._lifetime)
         try:
             if current is None:
                 kubejson.call(self._client, "POST", path, wanted)
@@ -270,7 +334,12 @@ class AccountSecrets:
         log.info("workload certificate Secret issued", extra={"secret": f"{namespace}/{name}", "reason": reason})
 
     def sweep(self) -> None:
-        """Check every wanted account's Secret against one list of them."""
+        """Check every wanted account's Secret against one list of them, with the mesh CA as it is now (a replica
+        that has not seen another's rotation step yet would issue from the step before)."""
+        try:
+            self.ca.refresh()
+        except KubeError as exc:
+            log.warning("mesh CA not read again", extra={"error": str(exc)})
         with self._lock:
             wanted = self._mesh.wanted()
         query = "labelSelector=" + quote(f"{accounts.LABEL}={accounts.LABEL_VALUE}", safe="")
@@ -314,6 +383,10 @@ class AccountSecrets:
 
         _follow_once(self._client, *_SOURCES[table], on_list, on_event)
 
+    def sweep_soon(self) -> None:
+        """Check every Secret now (the trust bundle changed)."""
+        self._sweep.set()
+
     def _sweep_once(self) -> None:
         self._sweep.wait(self._sweep_seconds)
         self._sweep.clear()
@@ -339,15 +412,15 @@ class AccountSecrets:
 
 @dataclass(frozen=True)
 class Identity:
-    """How this process gives proxies their identity: the mesh CA, the job that issues certificates, and what the
-    injector must set for it."""
+    """How this process gives proxies their identity: the mesh CA, the jobs that keep it and issue certificates,
+    and what the injector must set for it."""
 
-    ca: Issued
-    run: Callable[[], Coroutine[Any, Any, None]]
+    ca: MeshAuthority
+    jobs: tuple[Callable[[], Coroutine[Any, Any, None]], ...]
     injection: dict[str, Any]
 
 
-async def start(settings: Settings) -> Identity | None:
+async def start(settings: Settings, metrics: Metrics | None = None) -> Identity | None:
     """Workload identity for this process, with the mesh CA loaded (and published for Pod Certificates); None when
     the platform team provides the certificates (``identity.mode: static``) or when there is no cluster
     (``--dev``, ``--state``). Raises :class:`KubeError` when the API server cannot be used."""
@@ -362,13 +435,22 @@ async def start(settings: Settings) -> Identity | None:
             raise KubeError(f"identity.mode is pod-certificate, but the API server does not serve "
                             f"PodCertificateRequests ({POD_CERTIFICATES_API}); use mode secret or auto")
         pod_certificates = served
-    ca = await asyncio.to_thread(load_or_create_ca, client, settings.namespace, identity)
+    ca = await asyncio.to_thread(MeshAuthority, client, settings.namespace, identity, metrics)
     trust_domain = settings.injection.trust_domain
     if pod_certificates:
-        await asyncio.to_thread(publish_trust_bundle, client, identity, ca)
+        await asyncio.to_thread(publish_trust_bundle, client, identity, ca.current)
+        ca.on_change(lambda held: _publish_quietly(client, identity, held))
         signer = Signer(client, identity, trust_domain, ca)
         # Each injected proxy mounts its own Pod Certificate from this signer.
-        return Identity(ca, signer.run, {"pod_certificate_signer": identity.signer_name})
+        return Identity(ca, (ca.run, signer.run), {"pod_certificate_signer": identity.signer_name})
     log.info("workload certificates are kept in a Secret per ServiceAccount", extra={"mode": identity.mode})
     keeper = AccountSecrets(client, identity, trust_domain, ca)
-    return Identity(ca, keeper.run, {"cert_secret_per_account": True})
+    ca.on_change(lambda held: keeper.sweep_soon())
+    return Identity(ca, (ca.run, keeper.run), {"cert_secret_per_account": True})
+
+
+def _publish_quietly(client: Any, settings: IdentitySettings, held: authority.Authority) -> None:
+    try:
+        publish_trust_bundle(client, settings, held)
+    except KubeError as exc:  # the next change (or restart) publishes it; until then proxies keep the old bundle
+        log.warning("trust bundle not published", extra={"error": str(exc)})

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..section import Section
+from .authority import Timing
 
 # The API that issues a certificate per pod (Kubernetes 1.37: GA, served by default).
 POD_CERTIFICATES_API = "certificates.k8s.io/v1"
@@ -27,6 +29,29 @@ class IdentitySettings(Section):
     # The Secret in meshguard's namespace that keeps the mesh CA; the first replica to start fills it in.
     ca_secret: str = Field("meshguard-mesh-ca", min_length=1, max_length=253)
     ca_validity_days: int = Field(3650, ge=30, le=36500)
+    # A CA meshguard made gets a successor this long before it expires (a CA of the platform's own is warned about
+    # from then on: meshguard_mesh_ca_expiring).
+    ca_renew_before_days: int = Field(90, ge=1)
+    # How long a new CA is trusted before it signs: the time for every proxy to receive the new trust bundle (the
+    # kubelet refreshes mounted bundles and Secrets within minutes).
+    ca_propagation_minutes: float = Field(60, ge=0)
+
+    @model_validator(mode="after")
+    def _rotation_fits(self) -> IdentitySettings:
+        timing = self.ca_timing
+        if timing.renew_before >= timing.validity:
+            raise ValueError("ca_renew_before_days must be shorter than ca_validity_days")
+        if timing.renew_before < timing.propagation + timing.lifetime:
+            raise ValueError("ca_renew_before_days must leave room for ca_propagation_minutes and a certificate "
+                             "lifetime (lifetime_hours) before the CA expires")
+        return self
+
+    @property
+    def ca_timing(self) -> Timing:
+        return Timing(validity=dt.timedelta(days=self.ca_validity_days),
+                      renew_before=dt.timedelta(days=self.ca_renew_before_days),
+                      propagation=dt.timedelta(minutes=self.ca_propagation_minutes),
+                      lifetime=dt.timedelta(hours=self.lifetime_hours))
 
     @property
     def trust_bundle_name(self) -> str:

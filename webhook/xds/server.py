@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from cryptography import x509
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from ..certs import Issued, issue_leaf, service_dns_names, spiffe_id
+from ..identity.authority import Authority
 from ..metrics import Metrics
 from ..state.catalog import PodRecord
 from .plane import ENDPOINTS, TYPES, ControlPlane, Packed, Snapshot
@@ -228,7 +230,27 @@ def server_certificate(ca: Issued, service: str, namespace: str) -> Issued:
                       days=SERVER_CERT_DAYS)
 
 
-async def serve(servicer: AggregatedDiscovery, settings: XdsSettings, ca: Issued | None,
+def _credentials(current: Callable[[], Authority], service: str, namespace: str) -> grpc.ServerCredentials:
+    """Mutual TLS with the mesh CA as it is now: a new handshake after a rotation step gets a certificate from the
+    CA that signs and trusts the new bundle; a certificate past half-life is replaced the same way."""
+    held: dict[str, Any] = {}
+
+    def configuration() -> grpc.ServerCertificateConfiguration | None:
+        authority, now = current(), dt.datetime.now(dt.UTC)
+        key = (authority.signing.cert, authority.bundle_pem())
+        leaf = held.get("leaf")
+        if held.get("key") == key and leaf is not None and now < leaf.cert.not_valid_after_utc - \
+                dt.timedelta(days=SERVER_CERT_DAYS / 2):
+            return None  # keep serving the one in use
+        leaf = server_certificate(authority.signing, service, namespace)
+        held.update(key=key, leaf=leaf)
+        return grpc.ssl_server_certificate_configuration([(leaf.key_pem(), leaf.cert_pem())], key[1])
+
+    initial = configuration()
+    return grpc.dynamic_ssl_server_credentials(initial, configuration, require_client_authentication=True)
+
+
+async def serve(servicer: AggregatedDiscovery, settings: XdsSettings, ca: Callable[[], Authority] | None,
                 service: str, namespace: str) -> None:
     """Serve until cancelled: mutual TLS with the mesh CA when meshguard holds it, else plaintext."""
     server = grpc.aio.server(options=[("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)])
@@ -241,10 +263,7 @@ async def serve(servicer: AggregatedDiscovery, settings: XdsSettings, ca: Issued
     server.add_generic_rpc_handlers((handler,))
     address = f"{settings.host}:{settings.port}"
     if ca is not None:
-        leaf = server_certificate(ca, service, namespace)
-        credentials = grpc.ssl_server_credentials([(leaf.key_pem(), leaf.cert_pem())], ca.cert_pem(),
-                                                  require_client_auth=True)
-        server.add_secure_port(address, credentials)
+        server.add_secure_port(address, _credentials(ca, service, namespace))
     else:
         server.add_insecure_port(address)
     await server.start()
