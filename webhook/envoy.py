@@ -33,7 +33,7 @@ from typing import Any
 from .certs import CA_CERT, TLS_CERT, TLS_KEY
 from .lists import split_list
 
-MTLS_MODES = ("STRICT", "PERMISSIVE")
+MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 # Filled in from the env vars the injector sets through the Downward API.
 POD_VARIABLES = ("POD_NAME", "POD_NAMESPACE", "POD_IP", "SERVICE_ACCOUNT")
@@ -78,7 +78,10 @@ class BootstrapOptions:
     cert_dir: str = "/etc/meshguard/certs"  # tls.crt, tls.key, ca.crt: the pod's certificate and the mesh CA
     # Where meshguard-init writes the SDS files naming them (sds_files), so Envoy reloads them when they rotate.
     sds_dir: str = "/var/run/meshguard/sds"
-    mtls_mode: str = "STRICT"  # STRICT | PERMISSIVE (inbound)
+    mtls_mode: str = "STRICT"  # STRICT | PERMISSIVE | DISABLE (inbound)
+    # Static mode: ports whose inbound mode differs from mtls_mode, as "PORT=MODE" (a PeerAuthentication's
+    # portLevelMtls, resolved at injection). With the control plane these come live instead.
+    port_mtls_modes: tuple[str, ...] = ()
     mesh_cidrs: tuple[str, ...] = ()  # outbound destinations that get mTLS; other traffic passes through
     trust_domain: str = "cluster.local"
     # Envoy takes its log level as a flag, not in the bootstrap; checked here so the injector has one place to ask.
@@ -112,6 +115,10 @@ def validate(options: BootstrapOptions) -> list[str]:
         problems.append(f"the proxy ports must differ: {ports}")
     if options.mtls_mode not in MTLS_MODES:
         problems.append(f"mtls_mode {options.mtls_mode!r} is not one of {', '.join(MTLS_MODES)}")
+    try:
+        parse_port_modes(options)
+    except ValueError as exc:
+        problems.append(str(exc))
     if options.log_level not in LOG_LEVELS:
         problems.append(f"log_level {options.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     for cidr in options.mesh_cidrs:
@@ -127,6 +134,17 @@ def validate(options: BootstrapOptions) -> list[str]:
         except ValueError as exc:
             problems.append(str(exc))
     return problems
+
+
+def parse_port_modes(options: BootstrapOptions) -> dict[int, str]:
+    """``options.port_mtls_modes`` as port -> mode; ``ValueError`` for an item that is not PORT=MODE."""
+    modes: dict[int, str] = {}
+    for item in options.port_mtls_modes:
+        port, _, mode = item.partition("=")
+        if not port.isdigit() or not 1 <= int(port) <= 65535 or mode not in MTLS_MODES:
+            raise ValueError(f"port_mtls_modes item {item!r} is not PORT=MODE with a mode of {', '.join(MTLS_MODES)}")
+        modes[int(port)] = mode
+    return modes
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -309,13 +327,14 @@ def inbound_listener(options: BootstrapOptions, mode: str | None = None,
                      port_modes: Mapping[int, str] | None = None) -> dict[str, Any]:
     """Port ``inbound_port``: mTLS in, plaintext to ``127.0.0.1:<original port>``.
 
-    ``mode`` (default ``options.mtls_mode``) applies to every port but those of ``port_modes``, the resolved
-    PeerAuthentication modes the control plane sends: STRICT takes only mutual TLS, PERMISSIVE also plaintext,
-    DISABLE forwards whatever arrives. The original port is handed to the ORIGINAL_DST cluster through the
-    well-known filter state key, so one listener serves every application port without knowing them in advance.
+    ``mode`` (default ``options.mtls_mode``) applies to every port but those of ``port_modes`` (default
+    ``options.port_mtls_modes``), the resolved PeerAuthentication modes: STRICT takes only mutual TLS,
+    PERMISSIVE also plaintext, DISABLE forwards whatever arrives. The original port is handed to the ORIGINAL_DST
+    cluster through the well-known filter state key, so one listener serves every application port without knowing
+    them in advance.
     """
     chains = blackhole_chains("inbound", (options.inbound_port, options.outbound_port, options.admin_port))
-    for port, port_mode in sorted((port_modes or {}).items()):
+    for port, port_mode in sorted((parse_port_modes(options) if port_modes is None else port_modes).items()):
         chains += _inbound_chains(options, port_mode, port)
     chains += _inbound_chains(options, mode or options.mtls_mode, None)
     return capture_listener(options, "inbound", options.inbound_port, "INBOUND") | {

@@ -56,7 +56,6 @@ _NOTES: dict[str, str] = {
     "(`meshguard.io/include-outbound-ip-ranges`).",
     "injection.exclude_outbound_ip_ranges": "Outbound destinations never captured "
     "(`meshguard.io/exclude-outbound-ip-ranges`).",
-    "injection.mtls_mode": "`STRICT`: inbound plaintext is refused; `PERMISSIVE`: it is let through too.",
     "injection.trust_domain": "SPIFFE trust domain: peers must present a `spiffe://<trust_domain>/` URI.",
     "certificates.self_managed": "Keep the serving certificate in a Secret and the webhooks' caBundle current.",
     "certificates.mutating_webhook": "The MutatingWebhookConfiguration whose caBundle is kept current.",

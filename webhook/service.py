@@ -23,13 +23,13 @@ from .injection.handler import mutate_handler
 from .manifests import ManifestError
 from .metrics import Metrics
 from .policy.handler import build_handler
+from .policy.mtls import Resolver
 from .policy.unmeshed import report_unmeshed
 from .server import Readiness, Webhook, run
 from .state import files, kube
 from .state.store import KINDS, MESH_KINDS, Store
 from .xds import server as xds_server
 from .xds.plane import ControlPlane
-from .xds.resources import Resolver
 
 log = logging.getLogger("meshguard")
 Job = Callable[[], Coroutine[Any, Any, None]]
@@ -41,7 +41,7 @@ def build_webhooks(settings: Settings, metrics: Metrics, store: Store,
                    observe: Observer | None = None) -> dict[str, Webhook]:
     """Each path's handler chain (``observe`` sees every answer: the Kubernetes Events)."""
     validate = report_unmeshed(build_handler(settings, store, metrics), store, settings, metrics)
-    handlers = {"mutate": chain(mutate_handler(settings, metrics), settings.limits),
+    handlers = {"mutate": chain(mutate_handler(settings, metrics, store), settings.limits),
                 "validate": chain(validate, settings.limits)}
     if observe is not None:
         handlers = {name: recording(handler, name, observe) for name, handler in handlers.items()}

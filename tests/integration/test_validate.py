@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonpatch
 import pytest
 import yaml
 
@@ -294,3 +297,63 @@ def test_debug_containers_in_a_meshed_pod_cannot_undo_the_redirect(server: Runni
         "Pod open/web-1: its debug container could bypass the meshguard proxy: container debugger-x has NET_ADMIN, "
         "with which it could undo the traffic redirect; drop NET_ADMIN from container debugger-x")
     assert debug({"runAsUser": 1337})["allowed"] is False
+
+
+def _peer_authentication(mode: str, **ports: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {"mtls": {"mode": mode}}
+    if ports:
+        spec |= {"selector": {"matchLabels": {"app": "web"}},
+                 "portLevelMtls": {port.removeprefix("p"): {"mode": m} for port, m in ports.items()}}
+    return {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "web" if ports else "default", "namespace": "shop"}, "spec": spec}
+
+
+def test_with_a_static_bootstrap_the_proxy_enforces_what_the_rule_reports_and_a_later_change_is_named(
+        server_factory: Any, tmp_path: Path) -> None:
+    """Without the control plane, a proxy's inbound modes are its PeerAuthentications' when it was injected: what
+    /validate says is what the proxy does, and when a policy becomes STRICT after, /validate says the proxy still
+    takes plaintext, and how to fix it."""
+    state = write_state(tmp_path / "state", [namespace("shop", **MESH), deny_all("shop"),
+                                              _peer_authentication("PERMISSIVE"),
+                                              _peer_authentication("UNSET", p8081="DISABLE")])
+    srv = server_factory(args=("--state", str(state)))
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1", "labels": {"app": "web"}},
+           "spec": {"containers": [{"name": "app", "image": "shop/web:1", "ports": [{"containerPort": 8080}]}]}}
+
+    def injected() -> dict[str, Any]:
+        with srv.client() as client:
+            answer = client.post("/mutate", json=review(pod, namespace="shop")).json()["response"]
+        return jsonpatch.apply_patch(copy.deepcopy(pod), yaml.safe_load(base64.b64decode(answer["patch"])))
+
+    def proxy_env(obj: dict[str, Any]) -> dict[str, str]:
+        (proxy,) = [c for c in obj["spec"]["initContainers"] if c["name"] == "meshguard-proxy"]
+        return {e["name"]: e.get("value", "") for e in proxy["env"]}
+
+    permissive = injected()
+    assert proxy_env(permissive)["MESHGUARD_INBOUND_MTLS"] == "PERMISSIVE,8081=DISABLE"
+    bootstrap = next(c for c in permissive["spec"]["initContainers"] if c["name"] == "meshguard-proxy")["args"][1]
+    assert '"inbound-plaintext-8081"' in bootstrap and '"inbound-plaintext"' in bootstrap
+    response = validate(srv, permissive, "shop")
+    assert not response["allowed"] and "mutual TLS mode is PERMISSIVE (PeerAuthentication shop/default)" in \
+        response["status"]["message"]
+    # The namespace goes STRICT (and the port exception goes); the running pod's proxy does not know.
+    write_state(state, [namespace("shop", **MESH), deny_all("shop"), _peer_authentication("STRICT")])
+    deadline = time.monotonic() + 10
+    while (message := validate(srv, permissive, "shop").get("status", {}).get("message", "")) and \
+            "still takes plaintext" not in message:
+        assert time.monotonic() < deadline, message
+        time.sleep(0.1)
+    assert message.endswith("its proxy still takes plaintext (PERMISSIVE on every port, port 8081 DISABLE), as "
+                            "injected before mutual TLS became STRICT (PeerAuthentication shop/default); restart "
+                            "its pods (kubectl rollout restart) so that their proxies get it")
+    # Its replacement is injected STRICT, and passes.
+    strict = injected()
+    assert proxy_env(strict)["MESHGUARD_INBOUND_MTLS"] == "STRICT"
+    assert validate(srv, strict, "shop")["allowed"] is True
+    # Copying the old sidecar while claiming STRICT does not pass either: its arguments are not STRICT's.
+    forged = copy.deepcopy(permissive)
+    for variable in next(c for c in forged["spec"]["initContainers"] if c["name"] == "meshguard-proxy")["env"]:
+        if variable["name"] == "MESHGUARD_INBOUND_MTLS":
+            variable["value"] = "STRICT"
+    assert "meshguard-proxy container is not the one meshguard injects (its args differ)" in \
+        validate(srv, forged, "shop")["status"]["message"]

@@ -18,10 +18,10 @@ from webhook import certs
 from webhook.identity.authority import Authority
 from webhook.injection.settings import InjectionSettings
 from webhook.metrics import Metrics
+from webhook.policy.mtls import Resolver
 from webhook.state.store import Store
 from webhook.xds import server as xds_server
 from webhook.xds.plane import CLUSTER, ENDPOINTS, LISTENER, ControlPlane
-from webhook.xds.resources import Resolver
 from webhook.xds.settings import XdsSettings
 
 POD = {"kind": "Pod", "metadata": {"name": "web-0", "namespace": "shop", "labels": {}},

@@ -55,7 +55,10 @@ COMBINATIONS = [
 def test_real_envoy_accepts_every_combination(
     cert_dir: str, mode: str, cidrs: tuple[str, ...], xds: str | None, ipv6: bool
 ) -> None:
-    options = BootstrapOptions(cert_dir=cert_dir, mtls_mode=mode, mesh_cidrs=cidrs, xds_address=xds, ipv6=ipv6)
+    # Ports whose PeerAuthentication mode differs, resolved at injection (static mode; the control plane sends them).
+    port_modes = tuple(f"{8080 + i}={m}" for i, m in enumerate(envoy.MTLS_MODES))
+    options = BootstrapOptions(cert_dir=cert_dir, mtls_mode=mode, mesh_cidrs=cidrs, xds_address=xds, ipv6=ipv6,
+                               port_mtls_modes=port_modes)
     result = validate(options)
     assert result.returncode == 0, result.stderr + result.stdout
     assert "OK" in result.stdout + result.stderr
@@ -283,3 +286,16 @@ def test_bootstrap_command_exit_codes(tmp_path: Path, monkeypatch: pytest.Monkey
     assert main(["bootstrap", "--out", str(out), "--mesh-cidrs", "10.0.0.0/8"]) == 0
     assert json.loads(out.read_text()) == json.loads(
         envoy.expand_pod_variables(envoy.render(BootstrapOptions(mesh_cidrs=("10.0.0.0/8",))), POD_VALUES))
+
+
+def test_port_modes_are_checked_and_travel_as_flags() -> None:
+    with pytest.raises(ValueError, match="port_mtls_modes item '8080=MAYBE' is not PORT=MODE"):
+        BootstrapOptions(port_mtls_modes=("8080=MAYBE",))
+    with pytest.raises(ValueError, match="port_mtls_modes item 'http=STRICT'"):
+        BootstrapOptions(port_mtls_modes=("http=STRICT",))
+    options = BootstrapOptions(mtls_mode="DISABLE", port_mtls_modes=("8080=STRICT", "9090=PERMISSIVE"))
+    parser = argparse.ArgumentParser()
+    envoy.add_option_arguments(parser)
+    assert envoy.options_from(parser.parse_args(envoy.option_args(options))) == options
+    chains = [c["name"] for c in envoy.inbound_listener(options)["filter_chains"]]
+    assert chains[3:] == ["inbound-mtls-8080", "inbound-mtls-9090", "inbound-plaintext-9090", "inbound-plaintext"]

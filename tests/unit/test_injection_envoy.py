@@ -23,7 +23,7 @@ from webhook import envoy
 from webhook.injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
 from webhook.injection.patch import plan
 from webhook.injection.settings import CERT_DIR, InjectionSettings
-from webhook.injection.spec import STATE_DIR
+from webhook.injection.spec import INBOUND_MTLS_ENV, STATE_DIR
 from webhook.workloads import as_workload
 
 # An app container whose probes the injector rewrites: httpGet by port name with a query and headers, tcpSocket,
@@ -62,9 +62,10 @@ def test_real_envoy_accepts_the_injected_arguments(tmp_path: Path, annotations: 
     netinit = localize(containers[INIT_NAME]["args"], paths)
     envoy.write_sds_files(netinit[netinit.index("--cert-dir") + 1], Path(netinit[netinit.index("--sds-dir") + 1]))
     if bootstrap == "inline":
-        # The kubelet expands $(VAR) from the container's env: Downward API values and the probe splices.
+        # The kubelet expands $(VAR) from the container's env: Downward API values and the probe splices (and, with
+        # a static bootstrap, the inbound modes it enforces, for the policy to read).
         env = container_env(proxy)
-        assert set(POD_VALUES) | set(envoy.SPLICES.values()) == set(env)
+        assert set(POD_VALUES) | set(envoy.SPLICES.values()) | {INBOUND_MTLS_ENV} == set(env)
         args = [envoy.expand_pod_variables(arg, env) for arg in proxy["args"]]
         assert not any("$(" in arg for arg in args) and BOOTSTRAP_NAME not in containers
     else:

@@ -245,7 +245,7 @@ def test_proxy_container() -> None:
     args = proxy["args"]
     expected = envoy.render(envoy.BootstrapOptions())
     assert flag(args, "--config-yaml") == expected
-    assert _env(proxy) == BOOTSTRAP_ENV
+    assert _env(proxy) == {**BOOTSTRAP_ENV, "MESHGUARD_INBOUND_MTLS": "STRICT"}
     assert [p["containerPort"] for p in proxy["ports"]] == [15090]
     sc = proxy["securityContext"]
     assert (sc["runAsUser"], sc["runAsGroup"], sc["runAsNonRoot"]) == (1337, 1337, True)
@@ -304,7 +304,8 @@ def test_bootstrap_init_container() -> None:
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     proxy = proxy_of(injected)
     assert flag(proxy["args"], "--config-path") == BOOTSTRAP_FILE and "--config-yaml" not in proxy["args"]
-    assert "env" not in proxy  # the pod's identity is in the rendered file
+    # The pod's identity is in the rendered file; the proxy only says which inbound modes it enforces.
+    assert _env(proxy) == {"MESHGUARD_INBOUND_MTLS": "PERMISSIVE"}
     shared = {m["name"] for m in boot["volumeMounts"]} & {m["name"] for m in proxy["volumeMounts"]}
     assert shared == {"meshguard-envoy"}
     # The point of it: the pod object carries kilobytes less.

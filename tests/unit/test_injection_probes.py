@@ -116,7 +116,8 @@ def _pod(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, An
 def _proxy_env(pod: dict[str, Any]) -> dict[str, str]:
     """The environment the bootstrap is rendered with: the proxy's, or meshguard-bootstrap's in that mode."""
     containers = pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
-    (holder,) = [c for c in containers if c["name"] in (PROXY_NAME, BOOTSTRAP_NAME) and "env" in c]
+    (holder,) = [c for c in containers if c["name"] in (PROXY_NAME, BOOTSTRAP_NAME)
+                 and "MESHGUARD_PROBE_ROUTES" in {e["name"] for e in c.get("env", ())}]
     return {e["name"]: e.get("value", "") for e in holder["env"]}
 
 

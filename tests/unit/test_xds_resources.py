@@ -8,10 +8,10 @@ import pytest
 
 from webhook import envoy
 from webhook.injection.settings import InjectionSettings
+from webhook.policy.mtls import Resolver
 from webhook.state.store import Store
 from webhook.xds import resources
 from webhook.xds.plane import CLUSTER, ENDPOINTS, LISTENER, pack
-from webhook.xds.resources import Resolver
 
 OPTIONS = InjectionSettings().bootstrap_options()
 RESOLVER = Resolver("istio-system", "STRICT")

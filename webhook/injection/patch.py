@@ -10,10 +10,11 @@ applies cleanly to exactly that object.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import envoy
 from ..errors import MeshguardError
 from ..identity.settings import account_secret_name
 from ..workloads import Workload
@@ -21,7 +22,7 @@ from .decision import BOOTSTRAP_NAME, DEFAULT_CONTAINER_ANNOTATION, PROXY_NAME, 
 from .overrides import apply_overrides
 from .probes import Rewritten, rewrite
 from .settings import READINESS_PORT, STATS_PORT, InjectionSettings
-from .spec import Sidecar, build
+from .spec import Sidecar, build, declared_inbound
 
 Op = dict[str, Any]
 
@@ -81,8 +82,9 @@ def _probe_ops(spec: Mapping[str, Any], sidecar: Sidecar, rewritten: Rewritten, 
     splice variables of the container that renders the bootstrap (after)."""
     before = [{"op": "replace", "path": f"{prefix}/spec/containers/{i}/{field}", "value": probe}
               for i, field, probe in rewritten.probes]
+    splices = set(envoy.SPLICES.values())
     holder = next(c for c in (*sidecar.init_containers, *sidecar.containers_front, *sidecar.containers_back)
-                  if c["name"] in (BOOTSTRAP_NAME, PROXY_NAME) and "env" in c)
+                  if c["name"] in (BOOTSTRAP_NAME, PROXY_NAME) and splices & {e["name"] for e in c.get("env", ())})
     path = _injected_path(spec, sidecar, holder["name"], prefix)
     names = [e["name"] for e in holder["env"]]
     after = [{"op": "replace", "path": f"{path}/env/{names.index(variable)}/value", "value": value}
@@ -115,14 +117,16 @@ class Outcome:
     ops: list[Op]
 
 
-def plan(workload: Workload, settings: InjectionSettings, own_namespace: str) -> Outcome:
-    """Decide and, when injecting, build the patch for ``workload.obj``. The server and ``meshguard inject`` both
-    call this. Raises :class:`~webhook.injection.overrides.OverrideError` for an invalid override annotation and
+def plan(workload: Workload, settings: InjectionSettings, own_namespace: str,
+         inbound: Inbound | None = None) -> Outcome:
+    """Decide and, when injecting, build the patch for ``workload.obj`` (with a static bootstrap, at the pod's
+    ``inbound`` modes). The server and ``meshguard inject`` both call this. Raises
+    :class:`~webhook.injection.overrides.OverrideError` for an invalid override annotation and
     :class:`NameConflict` when the pod already uses a name injection adds."""
     decision = decide(workload, settings, own_namespace)
     if not decision.inject:
         return Outcome(decision, [])
-    effective = effective_settings(workload, settings)
+    effective = effective_settings(workload, settings, inbound)
     sidecar = build(effective)
     _check_names(workload.pod_spec, sidecar)
     rewritten = (rewrite(workload.pod_spec, READINESS_PORT, (STATS_PORT, *effective.exclude_inbound_ports))
@@ -130,14 +134,27 @@ def plan(workload: Workload, settings: InjectionSettings, own_namespace: str) ->
     return Outcome(decision, patch_ops(workload.template, sidecar, workload.pointer, rewritten))
 
 
-def effective_settings(workload: Workload, settings: InjectionSettings) -> InjectionSettings:
+# A pod's inbound mTLS modes from its PeerAuthentications: (mode, {port: mode}) (webhook.policy.mtls.Resolver).
+Inbound = Callable[[Workload], tuple[str, Mapping[int, str]]]
+
+
+def effective_settings(workload: Workload, settings: InjectionSettings,
+                       inbound: Inbound | None = None) -> InjectionSettings:
     """What this pod gets: ``settings`` with its override annotations (raises
-    :class:`~webhook.injection.overrides.OverrideError`), its drain fitted to its grace period, and its
-    ServiceAccount's certificate Secret. The policy compares a pod's meshguard containers with what these make."""
+    :class:`~webhook.injection.overrides.OverrideError`), its drain fitted to its grace period, its
+    ServiceAccount's certificate Secret, and with a static bootstrap its inbound modes: those its proxy declares
+    when it has one, else ``inbound``'s. The policy compares a pod's meshguard containers with what these make."""
     effective = _fit_drain(apply_overrides(settings, workload.annotations), workload.pod_spec)
+    update: dict[str, Any] = {}
     if effective.cert_secret_per_account:
-        effective = effective.model_copy(update={"cert_secret": account_secret_name(_account(workload.pod_spec))})
-    return effective
+        update["cert_secret"] = account_secret_name(_account(workload.pod_spec))
+    if effective.xds_address is None:
+        modes = declared_inbound(workload.pod_spec) or (inbound(workload) if inbound else None)
+        if modes is not None:
+            mode, ports = modes
+            update |= {"mtls_mode": mode,
+                       "inbound_port_modes": tuple(f"{p}={m}" for p, m in sorted(ports.items()) if m != mode)}
+    return effective.model_copy(update=update) if update else effective
 
 
 def _account(spec: Mapping[str, Any]) -> str:

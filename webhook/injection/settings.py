@@ -73,7 +73,11 @@ class InjectionSettings(Section):
     # The signer of the proxy's own Pod Certificate (its key made by the kubelet, its SPIFFE ID that of the pod's
     # ServiceAccount) instead of a Secret: set at start from identity.mode when meshguard's signer runs.
     pod_certificate_signer: str | None = None
-    mtls_mode: Literal["STRICT", "PERMISSIVE"] = "STRICT"
+    # The inbound mode of a proxy with a static bootstrap (no xds_address) injected without cluster state
+    # (meshguard inject). meshguard serve resolves each pod's from its PeerAuthentications (policy.mtls) instead.
+    mtls_mode: Literal["STRICT", "PERMISSIVE", "DISABLE"] = "STRICT"
+    # Static bootstrap: ports whose inbound mode differs from mtls_mode, "PORT=MODE"; set per pod at injection.
+    inbound_port_modes: tuple[str, ...] = ()
     # Outbound destinations that are in the mesh and get mTLS.
     mesh_cidrs: tuple[Cidr, ...] = ()
     trust_domain: str = "cluster.local"
@@ -120,6 +124,7 @@ class InjectionSettings(Section):
             cert_dir=CERT_DIR,
             sds_dir=SDS_DIR,
             mtls_mode=self.mtls_mode,
+            port_mtls_modes=self.inbound_port_modes,
             mesh_cidrs=self.mesh_cidrs,
             trust_domain=self.trust_domain,
             log_level=self.log_level,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +141,37 @@ def _bootstrap_env() -> list[dict[str, Any]]:
             *({"name": variable, "value": ""} for variable in envoy.SPLICES.values())]
 
 
+# Static bootstrap: the inbound modes this proxy enforces ("MODE[,PORT=MODE...]"), resolved at injection, so that
+# the policy can tell when a PeerAuthentication changed since (webhook/policy/integrity.py).
+INBOUND_MTLS_ENV = "MESHGUARD_INBOUND_MTLS"
+
+
+def inbound_mtls(settings: InjectionSettings) -> str:
+    return ",".join((settings.mtls_mode, *settings.inbound_port_modes))
+
+
+def declared_inbound(spec: Mapping[str, Any]) -> tuple[str, dict[int, str]] | None:
+    """The inbound modes a pod's proxy says it was injected with (:data:`INBOUND_MTLS_ENV`); None when it has no
+    such proxy or the value is not one meshguard writes."""
+    for key in ("initContainers", "containers"):
+        for container in spec.get(key) or ():
+            if not isinstance(container, Mapping) or container.get("name") != PROXY_NAME:
+                continue
+            for variable in container.get("env") or ():
+                if isinstance(variable, Mapping) and variable.get("name") == INBOUND_MTLS_ENV:
+                    return _parse_inbound(variable.get("value"))
+    return None
+
+
+def _parse_inbound(value: Any) -> tuple[str, dict[int, str]] | None:
+    mode, *ports = value.split(",") if isinstance(value, str) else [""]
+    try:
+        parsed = envoy.parse_port_modes(envoy.BootstrapOptions(mtls_mode=mode, port_mtls_modes=tuple(ports)))
+    except ValueError:
+        return None
+    return mode, parsed
+
+
 def _unprivileged(uid: int) -> dict[str, Any]:
     return {
         "runAsUser": uid,
@@ -167,6 +199,13 @@ def bootstrap_container(settings: InjectionSettings) -> dict[str, Any]:
     }
 
 
+def _proxy_env(settings: InjectionSettings, inline: bool) -> dict[str, Any]:
+    env = _bootstrap_env() if inline else []
+    if settings.xds_address is None:
+        env.append({"name": INBOUND_MTLS_ENV, "value": inbound_mtls(settings)})
+    return {"env": env} if env else {}
+
+
 def _ready_probe(period: int, failures: int) -> dict[str, Any]:
     return {"httpGet": {"path": READY_PATH, "port": READINESS_PORT}, "periodSeconds": period, "timeoutSeconds": 3,
             "failureThreshold": failures}
@@ -189,7 +228,7 @@ def proxy_container(settings: InjectionSettings, native: bool, hold: bool) -> di
             "--drain-time-s", str(settings.drain_seconds),
         ],
         # Inline, the kubelet expands the bootstrap's $(POD_NAME)... from these; else meshguard-bootstrap reads them.
-        **({"env": _bootstrap_env()} if inline else {}),
+        **_proxy_env(settings, inline),
         "ports": [{"name": "meshguard-stats", "containerPort": STATS_PORT, "protocol": "TCP"}],
         "readinessProbe": _ready_probe(period=2, failures=3),
         "resources": _resources(settings),

@@ -219,6 +219,12 @@ class Engine:
             where = f"portLevelMtls of {effective.ports_from.display}"
             detail = f"{ports} ({where}), so plaintext is accepted there; set those entries to STRICT or remove them"
             return False, detail, f"{ports} ({where}); set STRICT"
+        stale = integrity.plaintext_accepted(workload, injection)
+        if stale:
+            fix = "restart its pods (kubectl rollout restart) so that their proxies get it"
+            detail = (f"its proxy still takes plaintext ({stale}), as injected before mutual TLS became STRICT "
+                      f"({origin}); {fix}")
+            return False, detail, f"proxy injected before STRICT ({stale}); restart its pods"
         uncaptured = integrity.uncaptured_ports(workload)
         if uncaptured:
             ports = ", ".join(map(str, uncaptured))

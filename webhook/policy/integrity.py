@@ -14,7 +14,9 @@ store, which the tenant cannot make say something else:
 * meshguard's own containers not as meshguard's configuration makes them (image, command, arguments, ports,
   security context): a container merely named ``meshguard-proxy``, or an injected pod copied with an edited
   redirect. On an update, meshguard's containers may stay as they were (a pod injected before an upgrade keeps
-  its proxy), but not change into anything else.
+  its proxy), but not change into anything else;
+* with a static bootstrap, a proxy whose inbound modes (as injected, and as its arguments say) take plaintext
+  while the PeerAuthentications now say STRICT.
 
 Each problem says why the pod would run without effective mutual TLS, the fix, and the same why in a few words
 for a warning (which the API server wants under 120 characters, the fix included).
@@ -30,8 +32,9 @@ from ..injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
 from ..injection.overrides import OverrideError
 from ..injection.patch import effective_settings
 from ..injection.settings import InjectionSettings
-from ..injection.spec import build
+from ..injection.spec import build, declared_inbound
 from ..workloads import CONTAINER_LISTS, Workload
+from .mtls import STRICT
 
 MESHGUARD_CONTAINERS = (INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME)
 # Capabilities with which a container can change the pod's network stack, the redirect included.
@@ -101,6 +104,17 @@ def uncaptured_ports(workload: Workload) -> list[int]:
     declared = {port.get("containerPort") for _, c in _tenant_containers(workload.pod_spec, CONTAINER_LISTS)
                 for port in c.get("ports") or () if isinstance(port, Mapping)}
     return sorted(p for p in excluded & declared if isinstance(p, int))
+
+
+def plaintext_accepted(workload: Workload, settings: InjectionSettings) -> str | None:
+    """With a static bootstrap, where the pod's proxy takes plaintext (its inbound modes as injected: a
+    PeerAuthentication made STRICT since reaches it only when the pod is made again); None when nowhere."""
+    if settings.xds_address is not None or PROXY_NAME not in _meshguard_containers(workload.pod_spec):
+        return None
+    mode, ports = declared_inbound(workload.pod_spec) or (settings.mtls_mode, {})
+    weak = ([] if mode == STRICT else [f"{mode} on every port"]) + \
+        [f"port {port} {port_mode}" for port, port_mode in sorted(ports.items()) if port_mode != STRICT]
+    return ", ".join(weak) or None
 
 
 def _meshguard_containers(spec: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:

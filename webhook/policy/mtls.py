@@ -11,9 +11,9 @@ because meshguard's own proxy enforces mTLS rather than Istio's permissive defau
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 from ..workloads import object_name
 
@@ -117,3 +117,32 @@ def resolve(
         return EffectiveMtls(mode, source)
     ports = ((port, mode if m == "UNSET" else m) for port, m in workload.port_modes)
     return EffectiveMtls(mode, source, tuple((port, m) for port, m in ports if m != STRICT), workload)
+
+
+class PeerAuthentications(Protocol):
+    """Where the resolver reads the policies (the state store)."""
+
+    def peer_authentications(self, namespace: str) -> Sequence[PeerAuthentication]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Resolver:
+    """What a proxy enforces inbound, from :func:`resolve` with ``policy.mtls`` (the root namespace and the mode when
+    none applies): the control plane sends it live, the injector writes it into a static bootstrap."""
+
+    root_namespace: str
+    default_mode: Mode
+
+    def modes(self, state: PeerAuthentications, namespace: str,
+              labels: Mapping[str, str]) -> tuple[Mode, dict[int, Mode]]:
+        """The workload's mode, and the modes of the ports its workload-level policy names."""
+        effective = resolve(labels, state.peer_authentications(namespace),
+                            state.peer_authentications(self.root_namespace), namespace, self.root_namespace,
+                            self.default_mode)
+        mode: Mode = "PERMISSIVE" if effective.mode == "UNSET" else effective.mode  # as Istio: unset is permissive
+        ports: dict[int, Mode] = {}
+        if effective.ports_from is not None:
+            for port, port_mode in effective.ports_from.port_modes:
+                if port.isdigit():
+                    ports[int(port)] = mode if port_mode == "UNSET" else port_mode
+        return mode, ports

@@ -39,10 +39,11 @@ from google.protobuf import any_pb2, json_format
 from .. import envoy
 from ..envoy import BootstrapOptions
 from ..metrics import Metrics
+from ..policy.mtls import Resolver
 from ..state.catalog import PodRecord
 from ..state.store import MESH_KINDS, PEER_AUTHENTICATION
 from . import resources
-from .resources import MeshState, Resolver
+from .resources import MeshState
 from .settings import XdsSettings
 
 log = logging.getLogger("meshguard.xds")

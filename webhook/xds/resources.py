@@ -14,7 +14,8 @@ it dialled as original destination:
 Envoy matches a filter chain's destination port before its address and never backtracks, so a port that any
 chain names gets its own complete set of chains (its Services, the meshed pods, passthrough for the rest).
 
-Inbound (per proxy): :func:`webhook.envoy.inbound_listener` at the pod's modes per port (:meth:`Resolver.modes`),
+Inbound (per proxy): :func:`webhook.envoy.inbound_listener` at the pod's modes per port
+(:meth:`webhook.policy.mtls.Resolver.modes`),
 from the same PeerAuthentication resolver the mTLS admission rule uses (:func:`webhook.policy.mtls.resolve`), so
 what ``/validate`` reports is what the proxy does.
 """
@@ -23,14 +24,14 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import envoy
 from ..certs import spiffe_id
 from ..envoy import BootstrapOptions
-from ..policy.mtls import Mode, PeerAuthentication, resolve
+from ..policy.mtls import PeerAuthentication, Resolver
 from ..state.catalog import Catalog, PodRecord, ServiceRecord
 
 # The endpoint metadata that selects the cluster's mTLS transport socket (Envoy's transport_socket_matches).
@@ -47,32 +48,12 @@ class MeshState(Protocol):
     def peer_authentications(self, namespace: str) -> Sequence[PeerAuthentication]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Resolver:
-    """How PeerAuthentications resolve (``policy.mtls``: the root namespace and the mode when none applies)."""
-
-    root_namespace: str
-    default_mode: Mode
-
-    def modes(self, state: MeshState, namespace: str, labels: Mapping[str, str]) -> tuple[Mode, dict[int, Mode]]:
-        """The workload's mode, and the modes of the ports its workload-level policy names."""
-        effective = resolve(labels, state.peer_authentications(namespace),
-                            state.peer_authentications(self.root_namespace), namespace, self.root_namespace,
-                            self.default_mode)
-        mode: Mode = "PERMISSIVE" if effective.mode == "UNSET" else effective.mode  # as Istio: unset is permissive
-        ports: dict[int, Mode] = {}
-        if effective.ports_from is not None:
-            for port, port_mode in effective.ports_from.port_modes:
-                if port.isdigit():
-                    ports[int(port)] = mode if port_mode == "UNSET" else port_mode
-        return mode, ports
-
-    def mtls_on(self, state: MeshState, pod: PodRecord, port: int) -> bool:
-        """Whether a client should speak mutual TLS to ``pod`` on ``port``."""
-        if not pod.meshed or port in pod.plaintext_ports:
-            return False
-        mode, ports = self.modes(state, pod.namespace, pod.labels)
-        return ports.get(port, mode) != "DISABLE"
+def mtls_on(resolver: Resolver, state: MeshState, pod: PodRecord, port: int) -> bool:
+    """Whether a client should speak mutual TLS to ``pod`` on ``port``."""
+    if not pod.meshed or port in pod.plaintext_ports:
+        return False
+    mode, ports = resolver.modes(state, pod.namespace, pod.labels)
+    return ports.get(port, mode) != "DISABLE"
 
 
 @dataclass(frozen=True)
@@ -112,7 +93,7 @@ def _endpoints(state: MeshState, resolver: Resolver, service: ServiceRecord, por
             if not endpoint.ready:
                 continue
             pod = state.catalog.pod(service.namespace, endpoint.pod) if endpoint.pod else None
-            meshed = pod is not None and resolver.mtls_on(state, pod, target)
+            meshed = pod is not None and mtls_on(resolver, state, pod, target)
             for address in endpoint.addresses:
                 if not _valid_ip(address):
                     continue
