@@ -96,21 +96,20 @@ def secret_mode(cluster: Cluster) -> Iterator[None]:
         mode("auto")
 
 
-def test_without_pod_certificates_each_service_account_gets_its_secret_and_peers_tell_them_apart(
-        cluster: Cluster, secret_mode: None) -> None:
-    namespace = cluster.mesh_namespace("accounts")
+def two_accounts_talk(cluster: Cluster, name: str) -> dict[str, dict[str, Any]]:
+    """A server Deployment of ServiceAccount payments and two callers (frontend, default) in one mesh namespace,
+    each calling the server's Service: the server proxy's access log names both callers' identities. Returns the
+    pods' certificate volumes by Deployment."""
+    namespace = cluster.mesh_namespace(name)
     for account in ("payments", "frontend"):
         cluster.kubectl("create", "serviceaccount", account, "-n", namespace)
     deployments = {"web": "payments", "client": "frontend", "other": None}
-    for name, account in deployments.items():
-        objects = app(name)
+    for deployment, account in deployments.items():
+        objects = app(deployment)
         if account:
             objects[0]["spec"]["template"]["spec"]["serviceAccountName"] = account
         cluster.apply(objects, namespace)
-    pods = {name: cluster.wait_ready(namespace, f"app={name}")[0] for name in deployments}
-    for name, account in deployments.items():
-        volume = {v["name"]: v for v in pods[name]["spec"]["volumes"]}["meshguard-certs"]
-        assert volume["secret"]["secretName"] == f"meshguard-identity-{account or 'default'}"
+    pods = {deployment: cluster.wait_ready(namespace, f"app={deployment}")[0] for deployment in deployments}
     web_ip = cluster.wait_routed(namespace, "web")
     for caller in ("client", "other"):
         called = cluster.get(namespace, pods[caller]["metadata"]["name"], f"http://{web_ip}/")
@@ -120,3 +119,18 @@ def test_without_pod_certificates_each_service_account_gets_its_secret_and_peers
     wait_for("both callers in the server proxy's access log", lambda: {
         f"{prefix}frontend", f"{prefix}default"} <= set(cluster.logs(
             namespace, pods["web"]["metadata"]["name"], PROXY).replace(" ", "\n").splitlines()), timeout=30)
+    return {deployment: {v["name"]: v for v in pod["spec"]["volumes"]}["meshguard-certs"]
+            for deployment, pod in pods.items()}
+
+
+def test_each_pod_presents_its_own_certificate_and_peers_tell_service_accounts_apart(cluster: Cluster) -> None:
+    volumes = two_accounts_talk(cluster, "pod-certs")
+    for volume in volumes.values():  # each pod its own Pod Certificate from meshguard's signer, no Secret
+        assert volume["projected"]["sources"][0]["podCertificate"]["signerName"] == SIGNER
+
+
+def test_without_pod_certificates_each_service_account_gets_its_secret_and_peers_tell_them_apart(
+        cluster: Cluster, secret_mode: None) -> None:
+    volumes = two_accounts_talk(cluster, "accounts")
+    for deployment, account in {"web": "payments", "client": "frontend", "other": "default"}.items():
+        assert volumes[deployment]["secret"]["secretName"] == f"meshguard-identity-{account}"
