@@ -132,9 +132,11 @@ class ControlPlane:
     """etcd, kube-apiserver and kube-controller-manager on free loopback ports under ``workdir``, with an admin
     kubeconfig (client certificate in ``system:masters``) and kubectl/helm helpers that use it."""
 
-    def __init__(self, bin_dir: Path, workdir: Path, node_ip: str | None = None) -> None:
+    def __init__(self, bin_dir: Path, workdir: Path, node_ip: str | None = None,
+                 apiserver_args: tuple[str, ...] = ()) -> None:
         self.bin = bin_dir
         self.dir = workdir
+        self.apiserver_args = apiserver_args  # e.g. --runtime-config, to serve what an older release served
         # With a node (tests/node): the API server listens on the node's address, publishes it as the endpoint of
         # the kubernetes Service (pods reach it at 10.0.0.1) and authorizes kubelets as a real cluster does.
         self.node_ip = node_ip
@@ -234,7 +236,7 @@ class ControlPlane:
             "--enable-admission-plugins", "NamespaceLifecycle,ServiceAccount,MutatingAdmissionWebhook,"
                                           "ValidatingAdmissionWebhook,ResourceQuota" + (
                                               ",NodeRestriction" if self.node_ip else ""),
-            "--allow-privileged=true", "--profiling=false", "--v=1",
+            "--allow-privileged=true", "--profiling=false", "--v=1", *self.apiserver_args,
         ], logs / "kube-apiserver.log")
         self.components["kube-controller-manager"] = Component("kube-controller-manager", [
             str(self.bin / "kube-controller-manager"),

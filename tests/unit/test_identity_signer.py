@@ -80,3 +80,19 @@ def test_a_ca_expiring_before_the_certificate_is_retried_never_failed() -> None:
     verdict = decide(_request(ec.generate_private_key(ec.SECP256R1())), short, "cluster.local",
                      dt.timedelta(days=2), dt.datetime.now(dt.UTC))
     assert verdict.status is None and "rotate the CA" in verdict.retry
+
+
+def test_a_v1beta1_request_of_an_older_kubelet_is_signed_from_its_public_key() -> None:
+    """Kubernetes 1.35 and 1.36 (v1beta1): the kubelet sends the bare public key (its proof of possession was
+    checked by the API server) instead of a CSR."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = _request(key)
+    del request["spec"]["stubPKCS10Request"]
+    request["spec"]["pkixPublicKey"] = base64.b64encode(key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+    status = decide(request, CA, "cluster.local", DAY, NOW).status
+    assert status is not None and status["conditions"][0]["type"] == "Issued"
+    leaf = x509.load_pem_x509_certificate(status["certificateChain"].encode())
+    assert leaf.public_key().public_numbers() == key.public_key().public_numbers()
+    request["spec"]["pkixPublicKey"] = "bm90IGEga2V5"
+    assert decide(request, CA, "cluster.local", DAY, NOW).status["conditions"][0]["reason"] == "InvalidRequest"

@@ -28,13 +28,11 @@ from ..injection.decision import INJECT_KEY, NAMESPACE_ENABLED, POD_ENABLED
 from ..metrics import Metrics
 from ..state.kube import api_client
 from . import accounts, authority
-from .settings import POD_CERTIFICATES_API, IdentitySettings, account_secret_name
+from .settings import POD_CERTIFICATES_APIS, IdentitySettings, account_secret_name
 from .signer import decide
 
 log = logging.getLogger("meshguard.identity")
 
-REQUESTS = f"/apis/{POD_CERTIFICATES_API}/podcertificaterequests"
-BUNDLES = f"/apis/{POD_CERTIFICATES_API}/clustertrustbundles"
 REFRESH_SECONDS = 60  # how often the mesh CA's Secret is read again (another replica's rotation step)
 WATCH_SECONDS = 60  # then a fresh list: a request left for later (a CA problem) is looked at again
 BACKOFF_SECONDS = 5.0
@@ -73,10 +71,14 @@ def _forever(what: str, once: Callable[[], None], stopped: threading.Event | Non
     threading.Thread(target=loop, name=what, daemon=True).start()
 
 
-def serves_pod_certificates(client: Any) -> bool:
-    """Whether the API server serves PodCertificateRequests (``identity.mode: auto``)."""
-    group = kubejson.call(client, "GET", f"/apis/{POD_CERTIFICATES_API}")
-    return any(r.get("name") == "podcertificaterequests" for r in (group or {}).get("resources", []))
+def served_api(client: Any, resource: str) -> str | None:
+    """The preferred version of :data:`POD_CERTIFICATES_APIS` that serves ``resource`` (``podcertificaterequests``,
+    ``clustertrustbundles``); None when none does (``identity.mode: auto`` then keeps Secrets)."""
+    for api in POD_CERTIFICATES_APIS:
+        group = kubejson.call(client, "GET", f"/apis/{api}")
+        if any(r.get("name") == resource for r in (group or {}).get("resources", [])):
+            return api
+    return None
 
 
 class MeshAuthority:
@@ -177,19 +179,21 @@ class MeshAuthority:
         await asyncio.Event().wait()
 
 
-def publish_trust_bundle(client: Any, settings: IdentitySettings, held: authority.Authority) -> None:
-    """The mesh CA's trust bundle as the signer's ClusterTrustBundle, which the proxies mount to verify peers."""
-    path = f"{BUNDLES}/{quote(settings.trust_bundle_name, safe='')}"
+def publish_trust_bundle(client: Any, settings: IdentitySettings, held: authority.Authority, api: str) -> None:
+    """The mesh CA's trust bundle as the signer's ClusterTrustBundle (of ``api``), which the proxies mount to
+    verify peers."""
+    bundles = f"/apis/{api}/clustertrustbundles"
+    path = f"{bundles}/{quote(settings.trust_bundle_name, safe='')}"
     pem = held.bundle_pem().decode()
     for _ in range(5):
         current = kubejson.call(client, "GET", path)
         if current is not None and current.get("spec", {}).get("trustBundle") == pem:
             return
-        body = current or {"apiVersion": POD_CERTIFICATES_API, "kind": "ClusterTrustBundle",
+        body = current or {"apiVersion": api, "kind": "ClusterTrustBundle",
                            "metadata": {"name": settings.trust_bundle_name}}
         body["spec"] = {"signerName": settings.signer_name, "trustBundle": pem}
         try:
-            kubejson.call(client, "PUT" if current else "POST", path if current else BUNDLES, body)
+            kubejson.call(client, "PUT" if current else "POST", path if current else bundles, body)
             return
         except Conflict:
             continue
@@ -199,8 +203,10 @@ def publish_trust_bundle(client: Any, settings: IdentitySettings, held: authorit
 class Signer:
     """Answers the PodCertificateRequests of ``settings.signer_name``: lists them, then watches, in a thread."""
 
-    def __init__(self, client: Any, settings: IdentitySettings, trust_domain: str, ca: MeshAuthority) -> None:
+    def __init__(self, client: Any, settings: IdentitySettings, trust_domain: str, ca: MeshAuthority,
+                 api: str = POD_CERTIFICATES_APIS[0]) -> None:
         self._client = client
+        self._api = api
         self._settings = settings
         self._trust_domain = trust_domain
         self.ca = ca
@@ -217,7 +223,7 @@ class Signer:
         if verdict.status is None:
             log.warning("PodCertificateRequest left for later", extra={"request": where, "reason": verdict.retry})
             return
-        path = f"/apis/{POD_CERTIFICATES_API}/namespaces/{meta.get('namespace')}/podcertificaterequests/" \
+        path = f"/apis/{self._api}/namespaces/{meta.get('namespace')}/podcertificaterequests/" \
                f"{meta.get('name')}/status"
         try:
             kubejson.call(self._client, "PUT", path, {**request, "status": verdict.status})
@@ -238,7 +244,7 @@ class Signer:
             if kind != "DELETED":
                 self.answer(request)
 
-        _follow_once(self._client, REQUESTS, self._query, on_list, on_event)
+        _follow_once(self._client, f"/apis/{self._api}/podcertificaterequests", self._query, on_list, on_event)
 
     async def run(self) -> None:
         """Answer requests in a thread until cancelled."""
@@ -428,19 +434,21 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Identity 
     if identity.mode == "static" or settings.dev or settings.state_dir is not None:
         return None
     client = api_client()
-    pod_certificates = identity.mode == "pod-certificate"
+    requests_api = bundles_api = None
     if identity.mode in ("auto", "pod-certificate"):
-        served = await asyncio.to_thread(serves_pod_certificates, client)
-        if pod_certificates and not served:
+        requests_api = await asyncio.to_thread(served_api, client, "podcertificaterequests")
+        bundles_api = await asyncio.to_thread(served_api, client, "clustertrustbundles")
+        if identity.mode == "pod-certificate" and not (requests_api and bundles_api):
             raise KubeError(f"identity.mode is pod-certificate, but the API server does not serve "
-                            f"PodCertificateRequests ({POD_CERTIFICATES_API}); use mode secret or auto")
-        pod_certificates = served
+                            f"PodCertificateRequests and ClusterTrustBundles ({' or '.join(POD_CERTIFICATES_APIS)}); "
+                            "use mode secret or auto")
     ca = await asyncio.to_thread(MeshAuthority, client, settings.namespace, identity, metrics)
     trust_domain = settings.injection.trust_domain
-    if pod_certificates:
-        await asyncio.to_thread(publish_trust_bundle, client, identity, ca.current)
-        ca.on_change(lambda held: _publish_quietly(client, identity, held))
-        signer = Signer(client, identity, trust_domain, ca)
+    if requests_api and bundles_api:
+        await asyncio.to_thread(publish_trust_bundle, client, identity, ca.current, bundles_api)
+        ca.on_change(lambda held: _publish_quietly(client, identity, held, bundles_api))
+        signer = Signer(client, identity, trust_domain, ca, requests_api)
+        log.info("each pod gets a Pod Certificate from meshguard's signer", extra={"api": requests_api})
         # Each injected proxy mounts its own Pod Certificate from this signer.
         return Identity(ca, (ca.run, signer.run), {"pod_certificate_signer": identity.signer_name})
     log.info("workload certificates are kept in a Secret per ServiceAccount", extra={"mode": identity.mode})
@@ -449,8 +457,8 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Identity 
     return Identity(ca, (ca.run, keeper.run), {"cert_secret_per_account": True})
 
 
-def _publish_quietly(client: Any, settings: IdentitySettings, held: authority.Authority) -> None:
+def _publish_quietly(client: Any, settings: IdentitySettings, held: authority.Authority, api: str) -> None:
     try:
-        publish_trust_bundle(client, settings, held)
+        publish_trust_bundle(client, settings, held, api)
     except KubeError as exc:  # the next change (or restart) publishes it; until then proxies keep the old bundle
         log.warning("trust bundle not published", extra={"error": str(exc)})

@@ -11,8 +11,9 @@ from pydantic import Field, model_validator
 from ..section import Section
 from .authority import Timing
 
-# The API that issues a certificate per pod (Kubernetes 1.37: GA, served by default).
-POD_CERTIFICATES_API = "certificates.k8s.io/v1"
+# The APIs that issue a certificate per pod, preferred first: GA and served by default from Kubernetes 1.37;
+# v1beta1 on 1.35 and 1.36 where the cluster enables it (PodCertificateRequest and ClusterTrustBundle).
+POD_CERTIFICATES_APIS = ("certificates.k8s.io/v1", "certificates.k8s.io/v1beta1")
 
 
 class IdentitySettings(Section):

@@ -47,6 +47,14 @@ def _denied(reason: str, message: str, now: dt.datetime) -> Verdict:
     return Verdict({"conditions": [_condition("Denied", reason, message, now)]})
 
 
+def _public_key(spec: dict[str, Any]) -> Any:
+    """The key to certify: from the CSR (v1, and v1beta1 from 1.37), or the bare public key a v1beta1 request of
+    an older kubelet carries (the API server checked its proof of possession)."""
+    if spec.get("stubPKCS10Request") or not spec.get("pkixPublicKey"):
+        return x509.load_der_x509_csr(base64.b64decode(spec.get("stubPKCS10Request") or "", validate=True)).public_key()
+    return serialization.load_der_public_key(base64.b64decode(spec["pkixPublicKey"], validate=True))
+
+
 def decide(request: dict[str, Any], ca: Issued, trust_domain: str, lifetime: dt.timedelta,
            now: dt.datetime) -> Verdict:
     spec = request.get("spec") or {}
@@ -55,10 +63,10 @@ def decide(request: dict[str, Any], ca: Issued, trust_domain: str, lifetime: dt.
     if not isinstance(namespace, str) or not isinstance(account, str) or not namespace or not account:
         return _denied("InvalidRequest", "the request names no namespace or service account", now)
     try:
-        csr = x509.load_der_x509_csr(base64.b64decode(spec.get("stubPKCS10Request") or "", validate=True))
-        key = csr.public_key()
+        key = _public_key(spec)
     except (ValueError, binascii.Error, TypeError):
-        return _denied("InvalidRequest", "spec.stubPKCS10Request is not a PKCS#10 request", now)
+        return _denied("InvalidRequest", "spec.stubPKCS10Request is not a PKCS#10 request (nor, in v1beta1, "
+                       "spec.pkixPublicKey a public key)", now)
     if not (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _CURVES
             or isinstance(key, rsa.RSAPublicKey) and key.key_size in _RSA_BITS):
         return _denied("UnsupportedKeyType", "meshguard signs ECDSAP256, ECDSAP384, RSA3072 and RSA4096 keys "
