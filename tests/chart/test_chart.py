@@ -595,6 +595,37 @@ def test_helm_test_hook(render: Render) -> None:
         assert "hook-succeeded" in hook["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
 
 
+@pytest.mark.parametrize(("values", "served", "source"), [
+    ({}, POD_CERTIFICATES, "projected"),
+    ({}, ("certificates.k8s.io/v1beta1/PodCertificateRequest",), "projected"),
+    ({}, (), "secret"),
+    ({"identity": {"mode": "secret"}}, POD_CERTIFICATES, "secret"),
+    ({"identity": {"mode": "static"}}, POD_CERTIFICATES, None),
+], ids=["auto-v1", "auto-v1beta1", "auto-without", "secret", "static"])
+def test_the_helm_test_pod_mounts_a_workload_certificate_as_a_proxy_would(
+        render: Render, values: dict[str, Any], served: tuple[str, ...], source: str | None) -> None:
+    pod = find([o for o in render({**values, "config": {"injection": {"trust_domain": "corp.example"}}},
+                                  api_versions=served)
+                if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"], "Pod")
+    (container,) = pod["spec"]["containers"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    account = pod["spec"]["serviceAccountName"]
+    if source is None:  # the platform's own Secret per namespace: nothing of meshguard's to check
+        assert "identity" not in volumes and not env
+        return
+    assert env == {"IDENTITY_DIR": "/identity",
+                   "IDENTITY_SPIFFE_ID": f"spiffe://corp.example/ns/{NAMESPACE}/sa/{account}"}
+    assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["identity"] == "/identity"
+    if source == "projected":
+        sources = volumes["identity"]["projected"]["sources"]
+        assert sources[0]["podCertificate"]["signerName"] == "meshguard.io/workload"
+        assert sources[1]["clusterTrustBundle"] == {"name": "meshguard.io:workload:mesh-ca", "path": "ca.crt"}
+    else:  # the Secret meshguard keeps for the pod's account, which it finds by the pod's opt-in label
+        assert volumes["identity"]["secret"]["secretName"] == f"meshguard-identity-{account}"
+        assert pod["metadata"]["labels"]["meshguard.io/inject"] == "true"
+
+
 def test_values_yaml_matches_the_schema_defaults() -> None:
     """values.yaml is the documented source of the defaults; the schema constrains but never hides one."""
     schema = json.loads((CHART / "values.schema.json").read_text())

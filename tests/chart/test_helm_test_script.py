@@ -78,10 +78,11 @@ def api(tmp_path: Path) -> Iterator[Callable[[Answer], subprocess.CompletedProce
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
 
-    def run(answer: Answer) -> subprocess.CompletedProcess[str]:
+    def run(answer: Answer, identity: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         current[:] = [answer]
         env = {**os.environ, "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-               "KUBERNETES_SERVICE_PORT": str(httpd.server_address[1]), "SERVICE_ACCOUNT_DIR": str(account)}
+               "KUBERNETES_SERVICE_PORT": str(httpd.server_address[1]), "SERVICE_ACCOUNT_DIR": str(account),
+               **(identity or {})}
         result = subprocess.run([sys.executable, str(SCRIPT), "shop", PROXY_NAME], env=env, capture_output=True,
                                 text=True, timeout=60)
         assert seen[-1:] == ["/api/v1/namespaces/shop/pods?dryRun=All"], result.stdout + result.stderr
@@ -120,3 +121,24 @@ def test_passes_when_meshguard_policy_denies(api: Callable[[Answer], Any]) -> No
 def test_fails_with_the_api_servers_message(api: Callable[[Answer], Any], code: int, message: str) -> None:
     result = api(status(code, message))
     assert result.returncode == 1 and f"FAIL: the API server answered {code}: {message}" in result.stdout
+
+
+def _identity(tmp_path: Path, ca: certs.Issued, trusted: certs.Issued, account: str) -> dict[str, str]:
+    """A certificate volume as the kubelet mounts it for the test pod: its certificate and a trust bundle."""
+    directory = tmp_path / f"identity-{account}"
+    certs.write_pair(directory, certs.issue_workload(ca, "meshguard", account), "tls.crt", "tls.key")
+    (directory / "ca.crt").write_bytes(certs.generate_ca("another").cert_pem() + trusted.cert_pem())
+    return {"IDENTITY_DIR": str(directory), "IDENTITY_SPIFFE_ID": "spiffe://cluster.local/ns/meshguard/sa/test"}
+
+
+def test_the_pods_own_certificate_must_name_it_and_chain_to_the_mesh_ca(
+        api: Callable[..., Any], server: RunningServer, tmp_path: Path) -> None:
+    mesh = certs.generate_ca("mesh")
+    good = api(through_meshguard(server), _identity(tmp_path, mesh, mesh, "test"))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert good.stdout.startswith("ok: this pod's workload certificate names spiffe://cluster.local/ns/meshguard/"
+                                  "sa/test, issued by")
+    other = api(through_meshguard(server), _identity(tmp_path, mesh, mesh, "intruder"))
+    assert other.returncode == 1 and "names ['spiffe://cluster.local/ns/meshguard/sa/intruder']" in other.stdout
+    foreign = api(through_meshguard(server), _identity(tmp_path, certs.generate_ca("foreign"), mesh, "test"))
+    assert foreign.returncode == 1 and "not signed by the mesh CA" in foreign.stdout

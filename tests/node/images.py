@@ -197,6 +197,8 @@ def _meshguard_layer() -> bytes:
     layer.tree(ROOT / "webhook", f"{SITE}/webhook", {"__pycache__"})
     layer.text("/usr/local/bin/meshguard",
                "#!/usr/bin/python3.11\nimport sys\nfrom webhook.cli import main\nsys.exit(main())\n", 0o755)
+    # The product image (python:3.11-slim) has python on its PATH: the chart's helm test runs it by that name.
+    layer.link("/usr/local/bin/python", str(PYTHON))
     multi = Path("/usr/sbin/xtables-nft-multi")
     if not multi.exists():
         raise ImageError(f"{multi} is missing (Debian's iptables package)")

@@ -123,10 +123,19 @@ def two_accounts_talk(cluster: Cluster, name: str) -> dict[str, dict[str, Any]]:
             for deployment, pod in pods.items()}
 
 
+def helm_test(cluster: Cluster) -> str:
+    """``helm test`` of the release: its pod's own certificate, and a dry-run pod through both webhooks."""
+    result = cluster.plane.helm("test", RELEASE, "-n", RELEASE_NAMESPACE, "--logs", "--timeout", "3m")
+    assert "ok: this pod's workload certificate names spiffe://cluster.local/ns/meshguard/sa/" in result.stdout, \
+        result.stdout
+    return result.stdout
+
+
 def test_each_pod_presents_its_own_certificate_and_peers_tell_service_accounts_apart(cluster: Cluster) -> None:
     volumes = two_accounts_talk(cluster, "pod-certs")
     for volume in volumes.values():  # each pod its own Pod Certificate from meshguard's signer, no Secret
         assert volume["projected"]["sources"][0]["podCertificate"]["signerName"] == SIGNER
+    helm_test(cluster)
 
 
 def test_without_pod_certificates_each_service_account_gets_its_secret_and_peers_tell_them_apart(
@@ -134,3 +143,4 @@ def test_without_pod_certificates_each_service_account_gets_its_secret_and_peers
     volumes = two_accounts_talk(cluster, "accounts")
     for deployment, account in {"web": "payments", "client": "frontend", "other": "default"}.items():
         assert volumes[deployment]["secret"]["secretName"] == f"meshguard-identity-{account}"
+    helm_test(cluster)

@@ -1,10 +1,13 @@
-"""`helm test`: send a pod labeled meshguard.io/inject=true through the API server with dryRun=All.
+"""`helm test`: this pod's own workload certificate, then a pod labeled meshguard.io/inject=true sent through the
+API server with dryRun=All.
 
-Nothing is persisted. The pod passes both webhooks: the answer must carry the injected proxy container, or be a
-denial by meshguard's policy webhook (which runs after injection, so the webhooks were reached and answered).
-Only the standard library and the pod's service account token are used.
+The test pod mounts a workload certificate as an injected proxy would (its Pod Certificate from meshguard's
+signer, or the Secret meshguard keeps for its ServiceAccount): it started, so the certificate was issued, and it
+must name the pod's own identity (IDENTITY_SPIFFE_ID) and be signed by a CA of the trust bundle beside it. Then
+the dry-run pod (nothing is persisted) passes both webhooks: the answer must carry the injected proxy container,
+or be a denial by meshguard's policy webhook (which runs after injection, so the webhooks were reached).
 
-Usage: helm-test.py NAMESPACE PROXY_CONTAINER_NAME
+Usage: helm-test.py NAMESPACE PROXY_CONTAINER_NAME  (IDENTITY_DIR, IDENTITY_SPIFFE_ID: the certificate check)
 """
 
 import json
@@ -15,6 +18,32 @@ import urllib.error
 import urllib.request
 
 SERVICE_ACCOUNT = os.environ.get("SERVICE_ACCOUNT_DIR", "/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def check_identity(directory: str, expected: str) -> int:
+    """The workload certificate in ``directory`` (tls.crt, ca.crt) names ``expected`` and chains to ca.crt."""
+    from cryptography import x509  # in meshguard's image, like everything the server uses
+    from cryptography.exceptions import InvalidSignature
+
+    with open(f"{directory}/tls.crt", "rb") as chain, open(f"{directory}/ca.crt", "rb") as bundle:
+        leaf = x509.load_pem_x509_certificates(chain.read())[0]
+        anchors = x509.load_pem_x509_certificates(bundle.read())
+    try:
+        sans = [str(n.value) for n in leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
+    except x509.ExtensionNotFound:
+        sans = []
+    if sans != [expected]:
+        print(f"FAIL: this pod's workload certificate names {sans or 'nothing'}, not {expected}")
+        return 1
+    for anchor in anchors:
+        try:
+            leaf.verify_directly_issued_by(anchor)
+        except (InvalidSignature, ValueError, TypeError):  # not this anchor's
+            continue
+        print(f"ok: this pod's workload certificate names {expected}, issued by {anchor.subject.rfc4514_string()}")
+        return 0
+    print("FAIL: this pod's workload certificate is not signed by the mesh CA in its trust bundle")
+    return 1
 
 
 def main(namespace: str, proxy: str) -> int:
@@ -56,4 +85,7 @@ def main(namespace: str, proxy: str) -> int:
 
 
 if __name__ == "__main__":
+    identity = os.environ.get("IDENTITY_DIR")
+    if identity and check_identity(identity, os.environ["IDENTITY_SPIFFE_ID"]):
+        sys.exit(1)
     sys.exit(main(sys.argv[1], sys.argv[2]))

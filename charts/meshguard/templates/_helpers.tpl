@@ -71,10 +71,15 @@ app.kubernetes.io/part-of: meshguard
 {{- define "meshguard.signer" -}}
 {{- if has .Values.identity.mode (list "auto" "pod-certificate") }}true{{ end }}
 {{- end }}
+{{/* Whether the server will sign Pod Certificates: mode pod-certificate, or auto where the cluster serves them. */}}
+{{- define "meshguard.podCertificates" -}}
+{{- $served := or (.Capabilities.APIVersions.Has "certificates.k8s.io/v1/PodCertificateRequest") (.Capabilities.APIVersions.Has "certificates.k8s.io/v1beta1/PodCertificateRequest") }}
+{{- if or (eq .Values.identity.mode "pod-certificate") (and (eq .Values.identity.mode "auto") $served) }}true{{ end }}
+{{- end }}
 {{/* Whether it may keep a certificate Secret per ServiceAccount: mode secret, or auto where the cluster does not
      serve Pod Certificates (the signer's rules stay, for when the cluster is upgraded). */}}
 {{- define "meshguard.accountSecrets" -}}
-{{- if or (eq .Values.identity.mode "secret") (and (eq .Values.identity.mode "auto") (not (.Capabilities.APIVersions.Has "certificates.k8s.io/v1/PodCertificateRequest"))) }}true{{ end }}
+{{- if or (eq .Values.identity.mode "secret") (and (eq .Values.identity.mode "auto") (not (include "meshguard.podCertificates" .))) }}true{{ end }}
 {{- end }}
 
 {{/* Whether the server runs in this cluster (false when webhooks.url points elsewhere). */}}
