@@ -28,18 +28,24 @@ def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
     yield from run_folder(ARTIFACTS, request)
 
 
-@pytest.fixture(scope="session")
-def cluster(workdir: Path) -> Iterator[ControlPlane]:
+def running_plane(directory: Path, apiserver_args: tuple[str, ...] = ()) -> Iterator[ControlPlane]:
+    """A control plane started in ``directory`` for a fixture to yield from, stopped afterwards; the test is
+    skipped when the binaries are not built."""
     try:
         bin_dir = binaries()
     except BinariesMissing as missing:
         pytest.skip(str(missing))
-    plane = ControlPlane(bin_dir, workdir / "cluster")
+    plane = ControlPlane(bin_dir, directory, apiserver_args=apiserver_args)
     try:
         plane.start()
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(workdir: Path) -> Iterator[ControlPlane]:
+    yield from running_plane(workdir / "cluster")
 
 
 @pytest.fixture(scope="session")

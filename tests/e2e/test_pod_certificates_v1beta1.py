@@ -17,7 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.e2e.cluster import BinariesMissing, ControlPlane, binaries, wait_for
+from tests.e2e.cluster import ControlPlane, wait_for
+from tests.e2e.conftest import running_plane
 from webhook.config import Settings
 from webhook.errors import KubeError
 from webhook.identity import controller
@@ -32,16 +33,7 @@ OLDER_RELEASE = ("--runtime-config=certificates.k8s.io/v1beta1=true,certificates
 
 @pytest.fixture(scope="module")
 def older(workdir: Path) -> Iterator[ControlPlane]:
-    try:
-        bin_dir = binaries()
-    except BinariesMissing as missing:
-        pytest.skip(str(missing))
-    plane = ControlPlane(bin_dir, workdir / "v1beta1-cluster", apiserver_args=OLDER_RELEASE)
-    try:
-        plane.start()
-        yield plane
-    finally:
-        plane.stop()
+    yield from running_plane(workdir / "v1beta1-cluster", OLDER_RELEASE)
 
 
 def _bound_pod(plane: ControlPlane) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
