@@ -21,6 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 TLS_CERT, TLS_KEY = "tls.crt", "tls.key"
+# The one file of a Pod Certificate's credentialBundlePath: the PKCS#8 key, then the chain.
+CREDENTIAL_BUNDLE = "credential-bundle.pem"
 # What a development certificate also names: the server on this machine.
 DEV_NAMES, DEV_IPS = ("localhost",), ("127.0.0.1", "::1")
 

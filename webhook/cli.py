@@ -72,6 +72,9 @@ def _certs_args(p: argparse.ArgumentParser) -> None:
     work.add_argument("--out", type=Path, required=True, help="output directory: tls.crt, tls.key, ca.crt")
     work.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     work.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    work.add_argument("--credential-bundle", action="store_true",
+                      help="also write credential-bundle.pem as the kubelet writes a Pod Certificate: the PKCS#8 key, "
+                           "then the certificate chain, in one file")
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -94,6 +97,9 @@ def _certs_workload(args: argparse.Namespace) -> int:
     )
     identity = certs.spiffe_id(args.trust_domain, args.namespace, args.service_account)
     print(f"issued {args.out / certs.TLS_CERT} for {identity} (valid until {issued.cert.not_valid_after_utc:%Y-%m-%d})")
+    if args.credential_bundle:
+        certs.write_atomic(args.out / certs.CREDENTIAL_BUNDLE, issued.key_pem() + issued.cert_pem(), 0o600)
+        print(f"wrote {args.out / certs.CREDENTIAL_BUNDLE}")
     return 0
 
 

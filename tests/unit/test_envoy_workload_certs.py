@@ -46,3 +46,17 @@ def test_an_unknown_ca_is_refused_rather_than_invented(tmp_path: Path, capsys: p
     assert "needs ca.crt and ca.key" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "none").exists()
+
+
+def test_a_credential_bundle_is_written_as_the_kubelet_writes_a_pod_certificate(tmp_path: Path) -> None:
+    certs.load_or_create_ca(tmp_path / "ca")
+    out = tmp_path / "web"
+    assert main(["certs", "workload", "--ca-dir", str(tmp_path / "ca"), "--namespace", "shop",
+                 "--service-account", "web", "--out", str(out), "--credential-bundle"]) == 0
+    bundle = (out / "credential-bundle.pem").read_bytes()
+    assert stat.S_IMODE((out / "credential-bundle.pem").stat().st_mode) == 0o600
+    # The key first (PKCS#8), then the chain: the same pair as tls.key and tls.crt.
+    assert bundle.startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert bundle == (out / "tls.key").read_bytes() + (out / "tls.crt").read_bytes()
+    (leaf,) = x509.load_pem_x509_certificates(bundle.split(b"-----END PRIVATE KEY-----\n")[1])
+    assert leaf == x509.load_pem_x509_certificate((out / "tls.crt").read_bytes())
