@@ -160,6 +160,12 @@ def spiffe_prefix(trust_domain: str) -> str:
     return f"spiffe://{trust_domain}/"
 
 
+def control_plane_id(trust_domain: str) -> str:
+    """The SPIFFE ID of meshguard's ADS server: outside ``/ns/<namespace>/sa/<account>``, the only form a
+    workload certificate takes, so no workload can present it."""
+    return f"spiffe://{trust_domain}/meshguard/control-plane"
+
+
 # --- building blocks -------------------------------------------------------------------------------------------
 
 
@@ -534,8 +540,7 @@ def xds_cluster(options: BootstrapOptions) -> dict[str, Any]:
     cluster = _static_cluster(XDS_CLUSTER, host, port, kind)
     cluster["typed_extension_protocol_options"] = http2()  # ADS is gRPC
     if options.xds_tls:
-        # The control plane is not a workload: trust the mesh CA without requiring a SPIFFE ID of it.
-        cluster["transport_socket"] = upstream_tls(options, verify_peer=False)
+        cluster["transport_socket"] = upstream_tls(options, peer_ids=(control_plane_id(options.trust_domain),))
     return cluster
 
 

@@ -9,12 +9,13 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from tests.conftest import free_port
-from webhook import certs
+from webhook import certs, envoy
 from webhook.identity.authority import Authority
 from webhook.injection.settings import InjectionSettings
 from webhook.metrics import Metrics
@@ -282,3 +283,12 @@ def test_endpoint_changes_send_only_the_changed_assignment(run: Any) -> None:
             await _stop(tasks)
 
     run(scenario)
+
+
+def test_the_control_planes_certificate_carries_an_identity_no_workload_certificate_can() -> None:
+    ca = certs.generate_ca("test mesh CA")
+    served = xds_server.server_certificate(ca, "meshguard", "meshguard", "cluster.local").cert
+    uris = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier)
+    assert uris == [envoy.control_plane_id("cluster.local")]
+    assert not envoy.control_plane_id("cluster.local").startswith("spiffe://cluster.local/ns/")  # workloads' form

@@ -208,7 +208,11 @@ def test_xds_mode_leaves_traffic_listeners_to_the_control_plane() -> None:
     assert xds["type"] == "STRICT_DNS"
     assert xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
         "socket_address": {"address": "xds.mesh.svc", "port_value": 15010}}
-    assert xds["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificate_sds_secret_configs"]
+    context = xds["transport_socket"]["typed_config"]["common_tls_context"]
+    assert context["tls_certificate_sds_secret_configs"]
+    # Only the control plane's own SPIFFE ID: a workload's certificate, from the same CA, is not the control plane.
+    assert context["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/meshguard/control-plane"}}]
     plain = _cluster(envoy.bootstrap(BootstrapOptions(xds_address="[fd00::1]:99", xds_tls=False)), envoy.XDS_CLUSTER)
     assert plain["type"] == "STATIC" and "transport_socket" not in plain
     assert plain["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == {

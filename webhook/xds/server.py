@@ -27,6 +27,7 @@ import grpc
 from cryptography import x509
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from .. import envoy
 from ..certs import Issued, issue_leaf, service_dns_names, spiffe_id
 from ..identity.authority import Authority
 from ..metrics import Metrics
@@ -86,7 +87,7 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __init__(self, plane: ControlPlane, metrics: Metrics, trust_domain: str, tls: bool) -> None:
         self._plane = plane
         self._metrics = metrics
-        self._trust_domain = trust_domain
+        self.trust_domain = trust_domain
         self._tls = tls
         self._nonces = itertools.count(1)
         self.proxies: dict[int, Proxy] = {}
@@ -154,7 +155,7 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         pod = self._plane.state.catalog.pod(proxy.namespace, proxy.pod)
         if pod is None:
             return None
-        if peer is not None and peer != spiffe_id(self._trust_domain, pod.namespace, pod.service_account):
+        if peer is not None and peer != spiffe_id(self.trust_domain, pod.namespace, pod.service_account):
             log.warning("proxy refused: its certificate is not its pod's identity",
                         extra={"proxy": proxy.node_id, "peer": peer})
             raise _Refused(f"certificate {peer!r} is not the identity of pod {proxy.namespace}/{proxy.pod}")
@@ -223,14 +224,15 @@ class _Refused(Exception):
     """The proxy's certificate does not match the pod it claims to be."""
 
 
-def server_certificate(ca: Issued, service: str, namespace: str) -> Issued:
-    """The ADS server's certificate from the mesh CA, which the proxies trust (and a client certificate from the
-    same CA is what each proxy presents)."""
+def server_certificate(ca: Issued, service: str, namespace: str, trust_domain: str) -> Issued:
+    """The ADS server's certificate from the mesh CA, with the control plane's SPIFFE ID, which the proxies
+    require (and a client certificate from the same CA is what each proxy presents)."""
     return issue_leaf(ca, f"{service}.{namespace}.svc", dns_names=service_dns_names(service, namespace),
-                      days=SERVER_CERT_DAYS)
+                      uris=(envoy.control_plane_id(trust_domain),), days=SERVER_CERT_DAYS)
 
 
-def _credentials(current: Callable[[], Authority], service: str, namespace: str) -> grpc.ServerCredentials:
+def _credentials(current: Callable[[], Authority], service: str, namespace: str,
+                 trust_domain: str) -> grpc.ServerCredentials:
     """Mutual TLS with the mesh CA as it is now: a new handshake after a rotation step gets a certificate from the
     CA that signs and trusts the new bundle; a certificate past half-life is replaced the same way."""
     held: dict[str, Any] = {}
@@ -242,7 +244,7 @@ def _credentials(current: Callable[[], Authority], service: str, namespace: str)
         if held.get("key") == key and leaf is not None and now < leaf.cert.not_valid_after_utc - \
                 dt.timedelta(days=SERVER_CERT_DAYS / 2):
             return None  # keep serving the one in use
-        leaf = server_certificate(authority.signing, service, namespace)
+        leaf = server_certificate(authority.signing, service, namespace, trust_domain)
         held.update(key=key, leaf=leaf)
         return grpc.ssl_server_certificate_configuration([(leaf.key_pem(), leaf.cert_pem())], key[1])
 
@@ -263,7 +265,7 @@ async def serve(servicer: AggregatedDiscovery, settings: XdsSettings, ca: Callab
     server.add_generic_rpc_handlers((handler,))
     address = f"{settings.host}:{settings.port}"
     if ca is not None:
-        server.add_secure_port(address, _credentials(ca, service, namespace))
+        server.add_secure_port(address, _credentials(ca, service, namespace, servicer.trust_domain))
     else:
         server.add_insecure_port(address)
     await server.start()
