@@ -237,8 +237,11 @@ def injected(settings: InjectionSettings) -> tuple[list[list[str]], list[str], s
     return inits, [*proxy["command"], *proxy["args"]], cert_dir
 
 
-def _start_pod(lab: Lab, pod: Pod, ip: str, settings: InjectionSettings, identity: tuple[str, str],
-               ca_dir: Path) -> None:
+def start_pod(lab: Lab, pod: Pod, ip: str, settings: InjectionSettings, identity: tuple[str, str],
+              ca_dir: Path, proxy_args: tuple[str, ...] = ()) -> None:
+    """What the kubelet does with an injected pod: ``meshguard-init`` (and ``meshguard-bootstrap``) with the
+    injector's arguments, a workload certificate from ``ca_dir`` where the proxy mounts it, then Envoy as its
+    uid (with ``proxy_args`` too)."""
     (netinit_args, *bootstrap_args), proxy_argv, cert_dir = injected(settings)
     # The workload Secret, mounted where Envoy finds it; 0444 like the injected volume, since Envoy is not root.
     certs = write_workload_certs(ca_dir, lab.workdir / f"{pod.role}-certs", *identity)
@@ -259,7 +262,7 @@ def _start_pod(lab: Lab, pod: Pod, ip: str, settings: InjectionSettings, identit
     argv = localize([envoy.expand_pod_variables(arg, values) for arg in proxy_argv], paths)
     assert argv[0] == "envoy"
     pod.access_log = lab.workdir / f"{pod.role}-envoy.out"
-    pod.start("envoy", envoy_binary(), *argv[1:], uid=PROXY_UID)
+    pod.start("envoy", envoy_binary(), *argv[1:], *proxy_args, uid=PROXY_UID)
     _wait(f"{pod.role}'s Envoy to be ready", lambda: pod.get("http://127.0.0.1:15021/healthz/ready")[0])
 
 
@@ -295,8 +298,8 @@ def build_mesh(lab: Lab, mtls_mode: str) -> Mesh:
         _serve(host, APP_PORT, body, lab.workdir)
     _serve(server, BYPASS_PORT, "server-bypass", lab.workdir)
     ca_dir = lab.workdir / "mesh-ca"
-    _start_pod(lab, server, SERVER_IP, settings, SERVER_ID, ca_dir)
-    _start_pod(lab, client, CLIENT_IP, settings, CLIENT_ID, ca_dir)
+    start_pod(lab, server, SERVER_IP, settings, SERVER_ID, ca_dir)
+    start_pod(lab, client, CLIENT_IP, settings, CLIENT_ID, ca_dir)
     return Mesh(client, server, outside, settings, ca_dir)
 
 
