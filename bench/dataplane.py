@@ -80,7 +80,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a smoke run for the test suite")
+    parser.add_argument("--out", type=Path, help="where to write the result (default: bench/results/)")
     args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.rounds, args.connections = 1, 1, 4
     workdir = Path(tempfile.mkdtemp(prefix="meshguard-bench-dataplane-"))
     workdir.chmod(0o755)  # Envoy (uid 1337) reads the certificates below it
     lab = Lab(workdir)
@@ -117,8 +121,8 @@ def main() -> None:
         "medians": medians, "throughput_ratio": mtls["requests_per_second"] / plain["requests_per_second"],
         "added_p50_ms": mtls["p50_ms"] - plain["p50_ms"], "added_p99_ms": mtls["p99_ms"] - plain["p99_ms"],
         "at": dt.datetime.now(dt.UTC).isoformat()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"dataplane-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
+    out = args.out or RESULTS / f"dataplane-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     for name, figures in medians.items():
         print(f"{name:9} {figures['requests_per_second']:8.0f} req/s  p50 {figures['p50_ms']:.3f} ms  "

@@ -101,7 +101,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="a smoke run for the test suite")
+    parser.add_argument("--out", type=Path, help="where to write the result (default: bench/results/)")
     args = parser.parse_args()
+    if args.quick:
+        args.requests = 20
     with tempfile.TemporaryDirectory(prefix="pcr-bench-") as work:
         plane = ControlPlane(binaries(), Path(work))
         plane.start()
@@ -140,8 +144,8 @@ def main() -> None:
             plane.stop()
     report = {"requests": args.requests, "concurrency": args.concurrency, "phases": results,
               "cpu_ms_per_request": cpu, "at": dt.datetime.now(dt.UTC).isoformat()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"pcr-signing-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
+    out = args.out or RESULTS / f"pcr-signing-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     for phase, figures in results.items():
         print(f"{phase:8} {args.requests} requests issued in {figures['seconds']:.2f} s "

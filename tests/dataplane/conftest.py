@@ -180,7 +180,7 @@ class Lab:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
-def _netns_forbidden() -> str | None:
+def netns_forbidden() -> str | None:
     """Why this machine cannot run the data-plane tests, or None."""
     if os.geteuid() != 0:
         return "needs root to create network namespaces and iptables rules"
@@ -197,7 +197,7 @@ def _netns_forbidden() -> str | None:
 
 @pytest.fixture(scope="session")
 def netns_allowed() -> None:
-    reason = _netns_forbidden()
+    reason = netns_forbidden()
     if reason:
         pytest.skip(reason)
 

@@ -101,3 +101,24 @@ def test_xds_convergence_quick_run_produces_a_result(tmp_path: Path) -> None:
         assert isinstance(result[key], int | float) and result[key] >= 0, (key, result)
     # Every type was pushed and acknowledged, so the server's convergence histogram has all three.
     assert {f"{kind}_p99_bucket_s" for kind in ("cds", "eds", "lds")} <= set(result), result
+
+
+def test_pcr_signing_quick_run_signs_every_request(tmp_path: Path) -> None:
+    from tests.e2e.cluster import BinariesMissing, binaries
+
+    try:
+        binaries()
+    except BinariesMissing as missing:
+        pytest.skip(str(missing))
+    result = _quick_run("bench.pcr_signing", tmp_path / "result.json", timeout=300)
+    assert result["requests"] == 20 and set(result["phases"]) == {"backlog", "live"}
+    assert all(phase["seconds"] > 0 for phase in result["phases"].values()), result
+
+
+def test_dataplane_quick_run_measures_both_paths(tmp_path: Path) -> None:
+    from tests.dataplane.conftest import netns_forbidden
+
+    if shutil.which("wrk") is None or netns_forbidden():
+        pytest.skip("needs wrk and network namespaces (root; .ci/run installs wrk)")
+    result = _quick_run("bench.dataplane", tmp_path / "result.json", timeout=300)
+    assert set(result["medians"]) == {"plaintext", "mtls"} and result["throughput_ratio"] > 0, result
