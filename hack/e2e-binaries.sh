@@ -2,6 +2,7 @@
 # Build (or reuse from cache) the binaries the meshguard e2e and node suites need:
 #   kube-apiserver, kube-controller-manager, kubectl, etcd, helm (the e2e control plane)
 #   kubelet, kube-scheduler, kube-proxy, pause (the real node)
+#   coredns (the node's cluster DNS; cached on its own and linked into the bin directory)
 #
 # The e2e suite talks to a real API server, so it needs real control-plane
 # binaries. They are built from source with `go build`, fetching sources only
@@ -54,9 +55,26 @@ if [[ "${1:-}" == "--cached" ]]; then
   exit 0
 fi
 
+# CoreDNS: its own cache entry, linked into BIN_DIR once that exists (go install builds its main package).
+COREDNS_DIR="$CACHE_ROOT/coredns-${COREDNS_VERSION:?COREDNS_VERSION not set in hack/versions.env}"
+ensure_coredns() {
+  if [[ ! -x "$COREDNS_DIR/coredns" ]]; then
+    local start=$SECONDS tmp
+    log "coredns $COREDNS_VERSION"
+    tmp=$(mktemp -d "$CACHE_ROOT/.coredns.XXXXXX")
+    GOBIN="$tmp" CGO_ENABLED=0 GOWORK=off GOFLAGS=-trimpath "${GO:-go}" install -ldflags "-s -w" \
+      "github.com/coredns/coredns@$COREDNS_VERSION" >&2
+    "$tmp/coredns" -version >&2
+    rm -rf "$COREDNS_DIR" && mv "$tmp" "$COREDNS_DIR"
+    log "coredns done in $((SECONDS - start))s"
+  fi
+  ln -sfn "$COREDNS_DIR/coredns" "$BIN_DIR/coredns"
+}
+
 # Fast path: nothing to do.
 if cache_complete; then
   log "using cached binaries ($CACHE_KEY)"
+  ensure_coredns
   echo "$BIN_DIR"
   exit 0
 fi
@@ -222,5 +240,6 @@ if [[ -e "$DEST_DIR" ]]; then
 fi
 mv "$OUT" "$DEST_DIR"
 log "all binaries built in $((SECONDS - TOTAL_START))s"
+ensure_coredns
 
 echo "$BIN_DIR"

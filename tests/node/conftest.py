@@ -9,7 +9,6 @@ cluster's pods and events, are kept under ``artifacts/node/`` when a test failed
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import shutil
@@ -33,15 +32,13 @@ from tests.e2e.cluster import (
 )
 from tests.e2e.conftest import create_namespace
 from tests.e2e.objects import EXEMPT, MESH, webhooks_answering
-from tests.node import images
-from tests.node.node import SERVICE_CIDR, Node, NodeUnavailable, check_machine, node_ip
+from tests.node import dns, images
+from tests.node.node import Node, NodeUnavailable, check_machine, node_ip
 
 ARTIFACTS = ROOT / "artifacts" / "node"
 # The PeerAuthentication CRD a scenario installs is looked for every 2 s (not the default minute).
 CHART_CONFIG = {"policy": {"exempt": {"namespace_selectors": [{"matchLabels": {EXEMPT_LABEL: "true"}}]},
                            "state": {"crd_poll_seconds": 2}}}
-# The node has no cluster DNS: the proxies dial the control plane at a pinned ClusterIP of meshguard's Service.
-CONTROL_PLANE_IP = str(ipaddress.ip_network(SERVICE_CIDR)[50])
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +61,11 @@ def node_cluster(node_workdir: Path, request: pytest.FixtureRequest) -> Iterator
     problems: list[str] = []
     try:
         cluster.start()
-        archives = images.build(node_workdir / "images", bin_dir / "pause")
+        archives = images.build(node_workdir / "images", bin_dir / "pause", bin_dir / "coredns")
         node.start(list(archives.values()))
+        cluster.apply(dns.objects())
+        cluster.kubectl("rollout", "status", "deployment/coredns", "-n", dns.NAMESPACE, "--timeout=120s",
+                        timeout=130)
         yield cluster
     finally:
         if request.session.testsfailed:
@@ -100,8 +100,6 @@ def meshguard_installed(node_cluster: ControlPlane) -> ControlPlane:
     """``helm install`` of the chart with the locally built image; returned once both webhooks answer."""
     node_cluster.helm("install", RELEASE, str(ROOT / "charts" / "meshguard"), "--namespace", RELEASE_NAMESPACE,
                       "--create-namespace", "--set", "replicaCount=2", "--set", "audit.enabled=true",
-                      "--set", f"service.clusterIP={CONTROL_PLANE_IP}",
-                      "--set", f"controlPlane.address={CONTROL_PLANE_IP}:15012",
                       "--set-json", f"config={json.dumps(CHART_CONFIG)}",
                       "--wait", "--timeout", "5m")
     mesh = create_namespace(node_cluster, "probe-mesh", {**MESH, **EXEMPT})

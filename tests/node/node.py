@@ -18,6 +18,7 @@ cgroups removed, kube-proxy's, the kubelet's and CNI's iptables chains dropped, 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -36,6 +37,9 @@ NAME = "meshguard-node"
 BRIDGE = "mgnode0"
 POD_CIDR = "10.244.0.0/24"
 SERVICE_CIDR = "10.0.0.0/24"
+# The cluster DNS's Service address (tests/node/dns.py), as kubeadm picks it: the tenth of the Service range.
+DNS_IP = str(ipaddress.ip_network(SERVICE_CIDR)[10])
+CLUSTER_DOMAIN = "cluster.local"
 CNI_BIN = Path("/usr/lib/cni")
 _CHAIN_PREFIXES = ("KUBE-", "CNI-")
 _IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -156,6 +160,8 @@ state = "{d / 'state'}"
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
             "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
             "serializeImagePulls": False,
+            # Pods resolve names with the cluster DNS (tests/node/dns.py), as on any cluster.
+            "clusterDNS": [DNS_IP], "clusterDomain": CLUSTER_DOMAIN,
         }))
         self._start("kubelet", [
             str(c.bin / "kubelet"), "--config", str(config), "--kubeconfig", str(kubeconfig),

@@ -19,7 +19,7 @@ from tests.e2e.cluster import RELEASE, RELEASE_NAMESPACE, wait_for
 from tests.e2e.objects import INIT, PEER_AUTHENTICATION_CRD, PROXY, STATUS, peer_authentication
 from tests.node.conftest import Cluster
 from tests.node.images import APP_IMAGE, PYTHON
-from tests.node.node import BRIDGE
+from tests.node.node import BRIDGE, DNS_IP
 from tests.pcap import read_pcap
 
 PORT = 8080
@@ -121,6 +121,45 @@ def test_service_to_service_is_mutual_tls_by_cluster_ip_and_pod_ip(cluster: Clus
     assert capture.payloads, "tcpdump saw no TCP payload on the bridge"
     assert not [p for p in capture.payloads if b"GET /" in p], "plaintext HTTP crossed the bridge"
     assert any(p.startswith(b"\x16\x03") for p in capture.payloads), "no TLS handshake crossed the bridge"
+
+
+# One DNS query over TCP (what a resolver falls back to for large answers): the A records of a name, as text.
+_DNS_TCP = """
+import socket, struct, sys
+name, server = sys.argv[1], sys.argv[2]
+query = struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0) + b"".join(
+    bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\\0" + struct.pack(">HH", 1, 1)
+with socket.create_connection((server, 53), timeout=10) as s:
+    s.sendall(struct.pack(">H", len(query)) + query)
+    size = struct.unpack(">H", s.recv(2))[0]
+    answer = b""
+    while len(answer) < size:
+        answer += s.recv(size - len(answer))
+count = struct.unpack(">H", answer[6:8])[0]
+print(" ".join(socket.inet_ntoa(answer[-4 - 16 * i:][:4]) for i in range(count)))
+"""
+
+
+def test_services_are_called_by_name_over_mutual_tls_and_dns_works_through_the_proxy(cluster: Cluster) -> None:
+    server_ns = cluster.mesh_namespace("server")
+    client_ns = cluster.mesh_namespace("client")
+    server = run(cluster, server_ns, "web")
+    client = run(cluster, client_ns, "client")
+    name = client["metadata"]["name"]
+    # The name resolves through the cluster DNS (over UDP, which the redirect leaves alone)...
+    by_name = cluster.get(client_ns, name, f"http://web.{server_ns}.svc.cluster.local/")
+    assert by_name.returncode == 0, by_name.stdout + by_name.stderr
+    short = cluster.get(client_ns, name, f"http://web.{server_ns}/")  # the pod's search domains
+    assert short.returncode == 0, short.stdout + short.stderr
+    # ...and the call is mutual TLS: the server's proxy verified the client's identity.
+    wait_for("the calls by name in the server proxy's access log", lambda: cluster.logs(
+        server_ns, server["metadata"]["name"], PROXY).count(f"peer={spiffe(client_ns)}") >= 2, timeout=30)
+    # DNS over TCP from the meshed pod is captured by the redirect and reaches the (unmeshed) DNS in plaintext.
+    answered = cluster.exec(client_ns, name, str(PYTHON), "-c", _DNS_TCP, f"web.{server_ns}.svc.cluster.local",
+                            DNS_IP)
+    assert answered.stdout.split() == [cluster_ip(cluster, server_ns, "web")], answered.stdout + answered.stderr
+    wait_for("the DNS connection in the client proxy's access log", lambda: f"-> {DNS_IP}:53 " in cluster.logs(
+        client_ns, name, PROXY), timeout=30)  # it went through the proxy, to the address dialled
 
 
 def test_a_pod_outside_the_mesh_is_refused_by_a_strict_server(cluster: Cluster) -> None:
