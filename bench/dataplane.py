@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.run import RESULTS
+from bench.run import add_result_arguments, save_result
 from tests.dataplane.conftest import CLIENT_ID, CLIENT_IP, MESH_CIDRS, SERVER_ID, SERVER_IP, Lab, Pod, start_pod
 from tests.dataplane.tools import envoy_binary
 from tests.e2e.cluster import wait_for
@@ -80,8 +80,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="a smoke run for the test suite")
-    parser.add_argument("--out", type=Path, help="where to write the result (default: bench/results/)")
+    add_result_arguments(parser, "1 s per path, one round (harness smoke test)")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.connections = 1, 1, 4
@@ -121,9 +120,7 @@ def main() -> None:
         "medians": medians, "throughput_ratio": mtls["requests_per_second"] / plain["requests_per_second"],
         "added_p50_ms": mtls["p50_ms"] - plain["p50_ms"], "added_p99_ms": mtls["p99_ms"] - plain["p99_ms"],
         "at": dt.datetime.now(dt.UTC).isoformat()}
-    out = args.out or RESULTS / f"dataplane-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = save_result(report, args.out, "dataplane")
     for name, figures in medians.items():
         print(f"{name:9} {figures['requests_per_second']:8.0f} req/s  p50 {figures['p50_ms']:.3f} ms  "
               f"p99 {figures['p99_ms']:.3f} ms")

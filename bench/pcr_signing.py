@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
-import json
 import tempfile
 import threading
 import time
@@ -36,7 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench.run import RESULTS, _cpu_seconds
+from bench.run import _cpu_seconds, add_result_arguments, save_result
 from tests.e2e.cluster import ControlPlane, binaries, wait_for
 from webhook import kubejson
 from webhook.errors import KubeError
@@ -101,8 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="a smoke run for the test suite")
-    parser.add_argument("--out", type=Path, help="where to write the result (default: bench/results/)")
+    add_result_arguments(parser, "20 requests (harness smoke test)")
     args = parser.parse_args()
     if args.quick:
         args.requests = 20
@@ -144,9 +142,7 @@ def main() -> None:
             plane.stop()
     report = {"requests": args.requests, "concurrency": args.concurrency, "phases": results,
               "cpu_ms_per_request": cpu, "at": dt.datetime.now(dt.UTC).isoformat()}
-    out = args.out or RESULTS / f"pcr-signing-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = save_result(report, args.out, "pcr-signing")
     for phase, figures in results.items():
         print(f"{phase:8} {args.requests} requests issued in {figures['seconds']:.2f} s "
               f"({figures['per_second']:.0f}/s)")

@@ -41,6 +41,20 @@ from webhook import certs, manifests, workloads
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
+
+def add_result_arguments(parser: argparse.ArgumentParser, quick: str) -> None:
+    """``--quick`` (what the test suite's smoke run uses: ``quick`` says what it shrinks to) and ``--out``."""
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", type=Path, help="write the result here (default bench/results/<name>-<time>.json)")
+
+
+def save_result(result: dict[str, Any], out: Path | None, name: str) -> Path:
+    """Write ``result`` as JSON to ``out``, or to ``bench/results/<name>-<UTC time>.json``."""
+    path = out or RESULTS / f"{name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"

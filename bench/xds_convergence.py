@@ -30,10 +30,9 @@ from typing import Any
 import httpx
 import orjson
 
+from bench.run import add_result_arguments, save_result
 from tests.conftest import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -243,12 +242,11 @@ def run(proxies: int, services: int, endpoints: int, changes: int) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="20 proxies and 20 Services of 2 endpoints")
+    add_result_arguments(parser, "20 proxies and 20 Services of 2 endpoints")
     parser.add_argument("--proxies", type=int, default=1000)
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--endpoints", type=int, default=10, help="endpoints per Service")
     parser.add_argument("--changes", type=int, default=3, help="rounds of (an endpoint, a Service) changes")
-    parser.add_argument("--out", type=Path, help="write the result here (default bench/results/xds-<time>.json)")
     parser.add_argument("--clients", nargs=2, metavar=("SPEC", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.clients:
@@ -260,9 +258,7 @@ def main() -> None:
         args.proxies, args.services, args.endpoints, args.changes = 20, 20, 2, 1
     result = run(args.proxies, args.services, args.endpoints, args.changes)
     result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    RESULTS.mkdir(exist_ok=True)
-    path = args.out or RESULTS / f"xds-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    save_result(result, args.out, "xds")
     print(json.dumps(result, indent=2))
 
 
