@@ -108,6 +108,16 @@ def object_name(obj: Mapping[str, Any]) -> str:
     return f"{generate}*" if isinstance(generate, str) and generate else ""
 
 
+def service_account(spec: Mapping[str, Any]) -> str:
+    """A pod spec's ServiceAccount: ``serviceAccountName`` (``serviceAccount``, its deprecated twin, on older
+    manifests), else ``default``, as the API server's ServiceAccount plugin fills it in."""
+    for key in ("serviceAccountName", "serviceAccount"):
+        name = spec.get(key)
+        if isinstance(name, str) and name:
+            return name
+    return "default"
+
+
 def as_workload(obj: dict[str, Any], default_namespace: str = "") -> Workload | None:
     """View ``obj`` as a workload, or None when it is not one or has no pod template where one belongs.
 

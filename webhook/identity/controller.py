@@ -27,6 +27,7 @@ from ..errors import Conflict, KubeError
 from ..injection.decision import INJECT_KEY, NAMESPACE_ENABLED, POD_ENABLED
 from ..metrics import Metrics
 from ..state.kube import api_client
+from ..workloads import service_account
 from . import accounts, authority
 from .settings import POD_CERTIFICATES_APIS, IdentitySettings, account_secret_name
 from .signer import decide
@@ -257,11 +258,6 @@ def _key(obj: dict[str, Any]) -> tuple[str, str]:
     return meta.get("namespace", ""), meta.get("name", "")
 
 
-def _account_of(pod: dict[str, Any]) -> str:
-    spec = pod.get("spec") or {}
-    return spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-
-
 @dataclass
 class _Mesh:
     """What the keeper follows: namespaces labeled for the mesh, every ServiceAccount's uid, and the accounts of
@@ -281,7 +277,7 @@ class _Mesh:
 _RECORDS: dict[str, Callable[[dict[str, Any]], tuple[Any, Any]]] = {
     "namespaces": lambda ns: (_key(ns)[1], True),
     "accounts": lambda account: (_key(account), (account.get("metadata") or {}).get("uid", "")),
-    "opted_in": lambda pod: (_key(pod), (_key(pod)[0], _account_of(pod))),
+    "opted_in": lambda pod: (_key(pod), (_key(pod)[0], service_account(pod.get("spec") or {}))),
 }
 _SOURCES = {
     "namespaces": ("/api/v1/namespaces", "labelSelector=" + quote(f"{INJECT_KEY}={NAMESPACE_ENABLED}", safe="")),

@@ -17,7 +17,7 @@ from typing import Any
 from .. import envoy
 from ..errors import MeshguardError
 from ..identity.settings import account_secret_name
-from ..workloads import Workload
+from ..workloads import Workload, service_account
 from .decision import BOOTSTRAP_NAME, DEFAULT_CONTAINER_ANNOTATION, PROXY_NAME, STATUS_ANNOTATION, Decision, decide
 from .overrides import apply_overrides
 from .probes import Rewritten, rewrite
@@ -147,7 +147,7 @@ def effective_settings(workload: Workload, settings: InjectionSettings,
     effective = _fit_drain(apply_overrides(settings, workload.annotations), workload.pod_spec)
     update: dict[str, Any] = {}
     if effective.cert_secret_per_account:
-        update["cert_secret"] = account_secret_name(_account(workload.pod_spec))
+        update["cert_secret"] = account_secret_name(service_account(workload.pod_spec))
     if effective.xds_address is None:
         modes = declared_inbound(workload.pod_spec) or (inbound(workload) if inbound else None)
         if modes is not None:
@@ -155,15 +155,6 @@ def effective_settings(workload: Workload, settings: InjectionSettings,
             update |= {"mtls_mode": mode,
                        "inbound_port_modes": tuple(f"{p}={m}" for p, m in sorted(ports.items()) if m != mode)}
     return effective.model_copy(update=update) if update else effective
-
-
-def _account(spec: Mapping[str, Any]) -> str:
-    """The pod's ServiceAccount (the API server's ServiceAccount plugin sets it before webhooks are called)."""
-    for key in ("serviceAccountName", "serviceAccount"):
-        name = spec.get(key)
-        if isinstance(name, str) and name:
-            return name
-    return "default"
 
 
 # The API server's default terminationGracePeriodSeconds.

@@ -15,7 +15,7 @@ from typing import Any
 from ..injection.decision import INIT_NAME, proxy_container_present
 from ..lists import split_list
 from ..netinit import EXCLUDE_INBOUND_FLAG
-from ..workloads import labels_of, object_name
+from ..workloads import labels_of, object_name, service_account
 
 SERVICE = "Service"
 ENDPOINT_SLICE = "EndpointSlice"
@@ -138,9 +138,8 @@ def parse_pod(obj: Mapping[str, Any], namespace: str) -> PodRecord:
     ips = tuple(ip for ip in (_mapping(i).get("ip") for i in _list(status.get("podIPs"))) if isinstance(ip, str))
     if not ips and isinstance(status.get("podIP"), str):
         ips = (status["podIP"],)
-    account = spec.get("serviceAccountName")
-    return PodRecord(namespace, object_name(obj), ips, dict(labels_of(obj)),
-                     account if isinstance(account, str) and account else "default", proxy_container_present(obj),
+    return PodRecord(namespace, object_name(obj), ips, dict(labels_of(obj)), service_account(spec),
+                     proxy_container_present(obj),
                      status.get("phase") not in ("Succeeded", "Failed"), _excluded_inbound(spec))
 
 
