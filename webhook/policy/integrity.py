@@ -29,7 +29,7 @@ from typing import Any
 
 from ..injection.annotations import PREFIX, port_list
 from ..injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
-from ..injection.overrides import OverrideError
+from ..injection.overrides import OverrideError, apply_overrides
 from ..injection.patch import effective_settings
 from ..injection.settings import InjectionSettings
 from ..injection.spec import build, declared_inbound
@@ -139,7 +139,7 @@ def _holds(wanted: Any, actual: Any) -> bool:
 def override_problem(workload: Workload, settings: InjectionSettings) -> str | None:
     """Why the injector would refuse the pod's override annotations (invalid, or not allowed by the platform)."""
     try:
-        effective_settings(workload, settings)
+        apply_overrides(settings, workload.annotations)  # the part of effective_settings that can refuse
     except OverrideError as exc:
         return str(exc)
     return None
