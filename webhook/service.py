@@ -23,7 +23,6 @@ from .injection.handler import mutate_handler
 from .manifests import ManifestError
 from .metrics import Metrics
 from .policy.handler import build_handler
-from .policy.mtls import Resolver
 from .policy.unmeshed import report_unmeshed
 from .server import Readiness, Webhook, run
 from .state import files, kube
@@ -90,9 +89,8 @@ def control_plane(settings: Settings, metrics: Metrics, store: Store,
                   ca: identity.MeshAuthority | None) -> tuple[xds_server.AggregatedDiscovery, list[Job]]:
     """The ADS server the proxies connect to, fed by the same store (and PeerAuthentication resolver) as
     /validate; mutual TLS when this process holds the mesh CA."""
-    mtls = settings.policy.mtls
-    plane = ControlPlane(store, Resolver(mtls.root_namespace, mtls.default_mode),
-                         settings.injection.bootstrap_options(), settings.xds, metrics)
+    plane = ControlPlane(store, settings.policy.mtls.resolver, settings.injection.bootstrap_options(), settings.xds,
+                         metrics)
     store.subscribe(plane.changed)
     servicer = xds_server.AggregatedDiscovery(plane, metrics, settings.injection.trust_domain, tls=ca is not None)
 

@@ -13,7 +13,7 @@ from ..admission import AdmissionRequest, AdmissionResponse, allowed, denied, pa
 from ..config import Settings
 from ..handlers import WorkloadHandler
 from ..metrics import Metrics
-from ..policy.mtls import PeerAuthentications, Resolver
+from ..policy.mtls import PeerAuthentications
 from ..workloads import Workload
 from .overrides import OverrideError
 from .patch import NameConflict, plan
@@ -28,7 +28,7 @@ def mutate_handler(settings: Settings, metrics: Metrics, state: PeerAuthenticati
     injection, own_namespace = settings.injection, settings.namespace
     inbound = None
     if state is not None and injection.xds_address is None:
-        resolver = Resolver(settings.policy.mtls.root_namespace, settings.policy.mtls.default_mode)
+        resolver = settings.policy.mtls.resolver
 
         def inbound(workload: Workload) -> tuple[str, Mapping[int, str]]:
             return resolver.modes(state, workload.namespace, workload.labels)

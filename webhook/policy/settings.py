@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field
 
 from ..section import Section
-from .mtls import Mode
+from .mtls import Mode, Resolver
 from .networkpolicy import DIRECTIONS
 from .selectors import parse_selector
 
@@ -44,6 +44,11 @@ class MtlsRule(Section):
     root_namespace: str = "istio-system"
     # The mode when no PeerAuthentication applies (meshguard's proxy is STRICT unless told otherwise).
     default_mode: Mode = "STRICT"
+
+    @property
+    def resolver(self) -> Resolver:
+        """What each proxy enforces inbound, resolved as this rule resolves it."""
+        return Resolver(self.root_namespace, self.default_mode)
 
 
 class Exemptions(Section):

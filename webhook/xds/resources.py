@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from .. import envoy
 from ..certs import spiffe_id
 from ..envoy import BootstrapOptions
-from ..policy.mtls import PeerAuthentication, Resolver
+from ..policy.mtls import PeerAuthentications, Resolver
 from ..state.catalog import Catalog, PodRecord, ServiceRecord
 
 # The endpoint metadata that selects the cluster's mTLS transport socket (Envoy's transport_socket_matches).
@@ -40,12 +40,10 @@ TLS_MATCH = {"meshguard.io/tls": "mtls"}
 OUTBOUND_LISTENER = "outbound"
 
 
-class MeshState(Protocol):
-    """The part of the state store the control plane reads."""
+class MeshState(PeerAuthentications, Protocol):
+    """The part of the state store the control plane reads: the PeerAuthentications and the catalog."""
 
     catalog: Catalog
-
-    def peer_authentications(self, namespace: str) -> Sequence[PeerAuthentication]: ...
 
 
 def mtls_on(resolver: Resolver, state: MeshState, pod: PodRecord, port: int) -> bool:
