@@ -116,7 +116,7 @@ def validate(options: BootstrapOptions) -> list[str]:
     if options.mtls_mode not in MTLS_MODES:
         problems.append(f"mtls_mode {options.mtls_mode!r} is not one of {', '.join(MTLS_MODES)}")
     try:
-        parse_port_modes(options)
+        parse_port_modes(options.port_mtls_modes)
     except ValueError as exc:
         problems.append(str(exc))
     if options.log_level not in LOG_LEVELS:
@@ -136,10 +136,10 @@ def validate(options: BootstrapOptions) -> list[str]:
     return problems
 
 
-def parse_port_modes(options: BootstrapOptions) -> dict[int, str]:
-    """``options.port_mtls_modes`` as port -> mode; ``ValueError`` for an item that is not PORT=MODE."""
+def parse_port_modes(items: Sequence[str]) -> dict[int, str]:
+    """``port_mtls_modes`` items as port -> mode; ``ValueError`` for an item that is not PORT=MODE."""
     modes: dict[int, str] = {}
-    for item in options.port_mtls_modes:
+    for item in items:
         port, _, mode = item.partition("=")
         if not port.isdigit() or not 1 <= int(port) <= 65535 or mode not in MTLS_MODES:
             raise ValueError(f"port_mtls_modes item {item!r} is not PORT=MODE with a mode of {', '.join(MTLS_MODES)}")
@@ -340,7 +340,9 @@ def inbound_listener(options: BootstrapOptions, mode: str | None = None,
     them in advance.
     """
     chains = blackhole_chains("inbound", (options.inbound_port, options.outbound_port, options.admin_port))
-    for port, port_mode in sorted((parse_port_modes(options) if port_modes is None else port_modes).items()):
+    if port_modes is None:
+        port_modes = parse_port_modes(options.port_mtls_modes)
+    for port, port_mode in sorted(port_modes.items()):
         chains += _inbound_chains(options, port_mode, port)
     chains += _inbound_chains(options, mode or options.mtls_mode, None)
     return capture_listener(options, "inbound", options.inbound_port, "INBOUND") | {

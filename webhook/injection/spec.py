@@ -165,11 +165,12 @@ def declared_inbound(spec: Mapping[str, Any]) -> tuple[str, dict[int, str]] | No
 
 def _parse_inbound(value: Any) -> tuple[str, dict[int, str]] | None:
     mode, *ports = value.split(",") if isinstance(value, str) else [""]
+    if mode not in envoy.MTLS_MODES:
+        return None
     try:
-        parsed = envoy.parse_port_modes(envoy.BootstrapOptions(mtls_mode=mode, port_mtls_modes=tuple(ports)))
+        return mode, envoy.parse_port_modes(ports)
     except ValueError:
         return None
-    return mode, parsed
 
 
 def _unprivileged(uid: int) -> dict[str, Any]:
