@@ -4,7 +4,7 @@
     python -m bench.xds_convergence --quick    # 20 proxies, 20 Services: keeps the harness working in CI
 
 ``meshguard serve --dev --state DIR`` runs the control plane over a directory of Pods, Services and EndpointSlices
-(followed like a watch); a second process opens one ADS stream per simulated proxy, subscribes to clusters,
+(followed like a watch); a second process opens one delta ADS stream per simulated proxy, subscribes to clusters,
 endpoints and listeners as Envoy does, and acknowledges every response. Each measured change is written to the
 directory; convergence is taken from the server's ``meshguard_xds_convergence_seconds`` (from the change seen by
 the store to each proxy's ACK of it) and, end to end, from the file write to the last proxy's response (which
@@ -92,16 +92,15 @@ async def _proxy(address: str, namespace: str, pod: str, eds_names: list[str], l
     metadata.update({"namespace": namespace, "pod_name": pod})
     node = base_pb2.Node(id=f"sidecar~0.0.0.0~{pod}.{namespace}", metadata=metadata)
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
-        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
-        await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=node))
-        await call.write(discovery_pb2.DiscoveryRequest(type_url=ENDPOINTS, resource_names=eds_names))
-        await call.write(discovery_pb2.DiscoveryRequest(type_url=LISTENER))
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources()
+        await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER, node=node))
+        await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINTS, resource_names_subscribe=eds_names))
+        await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=LISTENER))
         seen: set[str] = set()
         async for response in call:
             log.append((pod, response.type_url, time.time()))
-            await call.write(discovery_pb2.DiscoveryRequest(
-                type_url=response.type_url, version_info=response.version_info, response_nonce=response.nonce,
-                resource_names=eds_names if response.type_url == ENDPOINTS else []))
+            await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=response.type_url,
+                                                                 response_nonce=response.nonce))
             seen.add(response.type_url)
             if len(seen) == 3:
                 ready.set()

@@ -287,14 +287,71 @@ def blackhole_chains(name: str, ports: tuple[int, ...]) -> list[dict[str, Any]]:
     have the listener's own port as original destination, and forwarding them would loop through Envoy or hand
     the admin interface to the network: send them to a cluster without endpoints, which closes them. One chain per
     port, since a chain matches a single port."""
-    return [
-        {
-            "name": f"{name}-blackhole-{port}",
-            "filter_chain_match": {"destination_port": port},
-            "filters": [tcp_proxy(f"{name}_blackhole", BLACKHOLE_CLUSTER)],
-        }
-        for port in ports
-    ]
+    return [blackhole_chain(f"{name}-blackhole-{port}", f"{name}_blackhole")
+            | {"filter_chain_match": {"destination_port": port}} for port in ports]
+
+
+def blackhole_chain(name: str, stat_prefix: str) -> dict[str, Any]:
+    return {"name": name, "filters": [tcp_proxy(stat_prefix, BLACKHOLE_CLUSTER)]}
+
+
+def _set_filter_state(key: str, value_format: str) -> dict[str, Any]:
+    """A network filter storing ``value_format`` (Envoy's access-log format) under a well-known filter state key."""
+    return {
+        "name": "envoy.filters.network.set_filter_state",
+        "typed_config": typed(
+            "envoy.extensions.filters.network.set_filter_state.v3.Config",
+            on_new_connection=[{"object_key": key,
+                                "format_string": {"text_format_source": {"inline_string": value_format}}}],
+        ),
+    }
+
+
+def cluster_from_destination(stat_prefix: str, cluster_format: str) -> list[dict[str, Any]]:
+    """Filters proxying each connection to the cluster ``cluster_format`` names from it: one filter chain for
+    any number of destinations, each with its own cluster (a missing cluster closes the connection)."""
+    return [_set_filter_state("envoy.tcp_proxy.cluster", cluster_format), tcp_proxy(stat_prefix, BLACKHOLE_CLUSTER)]
+
+
+# --- filter chain matchers (Envoy's unified matcher API: first match wins, by address before port) --------------
+
+_NETWORK_INPUTS = "envoy.extensions.matching.common_inputs.network.v3"
+
+
+def chain_action(chain: str) -> dict[str, Any]:
+    return {"action": {"name": chain, "typed_config": typed("google.protobuf.StringValue", value=chain)}}
+
+
+def ip_predicate(stat_prefix: str, ranges: list[dict[str, Any]]) -> dict[str, Any]:
+    """The connection's destination address is in ``ranges`` (a trie, whatever their number)."""
+    return {"single_predicate": {
+        "input": {"name": "destination-ip", "typed_config": typed(f"{_NETWORK_INPUTS}.DestinationIPInput")},
+        "custom_match": {"name": "ip", "typed_config": typed("envoy.extensions.matching.input_matchers.ip.v3.Ip",
+                                                             cidr_ranges=ranges, stat_prefix=stat_prefix)},
+    }}
+
+
+def _port_input() -> dict[str, Any]:
+    return {"name": "destination-port", "typed_config": typed(f"{_NETWORK_INPUTS}.DestinationPortInput")}
+
+
+def port_predicate(port: int) -> dict[str, Any]:
+    return {"single_predicate": {"input": _port_input(), "value_match": {"exact": str(port)}}}
+
+
+def port_matcher(chains: Mapping[int, str], otherwise: str) -> dict[str, Any]:
+    """The chain of the connection's destination port, ``otherwise`` for other ports."""
+    return {"matcher_tree": {"input": _port_input(),
+                             "exact_match_map": {"map": {str(port): chain_action(chain)
+                                                         for port, chain in sorted(chains.items())}}},
+            "on_no_match": chain_action(otherwise)}
+
+
+def chain_matcher(rules: Sequence[tuple[dict[str, Any], dict[str, Any]]], otherwise: str) -> dict[str, Any]:
+    """A listener's ``filter_chain_matcher``: the first (predicate, on_match) that matches, else ``otherwise``."""
+    return {"matcher_list": {"matchers": [{"predicate": predicate, "on_match": on_match}
+                                          for predicate, on_match in rules]},
+            "on_no_match": chain_action(otherwise)}
 
 
 def original_dst_filter() -> dict[str, Any]:
@@ -356,20 +413,7 @@ def inbound_listener(options: BootstrapOptions, mode: str | None = None,
 
 def _inbound_chains(options: BootstrapOptions, mode: str, port: int | None) -> list[dict[str, Any]]:
     to_local_app = [
-        {
-            "name": "envoy.filters.network.set_filter_state",
-            "typed_config": typed(
-                "envoy.extensions.filters.network.set_filter_state.v3.Config",
-                on_new_connection=[
-                    {
-                        "object_key": "envoy.network.transport_socket.original_dst_address",
-                        "format_string": {
-                            "text_format_source": {"inline_string": "127.0.0.1:%DOWNSTREAM_LOCAL_PORT%"}
-                        },
-                    }
-                ],
-            ),
-        },
+        _set_filter_state("envoy.network.transport_socket.original_dst_address", "127.0.0.1:%DOWNSTREAM_LOCAL_PORT%"),
         tcp_proxy("inbound", INBOUND_CLUSTER),
     ]
     suffix = "" if port is None else f"-{port}"
@@ -581,7 +625,7 @@ def bootstrap(options: BootstrapOptions) -> dict[str, Any]:
         ads = {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "0s"}
         config["dynamic_resources"] = {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": "DELTA_GRPC",
                 "transport_api_version": "V3",
                 "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
                 "set_node_on_first_message_only": True,

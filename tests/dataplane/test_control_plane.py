@@ -292,12 +292,14 @@ def test_proxy_config_shows_what_a_proxy_was_sent_and_acknowledged(controlled: C
     shown = controlled.control.run(sys.executable, "-m", "webhook", "proxy-config", "client-0", "-n", "shop",
                                    "--server", f"http://127.0.0.1:{HEALTH_PORT}")
     config = json.loads(shown.stdout)
-    assert set(config["versions"]) == {"cds", "eds", "lds"}
-    assert all(v["sent"] == v["acked"] for v in config["versions"].values()), config["versions"]
+    assert set(config["nonces"]) == {"cds", "eds", "lds"}
+    assert all(n["sent"] == n["acked"] for n in config["nonces"].values()), config["nonces"]
     listeners = {listener["name"] for listener in config["resources"]["lds"]}
     assert listeners == {"inbound", "outbound"}
-    clusters = {cluster["name"] for cluster in config["resources"]["cds"]}
-    assert {"outbound|80||server.shop", "outbound|80||plain.shop"} <= clusters
+    services = {cluster["alt_stat_name"] for cluster in config["resources"]["cds"] if "alt_stat_name" in cluster}
+    assert {"outbound|80||server.shop", "outbound|80||plain.shop"} <= services
+    assignments = {assignment["cluster_name"] for assignment in config["resources"]["eds"]}
+    assert {"outbound|80||server.shop", "outbound|80||plain.shop"} <= assignments
     missing = controlled.control.run(sys.executable, "-m", "webhook", "proxy-config", "nobody", "-n", "shop",
                                      "--server", f"http://127.0.0.1:{HEALTH_PORT}", check=False)
     assert missing.returncode == 2 and "no proxy of pod shop/nobody is connected" in missing.stderr

@@ -1,5 +1,5 @@
-"""The ADS protocol over a real gRPC connection: versions and nonces, ACK, NACK, stale requests, pushes on change,
-and who may ask (mutual TLS with the pod's identity)."""
+"""The delta ADS protocol over a real gRPC connection: nonces, ACK, NACK, stale requests, only what changed pushed,
+reconnection with the versions held, subscriptions, and who may ask (mutual TLS with the pod's identity)."""
 
 from __future__ import annotations
 
@@ -66,11 +66,11 @@ async def start(tls_ca: certs.Issued | None = None) -> tuple[Plane, list[asyncio
 
 
 class Stream:
-    """One ADS stream; responses are read by a task of their own (cancelling a read would cancel the call)."""
+    """One delta ADS stream; responses are read by a task of their own (cancelling a read would cancel the call)."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
-        self.responses: asyncio.Queue[discovery_pb2.DiscoveryResponse | grpc.aio.AioRpcError] = asyncio.Queue()
+        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources()
+        self.responses: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse | grpc.aio.AioRpcError] = asyncio.Queue()
         self._reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
@@ -80,17 +80,19 @@ class Stream:
         except grpc.aio.AioRpcError as exc:
             await self.responses.put(exc)
 
-    async def send(self, type_url: str, nonce: str = "", version: str = "", names: tuple[str, ...] = (),
-                   error: str | None = None, first: bool = False) -> None:
-        request = discovery_pb2.DiscoveryRequest(type_url=type_url, response_nonce=nonce, version_info=version,
-                                                 resource_names=list(names))
+    async def send(self, type_url: str, nonce: str = "", subscribe: tuple[str, ...] = (),
+                   unsubscribe: tuple[str, ...] = (), error: str | None = None, first: bool = False,
+                   held: dict[str, str] | None = None) -> None:
+        request = discovery_pb2.DeltaDiscoveryRequest(
+            type_url=type_url, response_nonce=nonce, resource_names_subscribe=list(subscribe),
+            resource_names_unsubscribe=list(unsubscribe), initial_resource_versions=held or {})
         if first:
             request.node.CopyFrom(node())
         if error is not None:
             request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
         await self.call.write(request)
 
-    async def receive(self, timeout: float = 30) -> discovery_pb2.DiscoveryResponse:
+    async def receive(self, timeout: float = 30) -> discovery_pb2.DeltaDiscoveryResponse:
         item = await asyncio.wait_for(self.responses.get(), timeout)
         if isinstance(item, grpc.aio.AioRpcError):
             raise item
@@ -99,6 +101,10 @@ class Stream:
     async def nothing_more(self) -> bool:
         await asyncio.sleep(SILENCE)
         return self.responses.empty()
+
+
+def names(response: discovery_pb2.DeltaDiscoveryResponse) -> set[str]:
+    return {resource.name for resource in response.resources}
 
 
 async def _stop(tasks: list[asyncio.Task[None]]) -> None:
@@ -114,7 +120,10 @@ def run() -> Any:
     return runner
 
 
-def test_ack_nack_and_a_push_on_change(run: Any) -> None:
+def test_ack_nack_and_only_what_changed_is_pushed(run: Any) -> None:
+    db = {**SERVICE, "metadata": {"name": "db", "namespace": "shop"},
+          "spec": {"clusterIP": "10.96.0.11", "ports": [{"name": "pg", "port": 5432}]}}
+
     async def scenario() -> None:
         plane, tasks = await start()
         try:
@@ -122,58 +131,88 @@ def test_ack_nack_and_a_push_on_change(run: Any) -> None:
                 stream = Stream(channel)
                 await stream.send(CLUSTER, first=True)
                 first = await stream.receive()
-                assert first.type_url == CLUSTER and first.version_info and first.nonce
-                await stream.send(CLUSTER, first.nonce, first.version_info)  # ACK
+                assert first.type_url == CLUSTER and first.nonce and envoy.MESH_CLUSTER in names(first)
+                await stream.send(CLUSTER, first.nonce)  # ACK
                 assert await stream.nothing_more()
-                assert plane.servicer.describe("shop", "web-0")["versions"]["cds"] == {
-                    "sent": first.version_info, "acked": first.version_info}
-                # A Service appears: a new version, with its cluster.
+                assert plane.servicer.describe("shop", "web-0")["nonces"]["cds"] == {
+                    "sent": first.nonce, "acked": first.nonce}
+                # A Service appears: its cluster alone is sent.
                 plane.store.replace("Service", [SERVICE])
                 second = await stream.receive()
-                assert second.version_info != first.version_info and second.nonce != first.nonce
-                names = set()
-                for resource in second.resources:
-                    from envoy.config.cluster.v3 import cluster_pb2
-
-                    cluster = cluster_pb2.Cluster()
-                    resource.Unpack(cluster)
-                    names.add(cluster.name)
-                assert "outbound|80||api.shop" in names
-                # NACK: counted, and the same config is not sent again.
-                await stream.send(CLUSTER, second.nonce, first.version_info, error="bad cluster")
+                assert second.nonce != first.nonce and names(second) == {"outbound|10.96.0.10:80"}
+                # NACK: counted, and not sent again now.
+                await stream.send(CLUSTER, second.nonce, error="bad cluster")
                 assert await stream.nothing_more()
                 assert plane.metrics.xds_nacks.labels("cds").value == 1
                 # A stale nonce is ignored: no answer, no NACK counted.
-                await stream.send(CLUSTER, first.nonce, first.version_info, error="late")
+                await stream.send(CLUSTER, first.nonce, error="late")
                 assert await stream.nothing_more()
                 assert plane.metrics.xds_nacks.labels("cds").value == 1
-                assert plane.metrics.xds_pushes.labels("cds").value == 2
+                # The next change carries it again, with what changed.
+                plane.store.replace("Service", [SERVICE, db])
+                third = await stream.receive()
+                assert names(third) == {"outbound|10.96.0.10:80", "outbound|10.96.0.11:5432"}
+                await stream.send(CLUSTER, third.nonce)
+                # A Service goes: its cluster is named for removal, nothing else is sent.
+                plane.store.replace("Service", [db])
+                fourth = await stream.receive()
+                assert not fourth.resources and list(fourth.removed_resources) == ["outbound|10.96.0.10:80"]
+                assert plane.metrics.xds_pushes.labels("cds").value == 4
         finally:
             await _stop(tasks)
 
     run(scenario)
 
 
-def test_endpoints_are_sent_for_the_names_asked_and_listeners_for_the_pod(run: Any) -> None:
+def test_endpoints_are_sent_for_the_names_subscribed_and_listeners_for_the_pod(run: Any) -> None:
+    other = {**SERVICE, "metadata": {"name": "db", "namespace": "shop"}, "spec": {"clusterIP": "10.96.0.11",
+                                                                                  "ports": [{"port": 80}]}}
+
+    async def scenario() -> None:
+        plane, tasks = await start()
+        plane.store.replace("Service", [SERVICE, other])
+        try:
+            async with grpc.aio.insecure_channel(plane.address) as channel:
+                stream = Stream(channel)
+                await stream.send(ENDPOINTS, subscribe=("outbound|80||api.shop", "unknown"), first=True)
+                endpoints = await stream.receive()
+                assert endpoints.type_url == ENDPOINTS and names(endpoints) == {"outbound|80||api.shop"}
+                await stream.send(LISTENER)
+                listeners = await stream.receive()
+                assert names(listeners) == {"inbound", "outbound"}
+                # A subscription change is honoured even when its nonce is not the latest: only the new name.
+                await stream.send(ENDPOINTS, endpoints.nonce, subscribe=("outbound|80||db.shop",))
+                assert names(await stream.receive()) == {"outbound|80||db.shop"}
+                # Unsubscribed: its changes are no longer sent.
+                await stream.send(ENDPOINTS, unsubscribe=("outbound|80||api.shop",))
+                plane.store.replace("EndpointSlice", [{
+                    "kind": "EndpointSlice", "metadata": {"name": "api-1", "namespace": "shop",
+                                                          "labels": {"kubernetes.io/service-name": "api"}},
+                    "ports": [{"name": "http", "port": 8080}], "endpoints": [{"addresses": ["10.0.0.5"]}]}])
+                assert await stream.nothing_more()
+        finally:
+            await _stop(tasks)
+
+    run(scenario)
+
+
+def test_a_reconnecting_proxy_gets_only_what_differs_from_the_versions_it_holds(run: Any) -> None:
     async def scenario() -> None:
         plane, tasks = await start()
         plane.store.replace("Service", [SERVICE])
         try:
             async with grpc.aio.insecure_channel(plane.address) as channel:
                 stream = Stream(channel)
-                await stream.send(ENDPOINTS, names=("outbound|80||api.shop", "unknown"), first=True)
-                endpoints = await stream.receive()
-                assert endpoints.type_url == ENDPOINTS and len(endpoints.resources) == 1
-                await stream.send(LISTENER)
-                listeners = await stream.receive()
-                from envoy.config.listener.v3 import listener_pb2
-
-                found = set()
-                for resource in listeners.resources:
-                    listener = listener_pb2.Listener()
-                    resource.Unpack(listener)
-                    found.add(listener.name)
-                assert found == {"inbound", "outbound"}
+                await stream.send(CLUSTER, first=True)
+                held = {resource.name: resource.version for resource in (await stream.receive()).resources}
+            plane.store.replace("Service", [{**SERVICE, "spec": {"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}}])
+            held[envoy.PASSTHROUGH_CLUSTER] = "an older version"
+            async with grpc.aio.insecure_channel(plane.address) as channel:
+                stream = Stream(channel)
+                await stream.send(CLUSTER, first=True, held=held)
+                answer = await stream.receive()
+                assert names(answer) == {"outbound|10.96.0.12:80", envoy.PASSTHROUGH_CLUSTER}
+                assert list(answer.removed_resources) == ["outbound|10.96.0.10:80"]
         finally:
             await _stop(tasks)
 
@@ -204,7 +243,7 @@ def _client_channel(ca: certs.Issued, account: str, address: str) -> grpc.aio.Ch
                                    options=[("grpc.ssl_target_name_override", "meshguard.meshguard.svc")])
 
 
-async def _first_answer(channel: grpc.aio.Channel) -> discovery_pb2.DiscoveryResponse:
+async def _first_answer(channel: grpc.aio.Channel) -> discovery_pb2.DeltaDiscoveryResponse:
     stream = Stream(channel)
     await stream.send(CLUSTER, first=True)
     return await stream.receive()
@@ -256,7 +295,7 @@ def test_endpoint_changes_send_only_the_changed_assignment(run: Any) -> None:
                 "ports": [{"name": "http", "port": 8080}], "endpoints": [{"addresses": [ip]}]}
 
     other = {**SERVICE, "metadata": {"name": "db", "namespace": "shop"}}
-    names = ("outbound|80||api.shop", "outbound|80||db.shop")
+    subscribed = ("outbound|80||api.shop", "outbound|80||db.shop")
 
     async def scenario() -> None:
         plane, tasks = await start()
@@ -265,18 +304,17 @@ def test_endpoint_changes_send_only_the_changed_assignment(run: Any) -> None:
         try:
             async with grpc.aio.insecure_channel(plane.address) as channel:
                 stream = Stream(channel)
-                await stream.send(ENDPOINTS, names=names, first=True)
+                await stream.send(ENDPOINTS, subscribe=subscribed, first=True)
                 first = await stream.receive()
-                assert len(first.resources) == 2
-                await stream.send(ENDPOINTS, first.nonce, first.version_info, names=names)
+                assert names(first) == set(subscribed)
+                await stream.send(ENDPOINTS, first.nonce)
                 plane.store.apply("EndpointSlice", "MODIFIED", slice_of("api", "10.0.0.7"))
                 second = await stream.receive()
-                assert second.version_info != first.version_info and len(second.resources) == 1
+                assert names(second) == {"outbound|80||api.shop"}
                 from envoy.config.endpoint.v3 import endpoint_pb2
 
                 assignment = endpoint_pb2.ClusterLoadAssignment()
-                second.resources[0].Unpack(assignment)
-                assert assignment.cluster_name == "outbound|80||api.shop"
+                second.resources[0].resource.Unpack(assignment)
                 address = assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address
                 assert address == "10.0.0.7"
         finally:

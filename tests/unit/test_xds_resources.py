@@ -82,7 +82,7 @@ def test_meshed_endpoints_get_mutual_tls_with_their_identities_and_the_others_pl
     outbound = resources.outbound(state, RESOLVER, OPTIONS)
     name = "outbound|80||api.shop"
     assert lb_endpoints(outbound, name) == {"10.0.0.1": True, "10.0.0.2": True, "10.0.0.3": False}
-    assert peer_ids(outbound.clusters[name]) == ["spiffe://cluster.local/ns/shop/sa/api",
+    assert peer_ids(outbound.clusters["outbound|10.96.0.10:80"]) == ["spiffe://cluster.local/ns/shop/sa/api",
                                                  "spiffe://cluster.local/ns/shop/sa/api-v2"]
 
 
@@ -90,7 +90,7 @@ def test_a_service_of_unmeshed_pods_has_no_tls_at_all() -> None:
     state = store(pod("db", "10.0.0.3", meshed=False), service("db", "10.96.0.11", 5432),
                   endpoints("db", [("db", "10.0.0.3")], 5432))
     outbound = resources.outbound(state, RESOLVER, OPTIONS)
-    assert "transport_socket_matches" not in outbound.clusters["outbound|5432||db.shop"]
+    assert "transport_socket_matches" not in outbound.clusters["outbound|10.96.0.11:5432"]
     assert lb_endpoints(outbound, "outbound|5432||db.shop") == {"10.0.0.3": False}
 
 
@@ -106,26 +106,57 @@ def test_plaintext_where_the_meshed_pod_does_not_take_mutual_tls(pod_kwargs: dic
     assert lb_endpoints(resources.outbound(state, RESOLVER, OPTIONS), "outbound|80||api.shop") == {"10.0.0.1": False}
 
 
-def _chains(outbound: resources.Outbound) -> dict[str, dict[str, Any]]:
-    return {chain["name"]: chain["filter_chain_match"] for chain in outbound.listener["filter_chains"]}
+def _rules(listener: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The listener's matcher as (what it matches, where it sends): a chain, or per port with None for the rest."""
+    def target(on_match: dict[str, Any]) -> Any:
+        if "action" in on_match:
+            return on_match["action"]["typed_config"]["value"]
+        tree = on_match["matcher"]
+        ports = {int(port): target(m) for port, m in tree["matcher_tree"]["exact_match_map"]["map"].items()}
+        return {**ports, None: target(tree["on_no_match"])}
+
+    rules = []
+    for matcher in listener["filter_chain_matcher"]["matcher_list"]["matchers"]:
+        predicate = matcher["predicate"]["single_predicate"]
+        if "value_match" in predicate:
+            what: Any = ("port", int(predicate["value_match"]["exact"]))
+        else:
+            ranges = predicate["custom_match"]["typed_config"]["cidr_ranges"]
+            what = ("ip", [f"{r['address_prefix']}/{r['prefix_len']}" for r in ranges])
+        rules.append((what, target(matcher["on_match"])))
+    rules.append((("otherwise", None), target(listener["filter_chain_matcher"]["on_no_match"])))
+    return rules
 
 
-def test_the_outbound_listener_routes_cluster_ips_and_meshed_pod_ips() -> None:
-    state = store(pod("api-1", "10.0.0.1"), pod("old", "10.0.0.1", phase="Succeeded"),
-                  pod("legacy", "10.0.0.3", meshed=False), service("api", "10.96.0.10"),
-                  service("headless", None, 9000), endpoints("api", [("api-1", "10.0.0.1")]))
-    chains = _chains(resources.outbound(state, RESOLVER, OPTIONS))
-    host = {"address_prefix": "10.0.0.1", "prefix_len": 32}
-    assert chains["outbound|80||api.shop"] == {
-        "destination_port": 80, "prefix_ranges": [{"address_prefix": "10.96.0.10", "prefix_len": 32}]}
-    # Port 80 has chains of its own, so it needs its own meshed-pod and passthrough chains (no backtracking).
-    assert chains["outbound-mesh-80"] == {"destination_port": 80, "prefix_ranges": [host]}
-    assert chains["outbound-passthrough-80"] == {"destination_port": 80}
-    assert chains["outbound-mesh"] == {"prefix_ranges": [host]}
-    # The ports the meshed pod leaves uncaptured stay plaintext to it.
-    assert chains["outbound-passthrough-15021"] == {"destination_port": 15021}
-    assert "outbound-mesh-15021" not in chains
-    assert not any("headless" in name for name in chains)  # no ClusterIP: reached by pod IP
+def test_the_outbound_listener_matches_each_cluster_ip_and_meshed_pod_ip_once() -> None:
+    state = store(pod("api-1", "10.0.0.1"), pod("api-2", "10.0.0.2"), pod("old", "10.0.0.1", phase="Succeeded"),
+                  pod("batch", "10.0.1.9", excluded=""), pod("legacy", "10.0.0.3", meshed=False),
+                  service("api", "10.96.0.10"), service("web", "10.96.0.11", 8080), service("headless", None, 9000),
+                  endpoints("api", [("api-1", "10.0.0.1")]))
+    outbound = resources.outbound(state, RESOLVER, OPTIONS)
+    assert _rules(outbound.listener) == [
+        (("port", OPTIONS.outbound_port), "outbound-blackhole"),  # reached directly, not redirected: closed
+        (("ip", ["10.96.0.10/31"]), "outbound-services"),  # ClusterIPs, whatever their ports
+        (("ip", ["10.0.1.9/32"]), "outbound-mesh"),
+        # The ports these pods leave uncaptured stay plaintext to them.
+        (("ip", ["10.0.0.1/32", "10.0.0.2/32"]),
+         {15021: "outbound-passthrough", 15090: "outbound-passthrough", None: "outbound-mesh"}),
+        (("otherwise", None), "outbound-passthrough"),
+    ]
+    # The services chain names each connection's cluster after its destination: one cluster per ClusterIP port.
+    assert {name for name in outbound.clusters if "10.96" in name} == {"outbound|10.96.0.10:80",
+                                                                      "outbound|10.96.0.11:8080"}
+    assert outbound.clusters["outbound|10.96.0.10:80"]["eds_cluster_config"]["service_name"] == "outbound|80||api.shop"
+    assert not any("headless" in name for name in outbound.load_assignments)  # no ClusterIP: reached by pod IP
+
+
+def test_a_dual_stack_service_has_a_cluster_per_address_sharing_its_endpoints() -> None:
+    dual = service("api", "10.96.0.10")
+    dual["spec"]["clusterIPs"] = ["10.96.0.10", "fd00:0:0::a"]
+    outbound = resources.outbound(store(dual), RESOLVER, OPTIONS)
+    # Named as Envoy prints the destination address: IPv6 compressed, in brackets.
+    for name in ("outbound|10.96.0.10:80", "outbound|[fd00::a]:80"):
+        assert outbound.clusters[name]["eds_cluster_config"]["service_name"] == "outbound|80||api.shop"
 
 
 @pytest.mark.parametrize(("policies", "expected"), [

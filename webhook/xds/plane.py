@@ -2,8 +2,10 @@
 
 The store calls :meth:`ControlPlane.changed` for every watch event; a rebuild waits ``debounce_seconds`` of
 quiet (at most ``max_delay_seconds`` after the first change), then builds the shared resources once, packs each
-into a protobuf ``Any`` once, and wakes every stream. Each stream sends a proxy only the types whose version (a
-digest of exactly what that proxy would get) changed.
+into a protobuf ``Any`` once, and wakes every stream. Each stream sends its proxy only the resources that
+changed for it (delta xDS): a proxy that had the previous snapshot gets the changes between the two, computed and
+serialized once for every such proxy; any other (new, reconnected, resubscribed) gets the difference between what
+it holds and what it should.
 
 Packing (the JSON through the protobuf schema) costs far more than building the JSON, so a resource whose JSON
 did not change since the last snapshot keeps its packed form, and the proxies' inbound listeners, which depend
@@ -32,6 +34,8 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2  # noqa: F401
 from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2  # noqa: F401
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2  # noqa: F401
+from envoy.extensions.matching.input_matchers.ip.v3 import ip_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, json_format
@@ -61,44 +65,47 @@ FOLLOWED = frozenset({*MESH_KINDS, PEER_AUTHENTICATION})
 
 @dataclass(frozen=True)
 class Packed:
-    """One resource as sent: its JSON (for ``proxy-config``), its ``Any``, and a digest of its bytes."""
+    """One resource as sent: its JSON (for ``proxy-config``) and as a delta response carries it, versioned by a
+    digest of its bytes (the same after a restart: a reconnecting proxy's resources need not be sent again)."""
 
     name: str
     json: dict[str, Any]
-    any: any_pb2.Any
-    digest: bytes
+    resource: discovery_pb2.Resource
+
+    @property
+    def version(self) -> str:
+        return self.resource.version
 
 
 def pack(type_url: str, name: str, config: dict[str, Any]) -> Packed:
     message = json_format.ParseDict(config, _MESSAGES[type_url]())
     packed = any_pb2.Any()
-    packed.Pack(message)
-    return Packed(name, config, packed, hashlib.blake2b(packed.value, digest_size=16).digest())
-
-
-def version_of(items: Iterable[Packed]) -> str:
-    digest = hashlib.blake2b(digest_size=12)
-    for item in items:
-        digest.update(item.name.encode() + b"\0" + item.digest)
-    return digest.hexdigest()
+    packed.Pack(message, deterministic=True)
+    version = hashlib.blake2b(packed.value, digest_size=12).hexdigest()
+    return Packed(name, config, discovery_pb2.Resource(name=name, version=version, resource=packed))
 
 
 @dataclass(frozen=True)
 class Response:
-    """A DiscoveryResponse as sent to any number of proxies: serialized once, without its nonce (each stream
+    """A DeltaDiscoveryResponse as sent to any number of proxies: serialized once, without its nonce (each stream
     appends its own: protobuf messages concatenate)."""
 
     type_url: str
-    version: str
     body: bytes
-    items: tuple[Packed, ...]  # what it carries, for proxy-config
+    items: tuple[Packed, ...]
+    removed: tuple[str, ...]
 
     @classmethod
-    def of(cls, type_url: str, version: str, items: Iterable[Packed]) -> Response:
-        carried = tuple(items)
-        body = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url,
-                                               resources=[item.any for item in carried]).SerializeToString()
-        return cls(type_url, version, body, carried)
+    def of(cls, type_url: str, items: Iterable[Packed], removed: Iterable[str] = ()) -> Response:
+        carried, gone = tuple(items), tuple(sorted(removed))
+        body = discovery_pb2.DeltaDiscoveryResponse(type_url=type_url, resources=[item.resource for item in carried],
+                                                    removed_resources=gone).SerializeToString()
+        return cls(type_url, body, carried, gone)
+
+
+# What a proxy holds of a type: name -> the resource sent, or None for one it announced (reconnecting) that the
+# control plane does not have in that version.
+Held = dict[str, Packed | None]
 
 
 @dataclass
@@ -108,14 +115,25 @@ class Snapshot:
     clusters: dict[str, Packed]
     assignments: dict[str, Packed]
     outbound: Packed
-    changed_assignments: frozenset[str]  # names whose assignment differs from the previous snapshot's
-    responses: dict[Any, Response] = field(default_factory=dict)  # shared by every proxy asking the same
+    changed: dict[str, frozenset[str]]  # type -> names added or changed since the previous snapshot
+    removed: dict[str, frozenset[str]]  # type -> names gone since the previous snapshot
+    responses: dict[Any, Response | None] = field(default_factory=dict)  # shared by every proxy asking the same
 
-    def response(self, key: Any, build: Callable[[], Response]) -> Response:
-        found = self.responses.get(key)
-        if found is None:
-            found = self.responses[key] = build()
-        return found
+    def response(self, key: Any, build: Callable[[], Response | None]) -> Response | None:
+        if key not in self.responses:
+            self.responses[key] = build()
+        return self.responses[key]
+
+
+def _difference(type_url: str, wanted: dict[str, Packed], held: Held) -> Response | None:
+    items = [item for name, item in wanted.items() if (had := held.get(name)) is None or had.version != item.version]
+    removed = [name for name in held if name not in wanted]
+    return Response.of(type_url, items, removed) if items or removed else None
+
+
+def _changes(previous: dict[str, Packed], current: dict[str, Packed]) -> tuple[frozenset[str], frozenset[str]]:
+    return (frozenset(name for name, item in current.items() if previous.get(name) is not item),
+            frozenset(previous.keys() - current.keys()))
 
 
 class _Packer:
@@ -149,7 +167,7 @@ class ControlPlane:
         self.snapshot: Snapshot | None = None
         self._pack = _Packer()
         # (mode, port modes) -> the inbound listener for them; the options are fixed for the process.
-        self._inbound: dict[tuple[str, tuple[tuple[int, str], ...]], Packed] = {}
+        self._inbound_by_modes: dict[tuple[str, tuple[tuple[int, str], ...]], Packed] = {}
 
     # -- change intake (the store's subscriber, on the loop's thread) ----------------------------------------
 
@@ -185,19 +203,21 @@ class ControlPlane:
         start = time.perf_counter()
         outbound = resources.outbound(self.state, self._resolver, self._options)
         previous = self.snapshot
-        generation = previous.generation + 1 if previous else 1
+        clusters = {name: self._pack(CLUSTER, name, c) for name, c in outbound.clusters.items()}
         assignments = {name: self._pack(ENDPOINTS, name, a) for name, a in outbound.load_assignments.items()}
-        before = previous.assignments if previous else {}
-        self.snapshot = Snapshot(
-            generation, since if since is not None else time.monotonic(),
-            {name: self._pack(CLUSTER, name, c) for name, c in outbound.clusters.items()},
-            assignments,
-            self._pack(LISTENER, resources.OUTBOUND_LISTENER, outbound.listener),
-            frozenset(name for name, packed in assignments.items() if before.get(name) is not packed),
-        )
+        listener = self._pack(LISTENER, resources.OUTBOUND_LISTENER, outbound.listener)
+        changed, removed = {}, {}
+        for type_url, now, before in ((CLUSTER, clusters, previous.clusters if previous else {}),
+                                      (ENDPOINTS, assignments, previous.assignments if previous else {}),
+                                      (LISTENER, {listener.name: listener},
+                                       {previous.outbound.name: previous.outbound} if previous else {})):
+            changed[type_url], removed[type_url] = _changes(before, now)
+        self.snapshot = Snapshot(previous.generation + 1 if previous else 1,
+                                 since if since is not None else time.monotonic(),
+                                 clusters, assignments, listener, changed, removed)
         self._pack.next_snapshot()
         self._metrics.xds_push_duration.labels().observe(time.perf_counter() - start)
-        log.debug("xds snapshot built", extra={"generation": generation, "clusters": len(outbound.clusters)})
+        log.debug("xds snapshot built", extra={"generation": self.snapshot.generation, "clusters": len(clusters)})
         return self.snapshot
 
     async def wait_for_change(self, generation: int) -> Snapshot:
@@ -212,32 +232,45 @@ class ControlPlane:
 
     # -- per proxy ---------------------------------------------------------------------------------------------
 
-    def response(self, snapshot: Snapshot, type_url: str, pod: PodRecord, names: frozenset[str],
-                 endpoints_from: int | None) -> Response:
-        """What ``pod``'s proxy gets of ``type_url``: every cluster; the assignments of the ``names`` it asked for
-        (only those changed since snapshot ``endpoints_from`` when it has all of that one's, which Envoy allows
-        for endpoints); the outbound listener and the inbound one for its modes. Built once per snapshot for
-        all the proxies that get the same."""
-        if type_url == CLUSTER:
-            return snapshot.response(CLUSTER, lambda: self._whole(CLUSTER, snapshot.clusters.values()))
-        if type_url == ENDPOINTS:
-            def wanted() -> list[Packed]:
-                return [snapshot.assignments[name] for name in sorted(names) if name in snapshot.assignments]
-
-            whole = snapshot.response((ENDPOINTS, names), lambda: self._whole(ENDPOINTS, wanted()))
-            if endpoints_from != snapshot.generation - 1:
-                return whole
-            return snapshot.response((ENDPOINTS, names, "changed"), lambda: Response.of(
-                ENDPOINTS, whole.version, (item for item in whole.items if item.name in snapshot.changed_assignments)))
+    def _inbound(self, pod: PodRecord) -> Packed:
         mode, ports = self._resolver.modes(self.state, pod.namespace, pod.labels)
         key = (mode, tuple(sorted(ports.items())))
-        inbound = self._inbound.get(key)
+        inbound = self._inbound_by_modes.get(key)
         if inbound is None:
             listener = envoy.inbound_listener(self._options, mode, ports)
-            inbound = self._inbound[key] = pack(LISTENER, listener["name"], listener)
-        return snapshot.response((LISTENER, key), lambda: self._whole(LISTENER, (snapshot.outbound, inbound)))
+            inbound = self._inbound_by_modes[key] = pack(LISTENER, listener["name"], listener)
+        return inbound
 
-    @staticmethod
-    def _whole(type_url: str, items: Iterable[Packed]) -> Response:
-        carried = tuple(items)
-        return Response.of(type_url, version_of(carried), carried)
+    def wanted(self, snapshot: Snapshot, type_url: str, pod: PodRecord, names: frozenset[str]) -> dict[str, Packed]:
+        """What ``pod``'s proxy should hold of ``type_url``: every cluster; the assignments of the ``names`` it
+        subscribed to; the outbound listener and the inbound one for its modes."""
+        if type_url == CLUSTER:
+            return snapshot.clusters
+        if type_url == ENDPOINTS:
+            return {name: snapshot.assignments[name] for name in sorted(names) if name in snapshot.assignments}
+        inbound = self._inbound(pod)
+        return {snapshot.outbound.name: snapshot.outbound, inbound.name: inbound}
+
+    def response(self, snapshot: Snapshot, type_url: str, pod: PodRecord, names: frozenset[str], held: Held,
+                 incremental: bool) -> Response | None:
+        """What ``pod``'s proxy, holding ``held``, is sent of ``type_url`` for ``snapshot``; None if nothing.
+        ``incremental``: it holds all of the previous snapshot's (for the same subscription), so it gets that
+        snapshot's changes, built once for all such proxies."""
+        if type_url == LISTENER:  # two resources, one of them the proxy's own
+            wanted = self.wanted(snapshot, type_url, pod, names)
+            key = (type_url, tuple((item.name, item.version) for item in wanted.values()),
+                   tuple(sorted((name, item.version if item else "") for name, item in held.items())))
+            return snapshot.response(key, lambda: _difference(type_url, wanted, held))
+        if incremental:
+            def changes() -> Response | None:
+                changed, removed = snapshot.changed[type_url], snapshot.removed[type_url]
+                if type_url == ENDPOINTS:
+                    changed, removed = changed & names, removed & names
+                items = [item for name, item in self.wanted(snapshot, type_url, pod, names).items() if name in changed]
+                return Response.of(type_url, items, removed) if items or removed else None
+
+            return snapshot.response((type_url, names, "changes"), changes)
+        if not held:  # a proxy's first request: shared by every proxy that starts with the same subscription
+            return snapshot.response((type_url, names, "all"),
+                                     lambda: _difference(type_url, self.wanted(snapshot, type_url, pod, names), {}))
+        return _difference(type_url, self.wanted(snapshot, type_url, pod, names), held)

@@ -1,18 +1,19 @@
 """What the control plane sends the proxies, as Envoy JSON: a pure function of the cluster state.
 
 Outbound (the same for every proxy). The app's connection reaches the outbound capture listener with the address
-it dialled as original destination:
+it dialled as original destination, and the listener's matcher looks at that address first:
 
-* a Service's ClusterIP and port → that Service port's cluster, whose endpoints come by EDS from its
-  EndpointSlices. An endpoint whose pod carries meshguard's proxy (and captures that port, and is not DISABLEd by
-  its PeerAuthentication) is marked for mutual TLS, verified against the SPIFFE IDs of the Service's meshed pods;
-  every other endpoint (an unmeshed pod, the API server) gets the bytes as they are.
+* a Service's ClusterIP → the cluster named after that address and port (``outbound|10.96.0.10:80``, picked by
+  the chain from the connection's own destination, so the listener lists each ClusterIP once, not each Service
+  port), whose endpoints come by EDS from the Service's EndpointSlices (``outbound|80||api.shop``). An endpoint
+  whose pod carries meshguard's proxy (and captures that port, and is not DISABLEd by its PeerAuthentication) is
+  marked for mutual TLS, verified against the SPIFFE IDs of the Service's meshed pods; every other endpoint (an
+  unmeshed pod, the API server) gets the bytes as they are;
 * a meshed pod's own IP (a headless Service, a StatefulSet peer) → mutual TLS to that address, any SPIFFE ID of
   the trust domain, except on the ports that pod leaves uncaptured;
 * anything else → passthrough, untouched.
 
-Envoy matches a filter chain's destination port before its address and never backtracks, so a port that any
-chain names gets its own complete set of chains (its Services, the meshed pods, passthrough for the rest).
+So the listener changes only when a ClusterIP or a meshed pod comes or goes, and then by one address.
 
 Inbound (per proxy): :func:`webhook.envoy.inbound_listener` at the pod's modes per port
 (:meth:`webhook.policy.mtls.Resolver.modes`),
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -61,16 +62,26 @@ class Outbound:
     listener: dict[str, Any]
 
 
-def service_cluster(service: ServiceRecord, port: int) -> str:
-    return f"outbound|{port}||{service.name}.{service.namespace}"
-
-
-def _valid_ip(ip: str) -> bool:
+def _address(ip: str) -> str | None:
+    """``ip`` as Envoy prints it (IPv6 compressed, in brackets with a port), or None when it is not an address."""
     try:
-        ipaddress.ip_address(ip)
+        parsed = ipaddress.ip_address(ip)
     except ValueError:
-        return False
-    return True
+        return None
+    return str(parsed) if parsed.version == 4 else f"[{parsed}]"
+
+
+# The cluster of a ClusterIP and port, named from the connection's destination by the services chain.
+_SERVICE_CLUSTER = "outbound|{}"
+
+
+def service_cluster(address: str, port: int) -> str:
+    return _SERVICE_CLUSTER.format(f"{address}:{port}")
+
+
+def service_assignment(service: ServiceRecord, port: int) -> str:
+    """The endpoints of a Service port, shared by the clusters of its ClusterIPs (one per IP family)."""
+    return f"outbound|{port}||{service.name}.{service.namespace}"
 
 
 def _tcp_ports(service: ServiceRecord) -> list[int]:
@@ -93,7 +104,7 @@ def _endpoints(state: MeshState, resolver: Resolver, service: ServiceRecord, por
             pod = state.catalog.pod(service.namespace, endpoint.pod) if endpoint.pod else None
             meshed = pod is not None and mtls_on(resolver, state, pod, target)
             for address in endpoint.addresses:
-                if not _valid_ip(address):
+                if _address(address) is None:
                     continue
                 entry: dict[str, Any] = {"endpoint": {"address": envoy.socket_address(address, target)}}
                 if meshed:
@@ -101,16 +112,17 @@ def _endpoints(state: MeshState, resolver: Resolver, service: ServiceRecord, por
                     entry["metadata"] = {"filter_metadata": {TLS_MATCH_KEY: TLS_MATCH}}
                     identities.add(spiffe_id(options.trust_domain, pod.namespace, pod.service_account))
                 lb_endpoints.append(entry)
-    name = service_cluster(service, port)
+    name = service_assignment(service, port)
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": lb_endpoints}] if lb_endpoints else []}, \
         sorted(identities)
 
 
-def _cluster(name: str, options: BootstrapOptions, identities: list[str]) -> dict[str, Any]:
+def _cluster(name: str, assignment: str, options: BootstrapOptions, identities: list[str]) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
+        "alt_stat_name": assignment,  # stats by Service name, not address
         "type": "EDS",
-        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}, "service_name": assignment},
         "connect_timeout": envoy.CONNECT_TIMEOUT,
     }
     if identities:
@@ -119,7 +131,7 @@ def _cluster(name: str, options: BootstrapOptions, identities: list[str]) -> dic
     return cluster
 
 
-def _ranges(ips: Sequence[str]) -> list[dict[str, Any]]:
+def _ranges(ips: Iterable[str]) -> list[dict[str, Any]]:
     """The fewest prefixes covering exactly ``ips`` (pods of one node's range are often neighbours)."""
     networks = [ipaddress.ip_network(ip) for ip in ips]
     collapsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
@@ -128,58 +140,60 @@ def _ranges(ips: Sequence[str]) -> list[dict[str, Any]]:
     return [{"address_prefix": str(n.network_address), "prefix_len": n.prefixlen} for n in collapsed]
 
 
-def _chain(name: str, cluster: str, port: int | None, ranges: list[dict[str, Any]]) -> dict[str, Any]:
-    match: dict[str, Any] = {}
-    if port is not None:
-        match["destination_port"] = port
-    if ranges:
-        match["prefix_ranges"] = ranges
-    return {"name": name, "filter_chain_match": match, "filters": [envoy.tcp_proxy(name, cluster)]}
+SERVICES_CHAIN = "outbound-services"
+MESH_CHAIN = "outbound-mesh"
+PASSTHROUGH_CHAIN = "outbound-passthrough"
+BLACKHOLE_CHAIN = "outbound-blackhole"
 
 
-def _host(ip: str) -> dict[str, Any]:
-    return {"address_prefix": ip, "prefix_len": 128 if ":" in ip else 32}
+def _listener(options: BootstrapOptions, cluster_ips: Iterable[str],
+              meshed: Mapping[str, PodRecord]) -> dict[str, Any]:
+    rules = [(envoy.port_predicate(options.outbound_port), envoy.chain_action(BLACKHOLE_CHAIN))]
+    if services := _ranges(cluster_ips):
+        rules.append((envoy.ip_predicate("services", services), envoy.chain_action(SERVICES_CHAIN)))
+    groups: defaultdict[frozenset[int], list[str]] = defaultdict(list)
+    for ip, pod in meshed.items():
+        groups[pod.plaintext_ports].append(ip)
+    for ports, ips in sorted(groups.items(), key=lambda group: sorted(group[0])):
+        to_mesh = envoy.chain_action(MESH_CHAIN)
+        if ports:  # the ports these pods leave uncaptured stay plaintext
+            to_mesh = {"matcher": envoy.port_matcher({port: PASSTHROUGH_CHAIN for port in ports}, MESH_CHAIN)}
+        rules.append((envoy.ip_predicate("mesh", _ranges(ips)), to_mesh))
+    return envoy.capture_listener(options, OUTBOUND_LISTENER, options.outbound_port, "OUTBOUND") | {
+        "listener_filters": [envoy.original_dst_filter()],
+        "filter_chains": [
+            envoy.blackhole_chain(BLACKHOLE_CHAIN, "outbound_blackhole"),
+            {"name": SERVICES_CHAIN, "filters": envoy.cluster_from_destination(
+                "outbound_services", _SERVICE_CLUSTER.format("%DOWNSTREAM_LOCAL_ADDRESS%"))},
+            {"name": MESH_CHAIN, "filters": [envoy.tcp_proxy("outbound_mesh", envoy.MESH_CLUSTER)]},
+            {"name": PASSTHROUGH_CHAIN,
+             "filters": [envoy.tcp_proxy("outbound_passthrough", envoy.PASSTHROUGH_CLUSTER)]},
+        ],
+        "filter_chain_matcher": envoy.chain_matcher(rules, PASSTHROUGH_CHAIN),
+    }
 
 
 def outbound(state: MeshState, resolver: Resolver, options: BootstrapOptions) -> Outbound:
     """Every Service port's cluster and endpoints, and the outbound listener routing to them."""
     clusters: dict[str, dict[str, Any]] = {cluster["name"]: cluster for cluster in envoy.capture_clusters(options)}
     assignments: dict[str, dict[str, Any]] = {}
-    by_port: defaultdict[int, list[dict[str, Any]]] = defaultdict(list)
+    cluster_ips: list[str] = []
     for service in state.catalog.services():
-        ips = [ip for ip in service.cluster_ips if _valid_ip(ip)]
+        addresses = [(ip, address) for ip in service.cluster_ips if (address := _address(ip)) is not None]
+        if not addresses:
+            continue  # headless: its pods are reached by their own IPs
+        cluster_ips += [ip for ip, _ in addresses]
         for port in _tcp_ports(service):
-            name = service_cluster(service, port)
+            name = service_assignment(service, port)
             assignments[name], identities = _endpoints(state, resolver, service, port, options)
-            clusters[name] = _cluster(name, options, identities)
-            if ips:
-                by_port[port].append(_chain(name, name, port, [_host(ip) for ip in ips]))
+            for _, address in addresses:
+                clusters[service_cluster(address, port)] = _cluster(service_cluster(address, port), name, options,
+                                                                    identities)
     # Meshed pods by address: one IP each (a finished pod's IP may be reused by a live one).
     meshed: dict[str, PodRecord] = {}
     for pod in state.catalog.pods():
         if pod.meshed and pod.active:
             for ip in pod.ips:
-                if _valid_ip(ip):
+                if _address(ip) is not None:
                     meshed[ip] = pod
-    for pod in meshed.values():
-        for port in pod.plaintext_ports:
-            by_port.setdefault(port, [])
-    # Most ports leave every meshed pod captured: their ranges are computed once.
-    everyone = _ranges(list(meshed))
-    chains = envoy.blackhole_chains(OUTBOUND_LISTENER, (options.outbound_port,))
-    for port in sorted(by_port):
-        chains += by_port[port]
-        captured = [ip for ip, pod in meshed.items() if port not in pod.plaintext_ports]
-        ranges = everyone if len(captured) == len(meshed) else _ranges(captured)
-        if ranges:
-            chains.append(_chain(f"outbound-mesh-{port}", envoy.MESH_CLUSTER, port, ranges))
-        chains.append(_chain(f"outbound-passthrough-{port}", envoy.PASSTHROUGH_CLUSTER, port, []))
-    if everyone:
-        chains.append(_chain("outbound-mesh", envoy.MESH_CLUSTER, None, everyone))
-    listener = envoy.capture_listener(options, OUTBOUND_LISTENER, options.outbound_port, "OUTBOUND") | {
-        "listener_filters": [envoy.original_dst_filter()],
-        "filter_chains": chains,
-        "default_filter_chain": {"name": "outbound-passthrough",
-                                 "filters": [envoy.tcp_proxy("outbound_passthrough", envoy.PASSTHROUGH_CLUSTER)]},
-    }
-    return Outbound(clusters, assignments, listener)
+    return Outbound(clusters, assignments, _listener(options, cluster_ips, meshed))

@@ -1,10 +1,12 @@
-"""The ADS server: one gRPC stream per proxy, state of the world per type (CDS, EDS, LDS), over mutual TLS.
+"""The ADS server: one gRPC stream per proxy, delta xDS per type (CDS, EDS, LDS), over mutual TLS.
 
-Protocol, as Envoy's xDS spec has it: every response carries a version and a nonce (listeners and clusters
-whole, endpoints only those that changed for this proxy); the proxy's next request of
-that type echoes the nonce and either the new version (ACK) or its last good version with an ``error_detail``
-(NACK). A NACKed config is logged and counted, and not sent again; the proxy keeps running its last good one until
-the cluster changes. A request whose nonce is not the latest one sent is stale and ignored.
+Protocol, as Envoy's incremental xDS spec has it: a response carries the resources that are new or changed for
+the proxy (each with its version) and the names it should drop, and a nonce; the proxy's next request of that
+type echoes the nonce, with an ``error_detail`` if it rejected them (NACK). Clusters and listeners are sent to
+every proxy (wildcard); endpoints for the names it subscribes to. A reconnecting proxy announces the versions it
+holds, and only what differs is sent. A NACKed config is logged and counted, and not sent again until the cluster
+changes; the proxy keeps running its last good one. A request whose nonce is not the latest one sent is stale:
+its ACK or NACK is ignored, its subscription changes are not.
 
 Who is asking: the proxy's node metadata names its pod; over mutual TLS the client certificate's SPIFFE ID must
 be that pod's namespace and ServiceAccount, so a workload cannot ask for another's config. A pod the store has
@@ -32,7 +34,7 @@ from ..certs import Issued, issue_leaf, service_dns_names, spiffe_id
 from ..identity.authority import Authority
 from ..metrics import Metrics
 from ..state.catalog import PodRecord
-from .plane import ENDPOINTS, TYPES, ControlPlane, Packed, Snapshot
+from .plane import CLUSTER, ENDPOINTS, LISTENER, TYPES, ControlPlane, Held, Snapshot
 from .settings import XdsSettings
 
 log = logging.getLogger("meshguard.xds")
@@ -42,11 +44,17 @@ SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
 
 @dataclass
-class _Sent:
-    version: str = ""
+class _Subscription:
+    """One type on one stream."""
+
+    names: frozenset[str] = frozenset()  # endpoints: the names subscribed; clusters and listeners: all
+    held: Held = field(default_factory=dict)
+    synced: int | None = None  # the snapshot whose resources ``held`` is, for these names
     nonce: str = ""
-    names: frozenset[str] = frozenset()
+    acked: str = ""
     changed_at: float | None = None  # the change the unacknowledged response carries
+    last_sent: frozenset[str] = frozenset()  # the names the unacknowledged response carries
+    rejected: bool = False  # some of ``held`` was NACKed: compare in full at the next snapshot
 
 
 @dataclass
@@ -57,11 +65,7 @@ class Proxy:
     namespace: str
     pod: str
     connected_at: float = field(default_factory=time.time)
-    sent: dict[str, _Sent] = field(default_factory=dict)  # type -> the last response sent
-    acked: dict[str, str] = field(default_factory=dict)
-    resources: dict[str, dict[str, Packed]] = field(default_factory=dict)  # type name -> what it holds
-    # The snapshot whose assignments (for the names it asked) the proxy holds: later ones send only changes.
-    endpoints_from: int | None = None
+    subscriptions: dict[str, _Subscription] = field(default_factory=dict)  # type URL -> its subscription
 
 
 def _metadata(node: Any) -> dict[str, str]:
@@ -92,10 +96,11 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._nonces = itertools.count(1)
         self.proxies: dict[int, Proxy] = {}
 
-    async def StreamAggregatedResources(  # noqa: N802 - the generated servicer's name
-        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
+    async def DeltaAggregatedResources(  # noqa: N802 - the generated servicer's name
+        self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+        requests: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
 
         async def read() -> None:
             try:
@@ -114,25 +119,22 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.proxies[id(proxy)] = proxy
         self._metrics.xds_connected.inc()
         log.info("proxy connected", extra={"proxy": proxy.node_id, "peer": peer or ""})
-        subscribed: dict[str, frozenset[str]] = {}
-        pending: list[discovery_pb2.DiscoveryRequest] = [first]
-        generation = 0
+        pending: list[discovery_pb2.DeltaDiscoveryRequest] = [first]
         try:
             while True:
-                for request in pending:
-                    self._take(proxy, request, subscribed)
-                pending = []
                 snapshot = self._plane.current()
+                for request in pending:
+                    self._take(proxy, request, snapshot)
+                pending = []
                 try:
                     pod = self._authorized(proxy, peer)
                 except _Refused as exc:
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
                 if pod is not None:
-                    for response in self._responses(proxy, pod, snapshot, subscribed):
+                    for response in self._responses(proxy, pod, snapshot):
                         yield response
-                generation = snapshot.generation
                 request_wait = asyncio.ensure_future(requests.get())
-                change_wait = asyncio.ensure_future(self._plane.wait_for_change(generation))
+                change_wait = asyncio.ensure_future(self._plane.wait_for_change(snapshot.generation))
                 done, _ = await asyncio.wait({request_wait, change_wait}, return_when=asyncio.FIRST_COMPLETED)
                 change_wait.cancel()
                 if request_wait in done:
@@ -161,61 +163,76 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             raise _Refused(f"certificate {peer!r} is not the identity of pod {proxy.namespace}/{proxy.pod}")
         return pod
 
-    def _take(self, proxy: Proxy, request: discovery_pb2.DiscoveryRequest,
-              subscribed: dict[str, frozenset[str]]) -> None:
+    def _take(self, proxy: Proxy, request: discovery_pb2.DeltaDiscoveryRequest, snapshot: Snapshot) -> None:
         type_url = request.type_url
         if type_url not in TYPES:
             return
         name = TYPES[type_url]
-        sent = proxy.sent.get(type_url)
-        if request.response_nonce and (sent is None or request.response_nonce != sent.nonce):
-            return  # stale: a newer response is on its way
+        subscription = proxy.subscriptions.get(type_url)
+        if subscription is None:
+            subscription = proxy.subscriptions[type_url] = _Subscription()
+            known = {CLUSTER: snapshot.clusters, ENDPOINTS: snapshot.assignments,
+                     LISTENER: {snapshot.outbound.name: snapshot.outbound}}[type_url]
+            for held, version in request.initial_resource_versions.items():
+                item = known.get(held)
+                subscription.held[held] = item if item is not None and item.version == version else None
+        if type_url == ENDPOINTS:
+            names = (subscription.names | set(request.resource_names_subscribe)) - set(
+                request.resource_names_unsubscribe)
+            if names != subscription.names:
+                subscription.names, subscription.synced = names, None
+                for dropped in subscription.held.keys() - names:
+                    del subscription.held[dropped]
+        if not request.response_nonce or request.response_nonce != subscription.nonce:
+            return  # a first request, a subscription change, or stale: a newer response is on its way
         if request.HasField("error_detail"):
             self._metrics.xds_nacks.labels(name).inc()
             log.warning("proxy rejected its config; it keeps its last good one",
-                        extra={"proxy": proxy.node_id, "type": name, "version": request.version_info,
-                               "error": request.error_detail.message[:500]})
-        elif sent is not None and request.response_nonce:
-            proxy.acked[name] = request.version_info
-            if sent.changed_at is not None:
-                self._metrics.xds_convergence.labels(name).observe(time.monotonic() - sent.changed_at)
-                sent.changed_at = None
-        subscribed[type_url] = frozenset(request.resource_names)
+                        extra={"proxy": proxy.node_id, "type": name, "error": request.error_detail.message[:500]})
+            # Not applied: sent again with the next change (a full comparison), not now.
+            for rejected in subscription.held.keys() & subscription.last_sent:
+                subscription.held[rejected] = None
+            subscription.rejected = True
+        else:
+            subscription.acked = request.response_nonce
+            if subscription.changed_at is not None:
+                self._metrics.xds_convergence.labels(name).observe(time.monotonic() - subscription.changed_at)
+                subscription.changed_at = None
 
-    def _responses(self, proxy: Proxy, pod: PodRecord, snapshot: Snapshot,
-                   subscribed: dict[str, frozenset[str]]) -> list[bytes]:
+    def _responses(self, proxy: Proxy, pod: PodRecord, snapshot: Snapshot) -> list[bytes]:
         responses = []
         for type_url, name in TYPES.items():
-            if type_url not in subscribed:
+            subscription = proxy.subscriptions.get(type_url)
+            if subscription is None or subscription.synced == snapshot.generation:
                 continue
-            names = subscribed[type_url]
-            sent = proxy.sent.get(type_url)
-            renamed = sent is None or sent.names != names
-            response = self._plane.response(snapshot, type_url, pod, names,
-                                            None if renamed else proxy.endpoints_from)
-            if type_url == ENDPOINTS:
-                proxy.endpoints_from = snapshot.generation
-            if not renamed and sent is not None and sent.version == response.version:
+            incremental = subscription.synced == snapshot.generation - 1 and not subscription.rejected
+            response = self._plane.response(snapshot, type_url, pod, subscription.names, subscription.held,
+                                            incremental)
+            subscription.synced, subscription.rejected = snapshot.generation, False
+            if response is None:
                 continue
-            nonce = str(next(self._nonces))
-            proxy.sent[type_url] = _Sent(response.version, nonce, names, snapshot.changed_at)
-            held = {} if type_url != ENDPOINTS or renamed else proxy.resources.get(name, {})
-            proxy.resources[name] = {**held, **{item.name: item for item in response.items}}
-            responses.append(response.body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString())
+            for item in response.items:
+                subscription.held[item.name] = item
+            for removed in response.removed:
+                subscription.held.pop(removed, None)
+            subscription.nonce = str(next(self._nonces))
+            subscription.last_sent = frozenset(item.name for item in response.items)
+            subscription.changed_at = snapshot.changed_at
+            responses.append(response.body +
+                             discovery_pb2.DeltaDiscoveryResponse(nonce=subscription.nonce).SerializeToString())
             self._metrics.xds_pushes.labels(name).inc()
         return responses
 
     def describe(self, namespace: str, pod: str) -> dict[str, Any] | None:
-        """What the proxy of ``namespace/pod`` was last sent, for ``meshguard proxy-config``."""
+        """What the proxy of ``namespace/pod`` holds of what it was sent, for ``meshguard proxy-config``."""
         for proxy in self.proxies.values():
             if (proxy.namespace, proxy.pod) == (namespace, pod):
                 return {
                     "node": proxy.node_id,
                     "connected_at": proxy.connected_at,
-                    "versions": {TYPES[t]: {"sent": s.version, "acked": proxy.acked.get(TYPES[t], "")}
-                                 for t, s in proxy.sent.items()},
-                    "resources": {name: [item.json for item in items.values()]
-                                  for name, items in proxy.resources.items()},
+                    "nonces": {TYPES[t]: {"sent": s.nonce, "acked": s.acked} for t, s in proxy.subscriptions.items()},
+                    "resources": {TYPES[t]: [item.json for item in s.held.values() if item is not None]
+                                  for t, s in proxy.subscriptions.items()},
                 }
         return None
 
@@ -259,9 +276,9 @@ async def serve(servicer: AggregatedDiscovery, settings: XdsSettings, ca: Callab
     # Registered by hand, not with the generated helper, to send the responses' bytes as they are: each one is
     # serialized once per snapshot for every proxy that gets it.
     method = grpc.stream_stream_rpc_method_handler(
-        servicer.StreamAggregatedResources, request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+        servicer.DeltaAggregatedResources, request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
         response_serializer=bytes)
-    handler = grpc.method_handlers_generic_handler(SERVICE, {"StreamAggregatedResources": method})
+    handler = grpc.method_handlers_generic_handler(SERVICE, {"DeltaAggregatedResources": method})
     server.add_generic_rpc_handlers((handler,))
     address = f"{settings.host}:{settings.port}"
     if ca is not None:
