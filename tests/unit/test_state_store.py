@@ -237,3 +237,32 @@ def test_file_source_unreadable_directory_raises(tmp_path: Path) -> None:
 
     with pytest.raises(ManifestError):
         FileSource(tmp_path / "missing").read()
+
+
+def test_file_source_follows_the_directory_as_a_watch_does_one_event_per_changed_object(tmp_path: Path) -> None:
+    def service(name: str, ip: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"clusterIP": ip, "ports": [{"port": 80}]}}
+
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([service("a", "10.96.0.1"), service("b", "10.96.0.2"),
+                                                         netpol("p1", {})]))
+    source = FileSource(tmp_path, "shop")
+    store = Store(source.read_namespace)
+    source.load(store)
+    events: list[str] = []
+    store.subscribe(events.append)
+
+    async def change_and_follow() -> None:
+        task = asyncio.create_task(source.follow(store))
+        await asyncio.sleep(0)  # it has seen the directory as it is
+        (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([service("a", "10.96.0.1"), service("c", "10.96.0.3"),
+                                                             netpol("p1", {})]))
+        try:
+            while len(events) < 2:
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+
+    asyncio.run(asyncio.wait_for(change_and_follow(), 10))
+    assert events == ["Service", "Service"]  # b deleted, c added; a and the policy untouched
+    assert sorted(s.name for s in store.catalog.services()) == ["a", "c"]

@@ -85,23 +85,39 @@ def _with_labels(namespaces: list[dict[str, Any]], name: str, labels: Mapping[st
     return out
 
 
+def _by_name(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(namespace_of(obj), object_name(obj)): obj for obj in objects}
+
+
 class FileSource:
     """Cluster state from a directory of manifests; :meth:`read_namespace` re-reads it (the store's reader)."""
 
     def __init__(self, directory: Path, default_namespace: str = "default") -> None:
         self.directory = directory
         self.default_namespace = default_namespace
+        self._installed: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}  # kind -> (namespace, name) -> obj
 
     def read(self) -> dict[str, list[dict[str, Any]]]:
         """Raises :class:`webhook.manifests.ManifestError` when the directory or a file cannot be read."""
         return state_objects(manifests.load([self.directory]), self.default_namespace, (*KINDS, *MESH_KINDS))
 
     def load(self, store: Store) -> list[str]:
-        return self.install(store, self.read())
-
-    @staticmethod
-    def install(store: Store, found: dict[str, list[dict[str, Any]]]) -> list[str]:
+        found = self.read()
+        self._installed = {kind: _by_name(objects) for kind, objects in found.items()}
         return [p for kind, objs in found.items() for p in store.replace(kind, objs)]
+
+    def _update(self, store: Store, found: dict[str, list[dict[str, Any]]]) -> list[str]:
+        """Apply what changed since the last read as a watch delivers it: one event per object added, modified or
+        deleted (so the store and the control plane see the change, not a reload)."""
+        problems = []
+        for kind, objects in found.items():
+            now, before = _by_name(objects), self._installed.get(kind, {})
+            events = [("DELETED", obj) for key, obj in before.items() if key not in now]
+            events += [("MODIFIED" if key in before else "ADDED", obj) for key, obj in now.items()
+                       if before.get(key) != obj]
+            problems += [p for event, obj in events if (p := store.apply(kind, event, obj))]
+            self._installed[kind] = now
+        return problems
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         found = []
@@ -128,7 +144,7 @@ class FileSource:
                 log.warning("state directory not reloaded", extra={"error": str(exc)})
                 seen = ()
                 continue
-            for problem in self.install(store, found):
+            for problem in self._update(store, found):
                 log.warning("ignored an invalid object", extra={"problem": problem})
 
     def read_namespace(self, namespace: str) -> NamespaceState:
