@@ -194,3 +194,12 @@ def test_every_resource_is_valid_envoy_configuration() -> None:
     pack(LISTENER, "outbound", outbound.listener)
     pack(LISTENER, "inbound", envoy.inbound_listener(OPTIONS, *RESOLVER.modes(state, "shop", {"app": "api"})))
     assert envoy.MESH_CLUSTER in outbound.clusters
+
+
+def test_neighbouring_meshed_pods_share_the_fewest_prefixes() -> None:
+    ips = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.8", "10.0.0.9", "10.0.0.10", "10.0.0.11", "10.0.0.20",
+           "fd00::1", "fd00::0"]
+    state = store(*(pod(f"p{i}", ip, excluded="") for i, ip in enumerate(ips)))
+    (mesh,) = [what for what, where in _rules(resources.outbound(state, RESOLVER, OPTIONS).listener)
+               if where == "outbound-mesh"]
+    assert mesh == ("ip", ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.8/30", "10.0.0.20/32", "fd00::/127"])

@@ -16,6 +16,7 @@ snapshot is never built from a half-applied change.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import time
@@ -65,11 +66,12 @@ FOLLOWED = frozenset({*MESH_KINDS, PEER_AUTHENTICATION})
 
 @dataclass(frozen=True)
 class Packed:
-    """One resource as sent: its JSON (for ``proxy-config``) and as a delta response carries it, versioned by a
-    digest of its bytes (the same after a restart: a reconnecting proxy's resources need not be sent again)."""
+    """One resource as sent: its JSON (serialized: a snapshot holds tens of thousands, kept out of the garbage
+    collector's walks) and as a delta response carries it, versioned by a digest of its bytes (the same after a
+    restart: a reconnecting proxy's resources need not be sent again)."""
 
     name: str
-    json: dict[str, Any]
+    json: bytes
     resource: discovery_pb2.Resource
 
     @property
@@ -77,12 +79,13 @@ class Packed:
         return self.resource.version
 
 
-def pack(type_url: str, name: str, config: dict[str, Any]) -> Packed:
+def pack(type_url: str, name: str, config: dict[str, Any], serialized: bytes | None = None) -> Packed:
     message = json_format.ParseDict(config, _MESSAGES[type_url]())
     packed = any_pb2.Any()
     packed.Pack(message, deterministic=True)
     version = hashlib.blake2b(packed.value, digest_size=12).hexdigest()
-    return Packed(name, config, discovery_pb2.Resource(name=name, version=version, resource=packed))
+    return Packed(name, serialized or orjson.dumps(config), discovery_pb2.Resource(name=name, version=version,
+                                                                                    resource=packed))
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,9 @@ class _Packer:
         self._current: dict[bytes, Packed] = {}
 
     def __call__(self, type_url: str, name: str, config: dict[str, Any]) -> Packed:
-        key = type_url.encode() + b"\0" + orjson.dumps(config, option=orjson.OPT_SORT_KEYS)
-        packed = self._current.get(key) or self._previous.get(key) or pack(type_url, name, config)
+        serialized = orjson.dumps(config, option=orjson.OPT_SORT_KEYS)
+        key = type_url.encode() + b"\0" + serialized
+        packed = self._current.get(key) or self._previous.get(key) or pack(type_url, name, config, serialized)
         self._current[key] = packed
         return packed
 
@@ -163,7 +167,7 @@ class ControlPlane:
         self._metrics = metrics
         self._dirty_since: float | None = None
         self._dirty = asyncio.Event()
-        self._updated = asyncio.Condition()
+        self._inboxes: set[asyncio.Queue[Any]] = set()
         self.snapshot: Snapshot | None = None
         self._pack = _Packer()
         # (mode, port modes) -> the inbound listener for them; the options are fixed for the process.
@@ -195,11 +199,22 @@ class ControlPlane:
                     break
             self._dirty.clear()
             since, self._dirty_since = self._dirty_since, None
-            self.rebuild(since)
-            async with self._updated:
-                self._updated.notify_all()
+            snapshot = self.rebuild(since)
+            for inbox in self._inboxes:
+                inbox.put_nowait(snapshot)
 
     def rebuild(self, since: float | None = None) -> Snapshot:
+        # What a rebuild allocates lives until it returns or is freed by reference counting (JSON makes no
+        # cycles): a collection meanwhile would only walk it, again and again as it grows.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._rebuild(since)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _rebuild(self, since: float | None) -> Snapshot:
         start = time.perf_counter()
         outbound = resources.outbound(self.state, self._resolver, self._options)
         previous = self.snapshot
@@ -220,12 +235,12 @@ class ControlPlane:
         log.debug("xds snapshot built", extra={"generation": self.snapshot.generation, "clusters": len(clusters)})
         return self.snapshot
 
-    async def wait_for_change(self, generation: int) -> Snapshot:
-        """The first snapshot newer than ``generation``."""
-        async with self._updated:
-            await self._updated.wait_for(lambda: self.snapshot is not None and self.snapshot.generation > generation)
-        assert self.snapshot is not None
-        return self.snapshot
+    def follow(self, inbox: asyncio.Queue[Any]) -> None:
+        """Put every new snapshot into ``inbox`` (a stream's, beside its proxy's requests)."""
+        self._inboxes.add(inbox)
+
+    def unfollow(self, inbox: asyncio.Queue[Any]) -> None:
+        self._inboxes.discard(inbox)
 
     def current(self) -> Snapshot:
         return self.snapshot or self.rebuild()

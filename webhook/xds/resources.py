@@ -23,6 +23,7 @@ what ``/validate`` reports is what the proxy does.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 from .. import envoy
 from ..certs import spiffe_id
 from ..envoy import BootstrapOptions
-from ..policy.mtls import PeerAuthentications, Resolver
+from ..policy.mtls import Mode, PeerAuthentications, Resolver
 from ..state.catalog import Catalog, PodRecord, ServiceRecord
 
 # The endpoint metadata that selects the cluster's mTLS transport socket (Envoy's transport_socket_matches).
@@ -47,12 +48,22 @@ class MeshState(PeerAuthentications, Protocol):
     catalog: Catalog
 
 
-def mtls_on(resolver: Resolver, state: MeshState, pod: PodRecord, port: int) -> bool:
-    """Whether a client should speak mutual TLS to ``pod`` on ``port``."""
-    if not pod.meshed or port in pod.plaintext_ports:
-        return False
-    mode, ports = resolver.modes(state, pod.namespace, pod.labels)
-    return ports.get(port, mode) != "DISABLE"
+class _MtlsOn:
+    """Whether a client should speak mutual TLS to a pod on a port; each pod's modes resolved once per build."""
+
+    def __init__(self, resolver: Resolver, state: MeshState) -> None:
+        self._resolver, self._state = resolver, state
+        self._modes: dict[tuple[str, str], tuple[Mode, dict[int, Mode]]] = {}
+
+    def __call__(self, pod: PodRecord, port: int) -> bool:
+        if not pod.meshed or port in pod.plaintext_ports:
+            return False
+        key = (pod.namespace, pod.name)
+        modes = self._modes.get(key)
+        if modes is None:
+            modes = self._modes[key] = self._resolver.modes(self._state, pod.namespace, pod.labels)
+        mode, ports = modes
+        return ports.get(port, mode) != "DISABLE"
 
 
 @dataclass(frozen=True)
@@ -62,11 +73,18 @@ class Outbound:
     listener: dict[str, Any]
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a rebuild reads every pod and endpoint address again
+def _parsed(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+
+
 def _address(ip: str) -> str | None:
     """``ip`` as Envoy prints it (IPv6 compressed, in brackets with a port), or None when it is not an address."""
-    try:
-        parsed = ipaddress.ip_address(ip)
-    except ValueError:
+    parsed = _parsed(ip)
+    if parsed is None:
         return None
     return str(parsed) if parsed.version == 4 else f"[{parsed}]"
 
@@ -88,7 +106,7 @@ def _tcp_ports(service: ServiceRecord) -> list[int]:
     return sorted({p.port for p in service.ports if p.protocol == "TCP"})
 
 
-def _endpoints(state: MeshState, resolver: Resolver, service: ServiceRecord, port: int,
+def _endpoints(state: MeshState, mtls_on: _MtlsOn, service: ServiceRecord, port: int,
                options: BootstrapOptions) -> tuple[dict[str, Any], list[str]]:
     """The ClusterLoadAssignment of one Service port, and the SPIFFE IDs of its meshed endpoints."""
     names = {p.name for p in service.ports if p.port == port and p.protocol == "TCP"}
@@ -102,7 +120,7 @@ def _endpoints(state: MeshState, resolver: Resolver, service: ServiceRecord, por
             if not endpoint.ready:
                 continue
             pod = state.catalog.pod(service.namespace, endpoint.pod) if endpoint.pod else None
-            meshed = pod is not None and mtls_on(resolver, state, pod, target)
+            meshed = pod is not None and mtls_on(pod, target)
             for address in endpoint.addresses:
                 if _address(address) is None:
                     continue
@@ -133,11 +151,21 @@ def _cluster(name: str, assignment: str, options: BootstrapOptions, identities: 
 
 def _ranges(ips: Iterable[str]) -> list[dict[str, Any]]:
     """The fewest prefixes covering exactly ``ips`` (pods of one node's range are often neighbours)."""
-    networks = [ipaddress.ip_network(ip) for ip in ips]
-    collapsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
-        *ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv4Network)),
-        *ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network))]
-    return [{"address_prefix": str(n.network_address), "prefix_len": n.prefixlen} for n in collapsed]
+    addresses = sorted({a for ip in ips if (a := _parsed(ip)) is not None}, key=lambda a: (a.version, int(a)))
+    ranges: list[dict[str, Any]] = []
+    start = 0
+    for end, address in enumerate(addresses):  # a run of consecutive addresses ends here
+        if end + 1 < len(addresses) and int(addresses[end + 1]) == int(address) + 1 \
+                and addresses[end + 1].version == address.version:
+            continue
+        first = addresses[start]
+        if end == start:
+            ranges.append({"address_prefix": str(first), "prefix_len": first.max_prefixlen})
+        else:
+            ranges += [{"address_prefix": str(n.network_address), "prefix_len": n.prefixlen}
+                       for n in ipaddress.summarize_address_range(first, address)]
+        start = end + 1
+    return ranges
 
 
 SERVICES_CHAIN = "outbound-services"
@@ -178,6 +206,7 @@ def outbound(state: MeshState, resolver: Resolver, options: BootstrapOptions) ->
     clusters: dict[str, dict[str, Any]] = {cluster["name"]: cluster for cluster in envoy.capture_clusters(options)}
     assignments: dict[str, dict[str, Any]] = {}
     cluster_ips: list[str] = []
+    mtls_on = _MtlsOn(resolver, state)
     for service in state.catalog.services():
         addresses = [(ip, address) for ip in service.cluster_ips if (address := _address(ip)) is not None]
         if not addresses:
@@ -185,7 +214,7 @@ def outbound(state: MeshState, resolver: Resolver, options: BootstrapOptions) ->
         cluster_ips += [ip for ip, _ in addresses]
         for port in _tcp_ports(service):
             name = service_assignment(service, port)
-            assignments[name], identities = _endpoints(state, resolver, service, port, options)
+            assignments[name], identities = _endpoints(state, mtls_on, service, port, options)
             for _, address in addresses:
                 clusters[service_cluster(address, port)] = _cluster(service_cluster(address, port), name, options,
                                                                     identities)

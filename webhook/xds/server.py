@@ -16,7 +16,6 @@ not seen yet (its watch event is still on the way) gets nothing until it appears
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import itertools
 import logging
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import orjson
 from cryptography import x509
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
@@ -95,37 +95,40 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._tls = tls
         self._nonces = itertools.count(1)
         self.proxies: dict[int, Proxy] = {}
+        self._subscriptions: dict[frozenset[str], frozenset[str]] = {}
 
     async def DeltaAggregatedResources(  # noqa: N802 - the generated servicer's name
         self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        requests: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
+        # The proxy's requests (None when it hangs up) and the control plane's new snapshots, in arrival order.
+        inbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | Snapshot | None] = asyncio.Queue()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await requests.put(request)
+                    inbox.put_nowait(request)
             finally:
-                await requests.put(None)
+                inbox.put_nowait(None)
 
         reader = asyncio.create_task(read())
-        first = await requests.get()
-        if first is None:
+        first = await inbox.get()
+        if not isinstance(first, discovery_pb2.DeltaDiscoveryRequest):
+            reader.cancel()
             return
         meta = _metadata(first.node)
         proxy = Proxy(first.node.id, meta.get("namespace", ""), meta.get("pod_name", ""))
         peer = _peer_identity(context) if self._tls else None
         self.proxies[id(proxy)] = proxy
+        self._plane.follow(inbox)
         self._metrics.xds_connected.inc()
         log.info("proxy connected", extra={"proxy": proxy.node_id, "peer": peer or ""})
-        pending: list[discovery_pb2.DeltaDiscoveryRequest] = [first]
+        pending = [first]
         try:
             while True:
                 snapshot = self._plane.current()
                 for request in pending:
                     self._take(proxy, request, snapshot)
-                pending = []
                 try:
                     pod = self._authorized(proxy, peer)
                 except _Refused as exc:
@@ -133,21 +136,20 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if pod is not None:
                     for response in self._responses(proxy, pod, snapshot):
                         yield response
-                request_wait = asyncio.ensure_future(requests.get())
-                change_wait = asyncio.ensure_future(self._plane.wait_for_change(snapshot.generation))
-                done, _ = await asyncio.wait({request_wait, change_wait}, return_when=asyncio.FIRST_COMPLETED)
-                change_wait.cancel()
-                if request_wait in done:
-                    request = request_wait.result()
-                    if request is None:
+                # Whatever arrived meanwhile is handled at once: ACKs of several types, a snapshot or two.
+                pending = []
+                item = await inbox.get()
+                while True:
+                    if item is None:
                         return
-                    pending.append(request)
-                else:
-                    request_wait.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await request_wait
+                    if isinstance(item, discovery_pb2.DeltaDiscoveryRequest):
+                        pending.append(item)
+                    if inbox.empty():
+                        break
+                    item = inbox.get_nowait()
         finally:
             reader.cancel()
+            self._plane.unfollow(inbox)
             self.proxies.pop(id(proxy), None)
             self._metrics.xds_connected.dec()
             log.info("proxy disconnected", extra={"proxy": proxy.node_id})
@@ -180,7 +182,7 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             names = (subscription.names | set(request.resource_names_subscribe)) - set(
                 request.resource_names_unsubscribe)
             if names != subscription.names:
-                subscription.names, subscription.synced = names, None
+                subscription.names, subscription.synced = self._intern(frozenset(names)), None
                 for dropped in subscription.held.keys() - names:
                     del subscription.held[dropped]
         if not request.response_nonce or request.response_nonce != subscription.nonce:
@@ -199,6 +201,17 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 self._metrics.xds_convergence.labels(name).observe(time.monotonic() - subscription.changed_at)
                 subscription.changed_at = None
 
+    def _intern(self, names: frozenset[str]) -> frozenset[str]:
+        """One object per distinct subscription: the responses shared by it are found by identity, not by
+        comparing a thousand names per proxy. Pruned to the subscriptions in use when it outgrows them."""
+        found = self._subscriptions.get(names)
+        if found is None:
+            if len(self._subscriptions) > 2 * len(self.proxies) + 16:
+                self._subscriptions = {s.names: s.names for p in self.proxies.values()
+                                       for s in p.subscriptions.values()}
+            found = self._subscriptions.setdefault(names, names)
+        return found
+
     def _responses(self, proxy: Proxy, pod: PodRecord, snapshot: Snapshot) -> list[bytes]:
         responses = []
         for type_url, name in TYPES.items():
@@ -215,9 +228,10 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 subscription.held[item.name] = item
             for removed in response.removed:
                 subscription.held.pop(removed, None)
+            # Convergence is a change reaching proxies that had the state before it, not a proxy's first sync.
+            subscription.changed_at = snapshot.changed_at if subscription.nonce else None
             subscription.nonce = str(next(self._nonces))
             subscription.last_sent = frozenset(item.name for item in response.items)
-            subscription.changed_at = snapshot.changed_at
             responses.append(response.body +
                              discovery_pb2.DeltaDiscoveryResponse(nonce=subscription.nonce).SerializeToString())
             self._metrics.xds_pushes.labels(name).inc()
@@ -231,7 +245,7 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     "node": proxy.node_id,
                     "connected_at": proxy.connected_at,
                     "nonces": {TYPES[t]: {"sent": s.nonce, "acked": s.acked} for t, s in proxy.subscriptions.items()},
-                    "resources": {TYPES[t]: [item.json for item in s.held.values() if item is not None]
+                    "resources": {TYPES[t]: [orjson.loads(item.json) for item in s.held.values() if item is not None]
                                   for t, s in proxy.subscriptions.items()},
                 }
         return None
