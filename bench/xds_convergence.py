@@ -2,6 +2,7 @@
 
     python -m bench.xds_convergence            # 1,000 proxies, 1,000 Services, 10,000 endpoints (several minutes)
     python -m bench.xds_convergence --quick    # 20 proxies, 20 Services: keeps the harness working in CI
+    python -m bench.xds_convergence --envoy    # one of the proxies a real Envoy (root: a mount namespace)
 
 ``meshguard serve --dev --state DIR`` runs the control plane over a directory of Pods, Services and EndpointSlices
 (followed like a watch); a second process opens one delta ADS stream per simulated proxy, subscribes to clusters,
@@ -9,7 +10,11 @@ endpoints and listeners as Envoy does, and acknowledges every response. Each mea
 directory; convergence is taken from the server's ``meshguard_xds_convergence_seconds`` (from the change seen by
 the store to each proxy's ACK of it) and, end to end, from the file write to the last proxy's response (which
 includes up to half a second of the file source's polling, absent with the API server's watch). Also reported:
-the control plane's resident memory after the initial sync and at peak, and its CPU seconds per change.
+the control plane's resident memory after the initial sync and at peak, its CPU seconds per change and the
+simulated proxies' (their process shares the machine: its work is not the control plane's).
+With ``--envoy`` one of the proxies is the real Envoy with the injected bootstrap, its pod's files where the
+control plane names them (a mount namespace of its own; its listeners bind this machine's proxy ports), and the
+benchmark reports its resident memory with the whole configuration and whether it accepted every update.
 Results go to ``bench/results/xds-<timestamp>.json`` (or ``--out``).
 """
 
@@ -123,6 +128,46 @@ async def _clients(address: str, proxies: list[tuple[str, str]], eds_names: list
             task.cancel()
 
 
+# --- a real Envoy among them --------------------------------------------------------------------------------------
+
+
+class RealEnvoy:
+    """The injected proxy of one meshed pod of the state, connected to the control plane in plaintext."""
+
+    def __init__(self, work: Path, xds_port: int, namespace: str, pod: str, account: str) -> None:
+        from tests.dataplane.tools import envoy_binary, in_pod_files, pod_mount_points, write_workload_certs
+        from webhook import envoy
+        from webhook.injection.settings import InjectionSettings
+
+        self.made = pod_mount_points()
+        options = InjectionSettings(xds_address=f"127.0.0.1:{xds_port}", xds_tls=False).bootstrap_options()
+        certs = write_workload_certs(work / "ca", work / "envoy-certs", namespace, account)
+        state = work / "envoy-state"
+        envoy.write_sds_files(options.cert_dir, state / Path(options.sds_dir).name)
+        values = {"POD_NAME": pod, "POD_NAMESPACE": namespace, "POD_IP": "127.0.0.1", "SERVICE_ACCOUNT": account}
+        config = envoy.expand_pod_variables(envoy.render(options), values)
+        self.admin = f"http://127.0.0.1:{options.admin_port}"
+        argv = in_pod_files(certs, state, [envoy_binary(), "--config-yaml", config, "--concurrency", "1",
+                                           "--base-id", str(os.getpid()), "--log-level", "warn"])
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=(work / "envoy.err").open("wb"))
+
+    def stats(self) -> dict[str, int]:
+        text = httpx.get(f"{self.admin}/stats", params={"filter": r"^(cluster_manager|listener_manager)\."},
+                         timeout=10).text
+        return {name: int(value) for name, value in (line.split(": ", 1) for line in text.splitlines())
+                if value.strip().isdigit()}
+
+    def rss_mib(self) -> float:
+        return round(_rss_kib(self.process.pid)[0] / 1024, 1)  # unshare and sh exec into Envoy: one process
+
+    def close(self) -> None:
+        from tests.dataplane.tools import remove_mount_points
+
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        remove_mount_points(self.made)
+
+
 # --- the driver ---------------------------------------------------------------------------------------------------
 
 
@@ -137,7 +182,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _convergence(metrics: str) -> dict[str, float]:
-    """Per type, the upper bound of the bucket holding the 99th percentile (and the count)."""
+    """Per type, the upper bound of the bucket holding the 99th percentile, the count, and the share within 1 s."""
     buckets: dict[str, list[tuple[float, float]]] = {}
     for line in metrics.splitlines():
         if line.startswith("meshguard_xds_convergence_seconds_bucket"):
@@ -151,11 +196,13 @@ def _convergence(metrics: str) -> dict[str, float]:
         p99 = next(bound for bound, count in rows if count >= 0.99 * total)
         result[f"{kind}_p99_bucket_s"] = p99
         result[f"{kind}_acks"] = total
+        result[f"{kind}_share_within_1s"] = round(next(count for bound, count in rows if bound >= 1.0) / total, 4)
     return result
 
 
-def run(proxies: int, services: int, endpoints: int, changes: int) -> dict[str, Any]:
+def run(proxies: int, services: int, endpoints: int, changes: int, real_envoy: bool) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="meshguard-xds-bench-"))
+    work.chmod(0o755)  # the real Envoy reads its certificates below it
     state = work / "state"
     state.mkdir()
     world = cluster_state(services, endpoints)
@@ -169,6 +216,7 @@ def run(proxies: int, services: int, endpoints: int, changes: int) -> dict[str, 
     server = subprocess.Popen([sys.executable, "-m", "webhook", "serve", "--dev", "--state", str(state)], env=env,
                               stderr=(work / "server.err").open("wb"))
     clients = None
+    proxy: RealEnvoy | None = None
     try:
         health = f"http://127.0.0.1:{health_port}"
         deadline = time.monotonic() + 300
@@ -182,6 +230,11 @@ def run(proxies: int, services: int, endpoints: int, changes: int) -> dict[str, 
                 raise SystemExit(f"the control plane did not start: {(work / 'server.err').read_text()[-2000:]}")
             time.sleep(0.2)
         meshed = [p["metadata"] for i, p in enumerate(world["pods"]) if i % 2 == 0][:proxies]
+        if real_envoy:  # the first meshed pod's proxy is Envoy, the others simulated
+            first = world["pods"][0]
+            proxy = RealEnvoy(work, xds_port, first["metadata"]["namespace"], first["metadata"]["name"],
+                              first["spec"]["serviceAccountName"])
+            meshed = meshed[1:]
         eds_names = [f"outbound|{80 + s % 5}||svc-{s}.ns-{s % NAMESPACES}" for s in range(services)]
         spec = work / "clients.json"
         spec.write_text(json.dumps({"address": f"127.0.0.1:{xds_port}", "eds": eds_names,
@@ -194,7 +247,16 @@ def run(proxies: int, services: int, endpoints: int, changes: int) -> dict[str, 
         assert clients.stdout.readline().strip() == "SYNCED"
         initial_sync = time.time() - sync_start
         rss_synced, _ = _rss_kib(server.pid)
-        cpu_before = _cpu_seconds(server.pid)
+        envoy_result: dict[str, Any] = {}
+        if proxy is not None:
+            wait_until = time.monotonic() + 120
+            while proxy.stats().get("cluster_manager.active_clusters", 0) < services:
+                if time.monotonic() > wait_until or proxy.process.poll() is not None:
+                    errors = (work / "envoy.err").read_text()[-2000:]
+                    raise SystemExit(f"Envoy did not take the configuration: {errors}")
+                time.sleep(0.5)
+            envoy_result["envoy_rss_after_sync_mib"] = proxy.rss_mib()
+        cpu_before, clients_cpu_before = _cpu_seconds(server.pid), _cpu_seconds(clients.pid)
         writes: list[tuple[str, float]] = []
         for n in range(changes):
             # An endpoint joins a Service (EDS), then a new Service appears (CDS, EDS and LDS for every proxy).
@@ -209,6 +271,7 @@ def run(proxies: int, services: int, endpoints: int, changes: int) -> dict[str, 
             writes.append((CLUSTER, write(state, "services", [*world["services"], extra])))
             time.sleep(3)
         cpu_per_change = (_cpu_seconds(server.pid) - cpu_before) / len(writes)
+        clients_cpu_per_change = (_cpu_seconds(clients.pid) - clients_cpu_before) / len(writes)
         clients.stdin.write("\n")
         clients.stdin.flush()
         assert clients.stdout.readline().strip() == "DUMPED"
@@ -223,16 +286,27 @@ def run(proxies: int, services: int, endpoints: int, changes: int) -> dict[str, 
                 end_to_end.append(max(times.values()) - written)
         rss, peak = _rss_kib(server.pid)
         metrics = httpx.get(f"{health}/metrics", timeout=10).text
+        if proxy is not None:
+            stats = proxy.stats()
+            envoy_result |= {
+                "envoy_rss_mib": proxy.rss_mib(), "envoy_clusters": stats.get("cluster_manager.active_clusters"),
+                "envoy_updates_rejected": sum(v for k, v in stats.items() if k.endswith("update_rejected")),
+                "envoy_cds_updates": stats.get("cluster_manager.cds.update_success"),
+                "envoy_lds_updates": stats.get("listener_manager.lds.update_success"),
+            }
         return {
             "proxies": len(meshed), "services": services, "endpoints": services * endpoints,
             "initial_sync_s": round(initial_sync, 2),
             "rss_after_sync_mib": round(rss_synced / 1024, 1), "rss_mib": round(rss / 1024, 1),
             "rss_peak_mib": round(peak / 1024, 1), "cpu_s_per_change": round(cpu_per_change, 3),
+            "simulated_proxies_cpu_s_per_change": round(clients_cpu_per_change, 3),
             "changes": len(writes), "changes_seen_by_every_proxy": len(end_to_end),
             "file_write_to_last_proxy_max_s": round(max(end_to_end), 3) if end_to_end else None,
-            **_convergence(metrics),
+            **_convergence(metrics), **envoy_result,
         }
     finally:
+        if proxy is not None:
+            proxy.close()
         if clients is not None:
             clients.kill()
         server.terminate()
@@ -246,6 +320,7 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--endpoints", type=int, default=10, help="endpoints per Service")
     parser.add_argument("--changes", type=int, default=3, help="rounds of (an endpoint, a Service) changes")
+    parser.add_argument("--envoy", action="store_true", help="one of the proxies a real Envoy (root)")
     parser.add_argument("--clients", nargs=2, metavar=("SPEC", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.clients:
@@ -255,7 +330,7 @@ def main() -> None:
         return
     if args.quick:
         args.proxies, args.services, args.endpoints, args.changes = 20, 20, 2, 1
-    result = run(args.proxies, args.services, args.endpoints, args.changes)
+    result = run(args.proxies, args.services, args.endpoints, args.changes, args.envoy)
     result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     save_result(result, args.out, "xds")
     print(json.dumps(result, indent=2))

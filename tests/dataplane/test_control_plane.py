@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,11 +28,17 @@ import pytest
 import yaml
 
 from tests.dataplane.conftest import APP_PORT, PROXY_UID, Capture, Host, Lab, Pod, _serve, _wait, injected
-from tests.dataplane.tools import envoy_binary, write_workload_certs
+from tests.dataplane.tools import (
+    envoy_binary,
+    in_pod_files,
+    pod_mount_points,
+    remove_mount_points,
+    write_workload_certs,
+)
 from webhook import envoy
 from webhook.certs import spiffe_id
 from webhook.injection import spec
-from webhook.injection.settings import CERT_DIR, InjectionSettings
+from webhook.injection.settings import InjectionSettings
 
 pytestmark = pytest.mark.dataplane
 
@@ -119,12 +124,6 @@ def _kube_proxy(host: Host) -> None:
                  str(SERVICE_PORT), "-j", "DNAT", "--to-destination", f"{PODS[role][0]}:{APP_PORT}")
 
 
-def _in_pod_files(certs: Path, state: Path, argv: list[str]) -> list[str]:
-    """``argv`` in a mount namespace where the pod's certificate and state volumes are at their injected paths."""
-    script = f'mount --bind "$1" {CERT_DIR} && mount --bind "$2" {spec.STATE_DIR} && shift 2 && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(certs), str(state), *argv]
-
-
 def _start_proxy(lab: Lab, pod: Pod, settings: InjectionSettings, ca_dir: Path) -> None:
     ip, namespace, account, _ = PODS[pod.role]
     (netinit_args, *_), proxy_argv, _ = injected(settings)
@@ -134,20 +133,18 @@ def _start_proxy(lab: Lab, pod: Pod, settings: InjectionSettings, ca_dir: Path) 
     state = lab.workdir / f"{pod.role}-state"
     state.mkdir()
     state.chmod(0o755)
-    pod.run(*_in_pod_files(certs, state, [sys.executable, "-m", "webhook", *netinit_args]))
+    pod.run(*in_pod_files(certs, state, [sys.executable, "-m", "webhook", *netinit_args]))
     values = {"POD_NAME": f"{pod.role}-0", "POD_NAMESPACE": namespace, "POD_IP": ip, "SERVICE_ACCOUNT": account}
     argv = [envoy.expand_pod_variables(arg, values) for arg in proxy_argv]
     assert argv[0] == "envoy"
     pod.access_log = lab.workdir / f"{pod.role}-envoy.out"
     as_proxy = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups", "--"]
-    pod.start("envoy", *_in_pod_files(certs, state, [*as_proxy, envoy_binary(), *argv[1:]]))
+    pod.start("envoy", *in_pod_files(certs, state, [*as_proxy, envoy_binary(), *argv[1:]]))
 
 
 @pytest.fixture(scope="module")
 def controlled(netns_allowed: None) -> Iterator[ControlledMesh]:
-    made = [p for p in (Path(CERT_DIR), Path(spec.STATE_DIR)) if not p.exists()]
-    for path in made:  # mount points for the pods' volumes; removed afterwards
-        path.mkdir(parents=True)
+    made = pod_mount_points()
     workdir = Path(tempfile.mkdtemp(prefix="meshguard-xds-"))
     workdir.chmod(0o755)
     lab = Lab(workdir)
@@ -187,8 +184,7 @@ def controlled(netns_allowed: None) -> Iterator[ControlledMesh]:
     finally:
         lab.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        for path in reversed(made):
-            subprocess.run(["rmdir", "-p", "--ignore-fail-on-non-empty", str(path)], capture_output=True)
+        remove_mount_points(made)
 
 
 def _peer(role: str) -> str:

@@ -16,6 +16,7 @@ import pytest
 
 from webhook import certs, envoy
 from webhook.cli import main
+from webhook.injection.settings import CERT_DIR, STATE_DIR
 
 # Concrete values for the Downward API variables the bootstrap container gets.
 POD_VALUES = {"POD_NAME": "web-7d4b9", "POD_NAMESPACE": "shop", "POD_IP": "10.213.1.2", "SERVICE_ACCOUNT": "web"}
@@ -82,3 +83,24 @@ def write_workload_certs(ca_dir: Path, out: Path, namespace: str, service_accoun
     assert main(["certs", "workload", "--ca-dir", str(ca_dir), "--namespace", namespace,
                  "--service-account", service_account, "--out", str(out)]) == 0
     return out
+
+
+def pod_mount_points() -> list[Path]:
+    """Create the directories where an injected proxy finds its volumes (certificate, state), as mount points
+    for :func:`in_pod_files`; returns those it made, for :func:`remove_mount_points`."""
+    made = [p for p in (Path(CERT_DIR), Path(STATE_DIR)) if not p.exists()]
+    for path in made:
+        path.mkdir(parents=True)
+    return made
+
+
+def remove_mount_points(made: list[Path]) -> None:
+    for path in reversed(made):
+        subprocess.run(["rmdir", "-p", "--ignore-fail-on-non-empty", str(path)], capture_output=True)
+
+
+def in_pod_files(certs: Path, state: Path, argv: list[str]) -> list[str]:
+    """``argv`` in a mount namespace where the pod's certificate and state volumes are at their injected paths
+    (the control plane names those paths in what it sends)."""
+    script = f'mount --bind "$1" {CERT_DIR} && mount --bind "$2" {STATE_DIR} && shift 2 && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(certs), str(state), *argv]
