@@ -116,7 +116,10 @@ def _netinit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-outbound-ip-ranges", default="", metavar="LIST", help="destination ranges not captured")
     p.add_argument("--dry-run", action="store_true", help="print the iptables-restore input instead of applying it")
     p.add_argument("--cert-dir", help="the proxy's certificate directory, named in the SDS files")
-    p.add_argument("--sds-dir", type=Path, help="write the proxy's SDS files here (with --cert-dir)")
+    p.add_argument("--sds-dir", help="write the proxy's SDS files here (with --cert-dir)")
+    p.add_argument("--bootstrap-out", type=Path, help="also write the proxy's Envoy bootstrap for this pod here "
+                   "(with --cert-dir and --sds-dir, the bootstrap flags, and the pod's Downward API environment)")
+    envoy.add_option_arguments(p, skip=netinit.SHARED_OPTIONS)
 
 
 def _netinit(args: argparse.Namespace) -> int:
@@ -141,15 +144,25 @@ def _netinit(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(netinit.dry_run(options))
         return 0
+    bootstrap = None
+    if args.bootstrap_out is not None:
+        if not args.cert_dir or not args.sds_dir:
+            raise UsageError("--bootstrap-out needs --cert-dir and --sds-dir")
+        try:
+            bootstrap = envoy.options_from(args)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     try:
         netinit.apply(options, netinit.families())
-        if args.sds_dir is not None and args.cert_dir:
-            envoy.write_sds_files(args.cert_dir, args.sds_dir)
+        if args.sds_dir and args.cert_dir:
+            envoy.write_sds_files(args.cert_dir, Path(args.sds_dir))
+        if bootstrap is not None:
+            envoy.write(bootstrap, args.bootstrap_out, os.environ)
     except netinit.NetinitError as exc:
         print(f"meshguard netinit: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"meshguard netinit: cannot write the SDS files into {args.sds_dir}: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        print(f"meshguard netinit: cannot write the proxy's files into {args.sds_dir}: {exc}", file=sys.stderr)
         return 1
     print(f"meshguard netinit: TCP traffic now goes through ports {args.inbound_port}/{args.outbound_port}")
     return 0
@@ -317,7 +330,7 @@ COMMANDS: list[Command] = [
     ("audit", "report every workload of a live cluster against the policy", _audit_args, _audit),
     ("netinit", "install the pod's iptables rules that send its TCP traffic through the sidecar",
      _netinit_args, _netinit),
-    ("bootstrap", "write the sidecar's Envoy bootstrap for this pod (run by the injected init container)",
+    ("bootstrap", "write the sidecar's Envoy bootstrap for a pod (what meshguard-init renders in it) to read it",
      _bootstrap_args, _bootstrap),
     ("proxy-config", "show what the control plane last sent a pod's proxy, and what it acknowledged",
      _proxy_config_args, _proxy_config),

@@ -11,12 +11,12 @@ Traffic reaches Envoy through the iptables rules of ``meshguard netinit`` (see :
   own connections (netinit's ``--proxy-uid``, 1337) are not captured.
 
 Pod identity is not known when the injected spec is built (it is built once, not per pod), so the bootstrap names
-the node with ``$(POD_NAME)``-style references. By default the bootstrap is inline in the proxy's ``args``
-(``--config-yaml``), where the kubelet expands them. With ``injection.bootstrap: init-container`` the injector
-instead passes the options as flags (:func:`option_args`) to a ``meshguard-bootstrap`` init container, which
-renders the file into a volume shared with the proxy (:func:`write`, filling them in from its Downward API
-environment): the bootstrap is kilobytes, and out of the pod object the API server no longer stores it, sends it
-to every watcher and to the validating webhook for each pod.
+the node with ``$(POD_NAME)``-style references. By default (``injection.bootstrap: init-container``) the injector
+passes the options as flags (:func:`option_args`) to ``meshguard-init``, which renders the file into a volume
+shared with the proxy (:func:`write`, filling them in from its Downward API environment): the bootstrap is
+kilobytes, and out of the pod object the API server no longer stores it, sends it to every watcher and to the
+validating webhook for each pod. With ``inline`` it is in the proxy's ``args`` (``--config-yaml``), where the
+kubelet expands them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import argparse
 import ipaddress
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,6 @@ from .certs import CA_CERT, TLS_CERT, TLS_KEY
 from .lists import split_list
 
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
-LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 # Filled in from the env vars the injector sets through the Downward API.
 POD_VARIABLES = ("POD_NAME", "POD_NAMESPACE", "POD_IP", "SERVICE_ACCOUNT")
 # The paths the readiness listener answers on: the documented one and the one the injected probes use.
@@ -84,8 +83,6 @@ class BootstrapOptions:
     port_mtls_modes: tuple[str, ...] = ()
     mesh_cidrs: tuple[str, ...] = ()  # outbound destinations that get mTLS; other traffic passes through
     trust_domain: str = "cluster.local"
-    # Envoy takes its log level as a flag, not in the bootstrap; checked here so the injector has one place to ask.
-    log_level: str = "info"
     xds_address: str | None = None  # ADS server host:port; None = static mode
     xds_tls: bool = True  # mutual TLS to the ADS server with the workload certificate
     # The capture listeners also bind [::] (netinit redirects IPv6 too). Off only for nodes without IPv6 at all
@@ -119,8 +116,6 @@ def validate(options: BootstrapOptions) -> list[str]:
         parse_port_modes(options.port_mtls_modes)
     except ValueError as exc:
         problems.append(str(exc))
-    if options.log_level not in LOG_LEVELS:
-        problems.append(f"log_level {options.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     for cidr in options.mesh_cidrs:
         try:
             ipaddress.ip_network(cidr, strict=False)
@@ -554,10 +549,11 @@ def original_dst_cluster(name: str, transport_socket: dict[str, Any] | None = No
 
 
 def _static_cluster(name: str, host: str, port: int, kind: str = "STATIC") -> dict[str, Any]:
+    """A cluster of one endpoint; Envoy's defaults (type STATIC, a 5 s connect timeout) left out, as this travels in
+    every injected pod's spec (the probe clusters)."""
     return {
         "name": name,
-        "type": kind,
-        "connect_timeout": CONNECT_TIMEOUT,
+        **({} if kind == "STATIC" else {"type": kind}),
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}],
@@ -687,13 +683,19 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def option_args(options: BootstrapOptions) -> list[str]:
-    """Flags for :func:`add_option_arguments` that rebuild ``options``. Every field is written, so what the
-    sidecar gets never depends on the defaults of the init image's version."""
+# The fields that shape only a static bootstrap: with an xds_address the control plane sends what they would.
+STATIC_ONLY = frozenset({"mtls_mode", "port_mtls_modes", "mesh_cidrs"})
+
+
+def option_args(options: BootstrapOptions, skip: Collection[str] = ()) -> list[str]:
+    """Flags for :func:`add_option_arguments` that rebuild the bootstrap of ``options`` (but the fields in
+    ``skip``). Every field that shapes it is written, so what the sidecar gets never depends on the defaults of
+    the init image's version."""
     args: list[str] = []
+    unused = STATIC_ONLY if options.xds_address is not None else frozenset()
     for spec in fields(options):
         value = getattr(options, spec.name)
-        if value is None:
+        if value is None or spec.name in skip or spec.name in unused:
             continue
         if isinstance(value, bool):
             text = "true" if value else "false"
@@ -715,10 +717,13 @@ def _items(text: str) -> tuple[str, ...]:
     return tuple(split_list(text))
 
 
-def add_option_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`BootstrapOptions` field, defaulting to the field's default."""
+def add_option_arguments(parser: argparse.ArgumentParser, skip: Collection[str] = ()) -> None:
+    """One flag per :class:`BootstrapOptions` field (but those in ``skip``, which the parser defines its own way),
+    defaulting to the field's default."""
     defaults = BootstrapOptions()
     for spec in fields(BootstrapOptions):
+        if spec.name in skip:
+            continue
         default = getattr(defaults, spec.name)
         kind: Any = {bool: _boolean, tuple: _items, int: int}.get(type(default), str)
         parser.add_argument(_flag(spec.name), dest=spec.name, type=kind, default=default,

@@ -34,6 +34,9 @@ JUMPS = (f"-A PREROUTING -p tcp -j {INBOUND_CHAIN}", f"-A OUTPUT -p tcp -j {OUTP
 ALL_RANGES = "*"
 # The flag naming the ports left uncaptured; the control plane reads it back from injected pods.
 EXCLUDE_INBOUND_FLAG = "--exclude-inbound-ports"
+# The proxy's bootstrap options that are also netinit's own flags (its capture ports, the SDS files' directories):
+# with --bootstrap-out, netinit takes the other options as the bootstrap command's flags.
+SHARED_OPTIONS = frozenset({"inbound_port", "outbound_port", "cert_dir", "sds_dir"})
 RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
 SAVE = {4: "iptables-save", 6: "ip6tables-save"}
 # What iptables-restore says when the container lacks NET_ADMIN (legacy and nf_tables backends).

@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
-from tests.dataplane.tools import envoy_binary, localize, run_bootstrap_container, write_workload_certs
+from tests.dataplane.tools import envoy_binary, localize, run_init_container, write_workload_certs
 from tests.pcap import Segment, read_pcap
 from webhook import envoy
 from webhook.injection import spec
-from webhook.injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
+from webhook.injection.decision import INIT_NAME, PROXY_NAME
 from webhook.injection.settings import InjectionSettings
 
 PROXY_UID = 1337
@@ -223,26 +223,24 @@ class Mesh:
     ca_dir: Path  # the mesh CA both pods' certificates come from
 
 
-def injected(settings: InjectionSettings) -> tuple[list[list[str]], list[str], str]:
-    """The args of each init container meshguard runs (``meshguard-init``, and ``meshguard-bootstrap`` when the
-    bootstrap is rendered in the pod), the proxy's command line and the Secret's mount path, as the injector
-    builds them for these settings."""
+def injected(settings: InjectionSettings) -> tuple[list[str], list[str], str]:
+    """The args of ``meshguard-init``, the proxy's command line and the Secret's mount path, as the injector builds
+    them for these settings."""
     sidecar = spec.build(settings)
     containers = {c["name"]: c for c in (*sidecar.init_containers, *sidecar.containers_front,
                                          *sidecar.containers_back)}
-    inits = [list(containers[name]["args"]) for name in (INIT_NAME, BOOTSTRAP_NAME) if name in containers]
     proxy = containers[PROXY_NAME]
     (secret_volume,) = [v["name"] for v in sidecar.volumes if "secret" in v]
     (cert_dir,) = [m["mountPath"] for m in proxy["volumeMounts"] if m["name"] == secret_volume]
-    return inits, [*proxy["command"], *proxy["args"]], cert_dir
+    return list(containers[INIT_NAME]["args"]), [*proxy["command"], *proxy["args"]], cert_dir
 
 
 def start_pod(lab: Lab, pod: Pod, ip: str, settings: InjectionSettings, identity: tuple[str, str],
               ca_dir: Path, proxy_args: tuple[str, ...] = ()) -> None:
-    """What the kubelet does with an injected pod: ``meshguard-init`` (and ``meshguard-bootstrap``) with the
-    injector's arguments, a workload certificate from ``ca_dir`` where the proxy mounts it, then Envoy as its
-    uid (with ``proxy_args`` too)."""
-    (netinit_args, *bootstrap_args), proxy_argv, cert_dir = injected(settings)
+    """What the kubelet does with an injected pod: ``meshguard-init`` with the injector's arguments and the pod's
+    Downward API values, a workload certificate from ``ca_dir`` where the proxy mounts it, then Envoy as its uid
+    (with ``proxy_args`` too)."""
+    netinit_args, proxy_argv, cert_dir = injected(settings)
     # The workload Secret, mounted where Envoy finds it; 0444 like the injected volume, since Envoy is not root.
     certs = write_workload_certs(ca_dir, lab.workdir / f"{pod.role}-certs", *identity)
     for path in (certs, *certs.iterdir()):
@@ -251,13 +249,12 @@ def start_pod(lab: Lab, pod: Pod, ip: str, settings: InjectionSettings, identity
     state.mkdir()
     state.chmod(0o755)
     paths = {cert_dir: str(certs), spec.STATE_DIR: str(state)}
-    # The init container: meshguard's own CLI, run with the injector's arguments (its SDS files go in the state).
-    pod.run(sys.executable, "-m", "webhook", *localize(netinit_args, paths))
     namespace, service_account = identity
     values = {"POD_NAME": f"{pod.role}-0", "POD_NAMESPACE": namespace, "POD_IP": ip,
               "SERVICE_ACCOUNT": service_account}
-    for args in bootstrap_args:  # meshguard-bootstrap, with the Downward API values in its environment
-        run_bootstrap_container(localize(args, paths), values)
+    # The init container: meshguard's own CLI with the injector's arguments, in the pod's network namespace (its
+    # SDS files, and the bootstrap unless inline, go in the state).
+    run_init_container(localize(netinit_args, paths), values, netns=("ip", "netns", "exec", pod.name))
     # Inline, the kubelet expands the bootstrap's $(VAR) references in the proxy's args.
     argv = localize([envoy.expand_pod_variables(arg, values) for arg in proxy_argv], paths)
     assert argv[0] == "envoy"
@@ -285,7 +282,7 @@ def build_mesh(lab: Lab, mtls_mode: str) -> Mesh:
     lab.plug(server, f"{SERVER_IP}/24", f"{SERVER_IP6}/64")
     lab.plug(outside, f"{OUTSIDE_IP}/24", f"{OUTSIDE_EXCLUDED_IP}/24")
     # One cluster-wide configuration, as the webhook would hold it. The PERMISSIVE mesh's proxies get their
-    # bootstrap from meshguard-bootstrap, the STRICT mesh's inline: both ways carry the traffic.
+    # bootstrap from meshguard-init, the STRICT mesh's inline: both ways carry the traffic.
     settings = InjectionSettings(
         bootstrap="init-container" if mtls_mode == "PERMISSIVE" else "inline",
         mtls_mode=mtls_mode,

@@ -33,6 +33,7 @@ from tests.dataplane.tools import (
     in_pod_files,
     pod_mount_points,
     remove_mount_points,
+    run_init_container,
     write_workload_certs,
 )
 from webhook import envoy
@@ -126,15 +127,16 @@ def _kube_proxy(host: Host) -> None:
 
 def _start_proxy(lab: Lab, pod: Pod, settings: InjectionSettings, ca_dir: Path) -> None:
     ip, namespace, account, _ = PODS[pod.role]
-    (netinit_args, *_), proxy_argv, _ = injected(settings)
+    netinit_args, proxy_argv, _ = injected(settings)
     certs = write_workload_certs(ca_dir, lab.workdir / f"{pod.role}-certs", namespace, account)
     for path in (certs, *certs.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o444)
     state = lab.workdir / f"{pod.role}-state"
     state.mkdir()
     state.chmod(0o755)
-    pod.run(*in_pod_files(certs, state, [sys.executable, "-m", "webhook", *netinit_args]))
     values = {"POD_NAME": f"{pod.role}-0", "POD_NAMESPACE": namespace, "POD_IP": ip, "SERVICE_ACCOUNT": account}
+    run_init_container(netinit_args, values, netns=("ip", "netns", "exec", pod.name),
+                       inside=lambda argv: in_pod_files(certs, state, argv))
     argv = [envoy.expand_pod_variables(arg, values) for arg in proxy_argv]
     assert argv[0] == "envoy"
     pod.access_log = lab.workdir / f"{pod.role}-envoy.out"

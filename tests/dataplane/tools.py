@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -70,11 +70,16 @@ def localize(args: Sequence[str], paths: Mapping[str, str]) -> list[str]:
     return out
 
 
-def run_bootstrap_container(args: Sequence[str], values: Mapping[str, str] = POD_VALUES) -> None:
-    """Run the injected ``meshguard-bootstrap`` container's command (already :func:`localize`-d) as the kubelet
-    would: meshguard's own CLI, with the Downward API values in its environment."""
-    subprocess.run([sys.executable, "-m", "webhook", *args], env={**os.environ, **values}, check=True,
-                   capture_output=True, timeout=60)
+def run_init_container(args: Sequence[str], values: Mapping[str, str] = POD_VALUES,
+                       netns: Sequence[str] = ("unshare", "--net"),
+                       inside: Callable[[list[str]], list[str]] = list) -> None:
+    """Run the injected ``meshguard-init`` container's command (already :func:`localize`-d) as the kubelet would:
+    meshguard's own CLI, as root in the pod's network namespace (by default a new one of its own; ``inside`` wraps
+    the command, e.g. in :func:`in_pod_files`), with the Downward API values in its environment (it renders the
+    proxy's bootstrap)."""
+    done = subprocess.run([*netns, *inside([sys.executable, "-m", "webhook", *args])], env={**os.environ, **values},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def write_workload_certs(ca_dir: Path, out: Path, namespace: str, service_account: str) -> Path:

@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 from tests.conftest import RunningServer, as_injected, review, start_server
+from webhook import envoy
+from webhook.cli import build_parser
 
 MESH = {"meshguard.io/inject": "enabled"}
 
@@ -331,7 +333,9 @@ def test_with_a_static_bootstrap_the_proxy_enforces_what_the_rule_reports_and_a_
 
     permissive = injected()
     assert proxy_env(permissive)["MESHGUARD_INBOUND_MTLS"] == "PERMISSIVE,8081=DISABLE"
-    bootstrap = next(c for c in permissive["spec"]["initContainers"] if c["name"] == "meshguard-proxy")["args"][1]
+    # The bootstrap meshguard-init renders from its arguments takes plaintext on every port, and on 8081 as is.
+    init = next(c for c in permissive["spec"]["initContainers"] if c["name"] == "meshguard-init")
+    bootstrap = envoy.render(envoy.options_from(build_parser().parse_args(init["args"])))
     assert '"inbound-plaintext-8081"' in bootstrap and '"inbound-plaintext"' in bootstrap
     response = validate(srv, permissive, "shop")
     assert not response["allowed"] and "mutual TLS mode is PERMISSIVE (PeerAuthentication shop/default)" in \
@@ -350,10 +354,11 @@ def test_with_a_static_bootstrap_the_proxy_enforces_what_the_rule_reports_and_a_
     strict = injected()
     assert proxy_env(strict)["MESHGUARD_INBOUND_MTLS"] == "STRICT"
     assert validate(srv, strict, "shop")["allowed"] is True
-    # Copying the old sidecar while claiming STRICT does not pass either: its arguments are not STRICT's.
+    # Copying the old sidecar while claiming STRICT does not pass either: the arguments rendering its bootstrap
+    # are not STRICT's.
     forged = copy.deepcopy(permissive)
     for variable in next(c for c in forged["spec"]["initContainers"] if c["name"] == "meshguard-proxy")["env"]:
         if variable["name"] == "MESHGUARD_INBOUND_MTLS":
             variable["value"] = "STRICT"
-    assert "meshguard-proxy container is not the one meshguard injects (its args differ)" in \
+    assert "meshguard-init container is not the one meshguard injects (its args differ)" in \
         validate(srv, forged, "shop")["status"]["message"]

@@ -1,5 +1,6 @@
 """The injected proxy's command line, as the kubelet would run it, is accepted by the real Envoy: with the
-bootstrap inline in its arguments, or written by the injected ``meshguard-bootstrap`` container."""
+bootstrap written by the injected ``meshguard-init`` container (as root, in a network namespace of its own), or
+inline in its arguments."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from tests.dataplane.tools import (
     container_env,
     envoy_binary,
     localize,
-    run_bootstrap_container,
+    run_init_container,
     write_workload_certs,
 )
 from webhook import envoy
-from webhook.injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
+from webhook.injection.decision import INIT_NAME, PROXY_NAME
 from webhook.injection.patch import plan
 from webhook.injection.settings import CERT_DIR, InjectionSettings
 from webhook.injection.spec import INBOUND_MTLS_ENV, STATE_DIR
@@ -58,20 +59,19 @@ def test_real_envoy_accepts_the_injected_arguments(tmp_path: Path, annotations: 
     certs = write_workload_certs(tmp_path / "ca", tmp_path / "web", "shop", "web")
     paths = {CERT_DIR: str(certs), STATE_DIR: str(tmp_path / "state")}
     (tmp_path / "state").mkdir()
-    # meshguard-init writes the SDS files (its iptables part needs a network namespace: tests/dataplane).
-    netinit = localize(containers[INIT_NAME]["args"], paths)
-    envoy.write_sds_files(netinit[netinit.index("--cert-dir") + 1], Path(netinit[netinit.index("--sds-dir") + 1]))
+    # meshguard-init writes the SDS files (and, unless inline, the bootstrap) into the shared volume.
+    init = containers[INIT_NAME]
+    run_init_container(localize(init["args"], paths), container_env(init))
     if bootstrap == "inline":
         # The kubelet expands $(VAR) from the container's env: Downward API values and the probe splices (and, with
         # a static bootstrap, the inbound modes it enforces, for the policy to read).
         env = container_env(proxy)
         assert set(POD_VALUES) | set(envoy.SPLICES.values()) | {INBOUND_MTLS_ENV} == set(env)
         args = [envoy.expand_pod_variables(arg, env) for arg in proxy["args"]]
-        assert not any("$(" in arg for arg in args) and BOOTSTRAP_NAME not in containers
+        assert not any("$(" in arg for arg in args) and "env" not in init
     else:
-        run_bootstrap_container(localize(containers[BOOTSTRAP_NAME]["args"], paths),
-                                container_env(containers[BOOTSTRAP_NAME]))
         args = proxy["args"]
+        assert "--config-path" in args and not (tmp_path / "state").joinpath(".envoy.json.partial").exists()
     done = subprocess.run([envoy_binary(), "--mode", "validate", *localize(args, paths)],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import http.server
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 from typing import Any
 
 import jsonpatch
@@ -15,8 +15,9 @@ import pytest
 
 from tests.fixtures.injection.podcheck import pod_spec_problems, uninjected
 from webhook import envoy
+from webhook.cli import build_parser
 from webhook.injection import spec as spec_module
-from webhook.injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME, STATUS_ANNOTATION
+from webhook.injection.decision import INIT_NAME, PROXY_NAME, STATUS_ANNOTATION
 from webhook.injection.patch import escape, patch_ops, plan
 from webhook.injection.settings import InjectionSettings
 from webhook.injection.spec import BOOTSTRAP_FILE, build
@@ -92,6 +93,7 @@ PLACEMENT = [
      DEFAULTS, [INIT_NAME, PROXY_NAME], ["app"]),
     ("two app containers, classic", pod(containers=[{"name": "a", "image": "a"}, {"name": "b", "image": "b"}]),
      CLASSIC, [INIT_NAME], ["a", "b", PROXY_NAME]),
+    ("bootstrap inline", pod(), InjectionSettings(bootstrap="inline"), [INIT_NAME, PROXY_NAME], ["app"]),
 ]
 
 
@@ -216,9 +218,11 @@ def test_init_container_args_and_security_context() -> None:
     obj = pod(securityContext={"runAsNonRoot": True, "runAsUser": 1000})
     init = init_of(inject(obj))
     assert init["image"] == DEFAULTS.init_image
-    assert init["args"] == ["netinit", "--cert-dir", "/etc/meshguard/certs", "--sds-dir", "/var/run/meshguard/sds",
-                            "--proxy-uid", "1337", "--inbound-port", "15006", "--outbound-port", "15001",
-                            "--exclude-inbound-ports", "15021,15090", "--include-outbound-ip-ranges", "*"]
+    assert init["args"][:13] == ["netinit", "--cert-dir", "/etc/meshguard/certs", "--sds-dir",
+                                 "/var/run/meshguard/sds", "--proxy-uid", "1337", "--inbound-port", "15006",
+                                 "--outbound-port", "15001", "--exclude-inbound-ports", "15021,15090"]
+    # Then the bootstrap it renders (every outbound destination captured: netinit's default, not written).
+    assert init["args"][13:15] == ["--bootstrap-out", BOOTSTRAP_FILE]
     # It writes the proxy's SDS files into the volume the two share.
     assert init["volumeMounts"] == [{"name": "meshguard-envoy", "mountPath": "/var/run/meshguard"}]
     sc = init["securityContext"]
@@ -229,9 +233,10 @@ def test_init_container_args_and_security_context() -> None:
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
 
 
-# What the container rendering the bootstrap gets: the Downward API's fields, and the empty probe splices.
-BOOTSTRAP_ENV = {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP",
-                 "SERVICE_ACCOUNT": "spec.serviceAccountName", **dict.fromkeys(envoy.SPLICES.values(), "")}
+# What the container rendering the bootstrap gets: the Downward API's fields (inline, also the empty probe splices).
+DOWNWARD_ENV = {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP",
+                "SERVICE_ACCOUNT": "spec.serviceAccountName"}
+INLINE = InjectionSettings(bootstrap="inline")
 
 
 def _env(container: dict[str, Any]) -> dict[str, str]:
@@ -239,13 +244,14 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
             for e in container["env"]}
 
 
-def test_proxy_container() -> None:
-    proxy = proxy_of(inject(pod()))
+def test_proxy_container_with_its_bootstrap_inline() -> None:
+    proxy = proxy_of(inject(pod(), INLINE))
     assert proxy["image"] == DEFAULTS.proxy_image
     args = proxy["args"]
     expected = envoy.render(envoy.BootstrapOptions())
     assert flag(args, "--config-yaml") == expected
-    assert _env(proxy) == {**BOOTSTRAP_ENV, "MESHGUARD_INBOUND_MTLS": "STRICT"}
+    splices = dict.fromkeys(envoy.SPLICES.values(), "")
+    assert _env(proxy) == {**DOWNWARD_ENV, **splices, "MESHGUARD_INBOUND_MTLS": "STRICT"}
     assert [p["containerPort"] for p in proxy["ports"]] == [15090]
     sc = proxy["securityContext"]
     assert (sc["runAsUser"], sc["runAsGroup"], sc["runAsNonRoot"]) == (1337, 1337, True)
@@ -270,46 +276,26 @@ def test_the_drain_sleep_only_where_the_api_server_accepts_it(version: dict[str,
     assert ("preStop" in lifecycle) is sleeps
 
 
-BOOTSTRAP_IN_POD = InjectionSettings(bootstrap="init-container")
-
-
-@pytest.mark.parametrize(("settings", "inits", "containers"), [
-    (BOOTSTRAP_IN_POD, [INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME], ["app"]),
-    (InjectionSettings(bootstrap="init-container", native_sidecar=False), [INIT_NAME, BOOTSTRAP_NAME],
-     ["app", PROXY_NAME]),
-])
-def test_bootstrap_init_container_placement(settings: InjectionSettings, inits: list[str],
-                                            containers: list[str]) -> None:
-    result = inject(pod(), settings)
-    assert names(result["spec"]["initContainers"]) == inits
-    assert names(result["spec"]["containers"]) == containers
-    assert pod_spec_problems(result["spec"]) == []
-
-
-def test_bootstrap_init_container() -> None:
-    """It renders the bootstrap into the volume the proxy reads it from, unprivileged, from the settings' options;
-    the proxy's arguments then name the file instead of carrying the bootstrap."""
-    settings = InjectionSettings(bootstrap="init-container", mtls_mode="PERMISSIVE", mesh_cidrs=("10.0.0.0/8",))
+def test_meshguard_init_renders_the_bootstrap() -> None:
+    """It renders the bootstrap into the volume the proxy reads it from, from the settings' options and the pod's
+    Downward API fields; the proxy's arguments then name the file instead of carrying the bootstrap."""
+    settings = InjectionSettings(mtls_mode="PERMISSIVE", mesh_cidrs=("10.0.0.0/8",))
     injected = inject(pod(annotations={"meshguard.io/log-level": "debug"}), settings)
-    boot = next(c for c in injected["spec"]["initContainers"] if c["name"] == BOOTSTRAP_NAME)
-    assert boot["image"] == settings.init_image
-    assert boot["args"][:3] == ["bootstrap", "--out", BOOTSTRAP_FILE]
-    parser = argparse.ArgumentParser()
-    envoy.add_option_arguments(parser)
-    expected = envoy.BootstrapOptions(mtls_mode="PERMISSIVE", mesh_cidrs=("10.0.0.0/8",), log_level="debug")
-    assert envoy.options_from(parser.parse_args(boot["args"][3:])) == expected
-    assert _env(boot) == BOOTSTRAP_ENV
-    sc = boot["securityContext"]
-    assert (sc["runAsUser"], sc["runAsNonRoot"], sc["capabilities"]) == (1337, True, {"drop": ["ALL"]})
-    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    init = next(c for c in injected["spec"]["initContainers"] if c["name"] == INIT_NAME)
+    args = build_parser().parse_args(init["args"])
+    assert args.bootstrap_out == Path(BOOTSTRAP_FILE)
+    expected = envoy.BootstrapOptions(mtls_mode="PERMISSIVE", mesh_cidrs=("10.0.0.0/8",))
+    assert envoy.options_from(args) == expected
+    assert _env(init) == DOWNWARD_ENV  # no probes to splice
     proxy = proxy_of(injected)
     assert flag(proxy["args"], "--config-path") == BOOTSTRAP_FILE and "--config-yaml" not in proxy["args"]
+    assert flag(proxy["args"], "--log-level") == "debug"
     # The pod's identity is in the rendered file; the proxy only says which inbound modes it enforces.
     assert _env(proxy) == {"MESHGUARD_INBOUND_MTLS": "PERMISSIVE"}
-    shared = {m["name"] for m in boot["volumeMounts"]} & {m["name"] for m in proxy["volumeMounts"]}
+    shared = {m["name"] for m in init["volumeMounts"]} & {m["name"] for m in proxy["volumeMounts"]}
     assert shared == {"meshguard-envoy"}
-    # The point of it: the pod object carries kilobytes less.
-    assert len(orjson.dumps(injected)) < len(orjson.dumps(inject(pod()))) - 5000
+    # The point of it: the pod object carries kilobytes less than with the bootstrap inline.
+    assert len(orjson.dumps(injected)) < len(orjson.dumps(inject(pod(), INLINE))) - 5000
 
 
 def test_volumes() -> None:
@@ -373,10 +359,9 @@ def test_override(name: str, value: str, read: Any, expected: Any) -> None:
     assert read(inject(pod(annotations={f"meshguard.io/{name}": value}), settings)) == expected
 
 
-def test_log_level_override_reaches_the_bootstrap() -> None:
+def test_log_level_override_reaches_the_proxy() -> None:
     proxy = proxy_of(inject(pod(annotations={"meshguard.io/log-level": "debug"})))
-    expected = envoy.render(envoy.BootstrapOptions(log_level="debug"))
-    assert flag(proxy["args"], "--config-yaml") == expected
+    assert flag(proxy["args"], "--log-level") == "debug"
 
 
 def test_specs_are_built_once_per_distinct_settings() -> None:

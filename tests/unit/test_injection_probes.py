@@ -9,7 +9,7 @@ from typing import Any
 import jsonpatch
 
 from webhook import envoy
-from webhook.injection.decision import BOOTSTRAP_NAME, PROXY_NAME
+from webhook.injection.decision import INIT_NAME, PROXY_NAME
 from webhook.injection.patch import plan
 from webhook.injection.probes import rewrite
 from webhook.injection.settings import InjectionSettings
@@ -114,17 +114,18 @@ def _pod(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, An
 
 
 def _proxy_env(pod: dict[str, Any]) -> dict[str, str]:
-    """The environment the bootstrap is rendered with: the proxy's, or meshguard-bootstrap's in that mode."""
+    """The environment the bootstrap is rendered with: meshguard-init's, or the proxy's when it is inline (an
+    absent splice is empty)."""
     containers = pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
-    (holder,) = [c for c in containers if c["name"] in (PROXY_NAME, BOOTSTRAP_NAME)
-                 and "MESHGUARD_PROBE_ROUTES" in {e["name"] for e in c.get("env", ())}]
-    return {e["name"]: e.get("value", "") for e in holder["env"]}
+    (holder,) = [c for c in containers if c["name"] in (PROXY_NAME, INIT_NAME)
+                 and "POD_NAME" in {e["name"] for e in c.get("env", ())}]
+    return {**dict.fromkeys(envoy.SPLICES.values(), ""), **{e["name"]: e.get("value", "") for e in holder["env"]}}
 
 
 def test_the_patch_rewrites_the_right_container_and_sets_the_proxys_splices_in_every_mode() -> None:
     classic = {"native_sidecar": False}
     for settings in ({}, classic, {**classic, "hold_application_until_proxy_starts": True},
-                     {"bootstrap": "init-container"}):
+                     {"bootstrap": "inline"}, {**classic, "bootstrap": "inline"}):
         injected = _inject(_pod(), **settings)
         (app,) = [c for c in injected["spec"]["containers"] if c["name"] == "web"]
         assert app["readinessProbe"]["httpGet"]["path"] == "/app-health/web/readyz", settings

@@ -21,7 +21,6 @@ STATUS_ANNOTATION = "meshguard.io/status"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 PROXY_NAME = "meshguard-proxy"
 INIT_NAME = "meshguard-init"
-BOOTSTRAP_NAME = "meshguard-bootstrap"
 NAMESPACE_ENABLED = "enabled"
 POD_ENABLED = "true"
 

@@ -18,7 +18,7 @@ from .. import envoy
 from ..errors import MeshguardError
 from ..identity.settings import account_secret_name
 from ..workloads import Workload, service_account
-from .decision import BOOTSTRAP_NAME, DEFAULT_CONTAINER_ANNOTATION, PROXY_NAME, STATUS_ANNOTATION, Decision, decide
+from .decision import DEFAULT_CONTAINER_ANNOTATION, INIT_NAME, PROXY_NAME, STATUS_ANNOTATION, Decision, decide
 from .overrides import apply_overrides
 from .probes import Rewritten, rewrite
 from .settings import READINESS_PORT, STATS_PORT, InjectionSettings
@@ -82,12 +82,14 @@ def _probe_ops(spec: Mapping[str, Any], sidecar: Sidecar, rewritten: Rewritten, 
     splice variables of the container that renders the bootstrap (after)."""
     before = [{"op": "replace", "path": f"{prefix}/spec/containers/{i}/{field}", "value": probe}
               for i, field, probe in rewritten.probes]
-    splices = set(envoy.SPLICES.values())
     holder = next(c for c in (*sidecar.init_containers, *sidecar.containers_front, *sidecar.containers_back)
-                  if c["name"] in (BOOTSTRAP_NAME, PROXY_NAME) and splices & {e["name"] for e in c.get("env", ())})
+                  if c["name"] in (INIT_NAME, PROXY_NAME)
+                  and any(e["name"] in envoy.POD_VARIABLES for e in c.get("env", ())))
     path = _injected_path(spec, sidecar, holder["name"], prefix)
     names = [e["name"] for e in holder["env"]]
-    after = [{"op": "replace", "path": f"{path}/env/{names.index(variable)}/value", "value": value}
+    # Inline, the variables are there, empty; meshguard-init's are added only when this pod needs them.
+    after = [{"op": "replace", "path": f"{path}/env/{names.index(variable)}/value", "value": value} if variable in names
+             else {"op": "add", "path": f"{path}/env/-", "value": {"name": variable, "value": value}}
              for variable, value in rewritten.environment().items() if value]
     return before, after
 

@@ -86,10 +86,10 @@ class InjectionSettings(Section):
     xds_address: str | None = None
     # Mutual TLS to the ADS server with the workload certificate; set at start: on when meshguard holds the mesh CA.
     xds_tls: bool = True
-    # How the proxy gets its Envoy bootstrap. inline: in its arguments (--config-yaml), no extra container.
-    # init-container: rendered in the pod by a meshguard-bootstrap init container into the shared volume; the
-    # pod object is then smaller, which the API server pays for on every write, watch and webhook call.
-    bootstrap: Literal["inline", "init-container"] = "inline"
+    # How the proxy gets its Envoy bootstrap. init-container: rendered in the pod by meshguard-init into the shared
+    # volume, so the pod object stays small (the API server pays for its size on every write, watch and webhook
+    # call). inline: in the proxy's arguments (--config-yaml), kilobytes more in every pod.
+    bootstrap: Literal["inline", "init-container"] = "init-container"
     # Rewrite the app containers' httpGet and tcpSocket probes to the sidecar, which checks the app over localhost
     # (under STRICT the kubelet's plaintext probes would be refused); annotation meshguard.io/rewrite-app-probes.
     rewrite_app_probes: bool = True
@@ -114,7 +114,7 @@ class InjectionSettings(Section):
         return self
 
     def bootstrap_options(self) -> envoy.BootstrapOptions:
-        """The Envoy bootstrap these settings call for (per-pod overrides included, e.g. the log level)."""
+        """The Envoy bootstrap these settings call for (per-pod overrides included)."""
         return envoy.BootstrapOptions(
             inbound_port=INBOUND_PORT,
             outbound_port=OUTBOUND_PORT,
@@ -127,7 +127,6 @@ class InjectionSettings(Section):
             port_mtls_modes=self.inbound_port_modes,
             mesh_cidrs=self.mesh_cidrs,
             trust_domain=self.trust_domain,
-            log_level=self.log_level,
             xds_address=self.xds_address,
             xds_tls=self.xds_tls,
         )

@@ -1,12 +1,12 @@
-"""What is injected: the ``meshguard-init`` init container, the ``meshguard-proxy`` sidecar, their volumes, and
-with ``bootstrap: init-container`` the ``meshguard-bootstrap`` init container.
+"""What is injected: the ``meshguard-init`` init container, the ``meshguard-proxy`` sidecar and their volumes.
 
-Nothing here depends on the individual pod: pod identity reaches the bootstrap through the Downward API
-(``$(POD_NAME)`` and friends, expanded by the kubelet in the proxy's ``args``, or read from the environment by
-``meshguard-bootstrap``), so the whole injected spec is a function of the effective settings alone and is built
-once per distinct settings value (in practice: once, plus once per distinct set of override annotations). An
-inline bootstrap is rendered once per distinct :class:`~webhook.envoy.BootstrapOptions`. The returned dicts are
-shared: callers serialise them and must not mutate them.
+Nothing here depends on the individual pod: pod identity reaches the bootstrap through the Downward API (read
+from the environment by ``meshguard-init``, which renders it, or with an inline bootstrap ``$(POD_NAME)`` and
+friends, expanded by the kubelet in the proxy's ``args``), so the whole injected spec is a function of the
+effective settings alone and is built once per distinct settings value (in practice: once, plus once per
+distinct set of override annotations). An inline bootstrap is rendered once per distinct
+:class:`~webhook.envoy.BootstrapOptions`. The returned dicts are shared: callers serialise them and must not
+mutate them.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from .. import __version__, envoy
 from ..admission import Constant
 from ..certs import CA_CERT, TLS_CERT, TLS_KEY
 from ..identity.settings import trust_bundle_name
-from ..netinit import EXCLUDE_INBOUND_FLAG
-from .decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
+from ..netinit import ALL_RANGES, EXCLUDE_INBOUND_FLAG, SHARED_OPTIONS
+from .decision import INIT_NAME, PROXY_NAME
 from .settings import CERT_DIR, INBOUND_PORT, OUTBOUND_PORT, READINESS_PORT, STATE_DIR, STATS_PORT, InjectionSettings
 
 STATE_VOLUME = "meshguard-envoy"
@@ -89,11 +89,15 @@ def netinit_args(settings: InjectionSettings) -> list[str]:
     ]
     for flag, items in (
         ("--exclude-outbound-ports", [str(p) for p in settings.exclude_outbound_ports]),
-        ("--include-outbound-ip-ranges", list(settings.include_outbound_ip_ranges)),
+        # Everything (netinit's own default, whatever its version) is not written.
+        ("--include-outbound-ip-ranges",
+         [] if settings.include_outbound_ip_ranges == (ALL_RANGES,) else list(settings.include_outbound_ip_ranges)),
         ("--exclude-outbound-ip-ranges", list(settings.exclude_outbound_ip_ranges)),
     ):
         if items:
             args += [flag, ",".join(items)]
+    if settings.bootstrap == "init-container":
+        args += ["--bootstrap-out", BOOTSTRAP_FILE, *envoy.option_args(options, skip=SHARED_OPTIONS)]
     return args
 
 
@@ -106,14 +110,17 @@ def _resources(settings: InjectionSettings) -> dict[str, Any]:
 
 def init_container(settings: InjectionSettings) -> dict[str, Any]:
     """Sets up the iptables redirect, so it needs NET_ADMIN/NET_RAW and root — at container level, because the
-    pod may say ``runAsNonRoot: true`` (Online Boutique's do) and that must not stop it."""
+    pod may say ``runAsNonRoot: true`` (Online Boutique's do) and that must not stop it. Unless the bootstrap is
+    inline, it also renders the proxy's bootstrap for this pod (from its Downward API environment): one container
+    less than a renderer of its own, in every pod object."""
     return {
         "name": INIT_NAME,
         "image": settings.init_image,
         "imagePullPolicy": settings.image_pull_policy,
         "args": netinit_args(settings),
+        **({"env": _bootstrap_env(inline=False)} if settings.bootstrap == "init-container" else {}),
         "resources": _resources(settings),
-        # The proxy's SDS files go in the volume it shares with the proxy.
+        # The proxy's SDS files (and bootstrap) go in the volume it shares with the proxy.
         "volumeMounts": [{"name": STATE_VOLUME, "mountPath": STATE_DIR}],
         "securityContext": {
             "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
@@ -133,12 +140,13 @@ def _bootstrap(options: envoy.BootstrapOptions) -> str:
     return envoy.render(options)
 
 
-def _bootstrap_env() -> list[dict[str, Any]]:
-    """The pod's identity from the Downward API, then the bootstrap's splice points, empty until the patch sets
-    this pod's (its rewritten probes)."""
+def _bootstrap_env(inline: bool) -> list[dict[str, Any]]:
+    """The pod's identity from the Downward API; inline, also the bootstrap's splice points, empty until the patch
+    sets this pod's (its rewritten probes), since the kubelet leaves a reference to an undefined variable as it
+    is. meshguard-init takes an absent one as empty: the patch adds only those this pod needs."""
     return [*({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
               for name, path in _DOWNWARD_API),
-            *({"name": variable, "value": ""} for variable in envoy.SPLICES.values())]
+            *({"name": variable, "value": ""} for variable in envoy.SPLICES.values() if inline)]
 
 
 # Static bootstrap: the inbound modes this proxy enforces ("MODE[,PORT=MODE...]"), resolved at injection, so that
@@ -185,23 +193,8 @@ def _unprivileged(uid: int) -> dict[str, Any]:
     }
 
 
-def bootstrap_container(settings: InjectionSettings) -> dict[str, Any]:
-    """Renders the proxy's Envoy bootstrap for this pod into the shared volume; needs no privilege at all."""
-    return {
-        "name": BOOTSTRAP_NAME,
-        "image": settings.init_image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "args": ["bootstrap", "--out", BOOTSTRAP_FILE, *envoy.option_args(settings.bootstrap_options())],
-        "env": _bootstrap_env(),
-        "resources": _resources(settings),
-        "securityContext": _unprivileged(settings.proxy_uid),
-        "volumeMounts": [{"name": STATE_VOLUME, "mountPath": STATE_DIR}],
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-
-
 def _proxy_env(settings: InjectionSettings, inline: bool) -> dict[str, Any]:
-    env = _bootstrap_env() if inline else []
+    env = _bootstrap_env(inline=True) if inline else []
     if settings.xds_address is None:
         env.append({"name": INBOUND_MTLS_ENV, "value": inbound_mtls(settings)})
     return {"env": env} if env else {}
@@ -228,7 +221,7 @@ def proxy_container(settings: InjectionSettings, native: bool, hold: bool) -> di
             "--disable-hot-restart",
             "--drain-time-s", str(settings.drain_seconds),
         ],
-        # Inline, the kubelet expands the bootstrap's $(POD_NAME)... from these; else meshguard-bootstrap reads them.
+        # Inline, the kubelet expands the bootstrap's $(POD_NAME)... from these; else meshguard-init reads them.
         **_proxy_env(settings, inline),
         "ports": [{"name": "meshguard-stats", "containerPort": STATS_PORT, "protocol": "TCP"}],
         "readinessProbe": _ready_probe(period=2, failures=3),
@@ -283,9 +276,7 @@ def build(settings: InjectionSettings) -> Sidecar:
     hold = not native and settings.hold_application_until_proxy_starts
     # Constants: each is serialised for the wire once, not on every pod creation.
     proxy = Constant(proxy_container(settings, native, hold))
-    first: tuple[Constant, ...] = (Constant(init_container(settings)),)
-    if settings.bootstrap == "init-container":
-        first += (Constant(bootstrap_container(settings)),)
+    first = (Constant(init_container(settings)),)
     init = (*first, proxy) if native else first
     front, back = ((), ()) if native else (((proxy,), ()) if hold else ((), (proxy,)))
     vols = tuple(Constant(v) for v in volumes(settings))

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..injection.annotations import PREFIX, port_list
-from ..injection.decision import BOOTSTRAP_NAME, INIT_NAME, PROXY_NAME
+from ..injection.decision import INIT_NAME, PROXY_NAME
 from ..injection.overrides import OverrideError, apply_overrides
 from ..injection.patch import effective_settings
 from ..injection.settings import InjectionSettings
@@ -36,7 +36,7 @@ from ..injection.spec import build, declared_inbound
 from ..workloads import CONTAINER_LISTS, Workload
 from .mtls import STRICT
 
-MESHGUARD_CONTAINERS = (INIT_NAME, BOOTSTRAP_NAME, PROXY_NAME)
+MESHGUARD_CONTAINERS = (INIT_NAME, PROXY_NAME)
 # Capabilities with which a container can change the pod's network stack, the redirect included.
 NETWORK_CAPABILITIES = frozenset({"NET_ADMIN", "NET_RAW", "ALL"})
 # What identifies one of meshguard's containers as the one the configuration makes.
