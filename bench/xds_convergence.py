@@ -96,7 +96,10 @@ async def _proxy(address: str, namespace: str, pod: str, eds_names: list[str], l
     metadata = struct_pb2.Struct()
     metadata.update({"namespace": namespace, "pod_name": pod})
     node = base_pb2.Node(id=f"sidecar~0.0.0.0~{pod}.{namespace}", metadata=metadata)
-    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
+    # A receive window as large as Envoy's (its HTTP/2 default is 256 MiB; gRPC's own is 64 KiB, less than a listener
+    # at this scale, so each would wait for a window update).
+    options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.http2.lookahead_bytes", 1 << 28)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources()
         await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER, node=node))
         await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINTS, resource_names_subscribe=eds_names))
