@@ -7,11 +7,14 @@ import json
 from typing import Any
 
 import jsonpatch
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from webhook import envoy
 from webhook.injection.decision import INIT_NAME, PROXY_NAME
 from webhook.injection.patch import plan
-from webhook.injection.probes import rewrite
+from webhook.injection.probes import rewrite, splices_problem
 from webhook.injection.settings import InjectionSettings
 from webhook.workloads import as_workload
 
@@ -149,3 +152,31 @@ def test_the_drain_fits_the_grace_period() -> None:
     assert pre_stop(_inject(_pod())) == ({"sleep": {"seconds": 5}}, "5")  # default grace 30
     assert pre_stop(_inject(_pod(terminationGracePeriodSeconds=3))) == ({"sleep": {"seconds": 2}}, "2")
     assert pre_stop(_inject(_pod(terminationGracePeriodSeconds=0))) == (None, "0")
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12)
+_PROBE_LIKE = st.fixed_dictionaries({"httpGet": st.fixed_dictionaries(
+    {"port": st.sampled_from([15021, 8080, "x"]), "path": st.sampled_from(["/app-health/web/readyz", "/x"])})})
+_SPLICE_TEXT = st.one_of(st.text(max_size=30), st.lists(_JSON, max_size=3).map(
+    lambda objects: "".join(json.dumps(o) + "," for o in objects)))
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(containers=st.one_of(_JSON, st.lists(st.one_of(_JSON, st.fixed_dictionaries(
+           {"name": st.just("web"), "readinessProbe": _PROBE_LIKE, "livenessProbe": _JSON})), max_size=3)),
+       values=st.dictionaries(st.sampled_from(sorted(envoy.SPLICES.values())), _SPLICE_TEXT, max_size=3))
+def test_judging_the_splices_of_any_pod_never_fails(containers: Any, values: dict[str, str]) -> None:
+    """What a tenant writes into an injected pod is judged, never crashes the judge."""
+    problem = splices_problem({"containers": containers}, values, 15021, (15090,))
+    assert problem is None or problem.startswith("its probe configuration is not")
+
+
+def test_the_splices_the_injector_writes_are_judged_its_own_and_nothing_else_is() -> None:
+    injected = _inject(_pod())
+    env = {k: v for k, v in _proxy_env(injected).items() if k in envoy.SPLICES.values()}
+    assert env["MESHGUARD_PROBE_ROUTES"] and splices_problem(injected["spec"], env, 15021, (15090,)) is None
+    unprobed = {"containers": [{"name": "web", "image": "x"}]}  # no probe they would be for
+    assert splices_problem(unprobed, env, 15021, (15090,)) is not None

@@ -54,9 +54,9 @@ def test_an_injected_pod_and_a_pod_to_be_injected_pass() -> None:
         assert mtls(as_injected(app_pod(terminationGracePeriodSeconds=grace)))[0]
     settings = Settings(injection={"cert_secret_per_account": True})
     assert mtls(as_injected(app_pod(serviceAccountName="web"), settings=settings.injection), settings=settings)[0]
-    # Classic mode, a hold, and the bootstrap rendered in the pod: all what meshguard makes.
+    # Classic mode, a hold, and the bootstrap inline: all what meshguard makes.
     for injection in ({"native_sidecar": False, "hold_application_until_proxy_starts": True},
-                      {"bootstrap": "init-container"}):
+                      {"bootstrap": "inline"}):
         settings = Settings(injection=injection)
         assert mtls(as_injected(app_pod(), settings=settings.injection), settings=settings)[0]
 
@@ -172,3 +172,57 @@ def test_a_workload_whose_pods_the_injector_would_refuse_fails_before_any_pod_is
     # An injected pod whose image the platform allowed passes; the same image without the allowance does not.
     injected = as_injected(chosen, settings=allowed.injection)
     assert mtls(injected, settings=allowed)[0] and not mtls(injected)[0]
+
+
+# Probes of every kind the injector rewrites: their routes, health checks and clusters go into the proxy's
+# bootstrap through the splice variables, on its plaintext readiness port.
+PROBED = {"name": "app", "image": "shop/app:1", "ports": [{"name": "http", "containerPort": 8080}],
+          "readinessProbe": {"httpGet": {"path": "/healthz?full=1", "port": "http", "scheme": "HTTPS",
+                                          "httpHeaders": [{"name": "X-Probe", "value": "1"}]}, "timeoutSeconds": 2},
+          "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 5},
+          "startupProbe": {"grpc": {"port": 9090, "service": "app"}}}
+
+
+def _probed(**injection: Any) -> tuple[dict[str, Any], Settings]:
+    settings = Settings(injection=injection)
+    return as_injected({**app_pod(), "spec": {"containers": [copy.deepcopy(PROBED)]}},
+                       settings=settings.injection), settings
+
+
+def _splice(pod: dict[str, Any], variable: str, edit: Any) -> dict[str, Any]:
+    forged = copy.deepcopy(pod)
+    for container in forged["spec"]["initContainers"] + forged["spec"]["containers"]:
+        for entry in container.get("env", []):
+            if entry["name"] == variable:
+                entry["value"] = edit(entry["value"])
+    return forged
+
+
+@pytest.mark.parametrize("injection", [{}, {"bootstrap": "inline"}, {"native_sidecar": False}])
+def test_the_probe_configuration_is_exactly_what_the_injector_writes_for_the_pods_probes(
+        injection: dict[str, Any]) -> None:
+    pod, settings = _probed(**injection)
+    assert mtls(pod, settings=settings)[0]
+    # A route of the tenant's own on the plaintext readiness port: the app, past mutual TLS.
+    bypass = '{"match":{"prefix":"/"},"route":{"cluster":"probe|http|8080"}},'
+    for forged in (_splice(pod, "MESHGUARD_PROBE_ROUTES", lambda value: bypass + value),
+                   # the probe's cluster sent elsewhere, or a splice that is not JSON
+                   _splice(pod, "MESHGUARD_PROBE_CLUSTERS", lambda value: value.replace("127.0.0.1", "10.0.0.9")),
+                   _splice(pod, "MESHGUARD_PROBE_FILTERS", lambda value: value + "{"),
+                   # the health check of another port than the probe's
+                   _splice(pod, "MESHGUARD_PROBE_FILTERS", lambda value: value.replace("probe|tcp|8080",
+                                                                                       "probe|tcp|8081"))):
+        passed, message = mtls(forged, settings=settings)
+        assert not passed and "a route of its own would reach the app past mutual TLS" in message, message
+
+
+def test_the_splices_go_only_where_meshguard_puts_them_and_the_pod_identity_comes_from_the_downward_api() -> None:
+    pod, settings = _probed()
+    routes = next(e for e in pod["spec"]["initContainers"][0]["env"] if e["name"] == "MESHGUARD_PROBE_ROUTES")
+    moved = _edit(pod, "meshguard-proxy", env=[routes])
+    passed, message = mtls(moved, settings=settings)
+    assert not passed and "meshguard-proxy container is not the one meshguard injects (its env differ)" in message
+    claimed = copy.deepcopy(pod)
+    claimed["spec"]["initContainers"][0]["env"][1] = {"name": "POD_NAMESPACE", "value": "kube-system"}
+    passed, message = mtls(claimed, settings=settings)
+    assert not passed and "meshguard-init container is not the one meshguard injects (its env differ)" in message

@@ -126,3 +126,83 @@ def rewrite(spec: Mapping[str, Any], readiness_port: int, excluded_ports: tuple[
             new_probe["httpGet"] = new_get
             out.probes.append((index, probe_field, new_probe))
     return out
+
+
+def _parsed_splices(values: Mapping[str, str]) -> dict[str, list[Any]] | None:
+    """The splice variables' objects by bootstrap list, or None when one is not what :meth:`Rewritten.environment`
+    writes (JSON objects, each followed by a comma)."""
+    found: dict[str, list[Any]] = {}
+    for key, variable in envoy.SPLICES.items():
+        text = values.get(variable, "")
+        if text and not text.endswith(","):
+            return None
+        try:
+            objects = json.loads(f"[{text[:-1]}]")
+        except ValueError:
+            return None
+        if not all(isinstance(o, dict) for o in objects):
+            return None
+        found[key] = objects
+    return found
+
+
+def _original(probe: Mapping[str, Any], path: str, splices: dict[str, list[Any]]) -> dict[str, Any] | None:
+    """The probe that ``rewrite`` turned into ``probe`` (at ``path``), as far as the splices record it."""
+    clusters = {c.get("name"): c for c in splices["clusters"]}
+    route = next((r for r in splices["routes"] if r.get("match") == {"path": path}), None)
+    if route is not None:
+        target = route.get("route") if isinstance(route.get("route"), dict) else {}
+        scheme, _, port = str(target.get("cluster", "")).removeprefix("probe|").partition("|")
+        if scheme not in ("http", "https") or not port.isdigit() or target.get("cluster") not in clusters:
+            return None
+        action: dict[str, Any] = {"path": target.get("prefix_rewrite"), "port": int(port), "scheme": scheme.upper()}
+        headers = probe["httpGet"].get("httpHeaders")
+        return {**probe, "httpGet": {**action, **({"httpHeaders": headers} if headers is not None else {})}}
+    check = envoy.cluster_health_filter(path, "")["typed_config"]["headers"]
+    for health in splices["http_filters"]:
+        config = health.get("typed_config") if isinstance(health.get("typed_config"), dict) else {}
+        if config.get("headers") != check:
+            continue
+        targets = config.get("cluster_min_healthy_percentages")
+        if not isinstance(targets, dict) or len(targets) != 1:
+            return None
+        kind, _, rest = str(next(iter(targets))).removeprefix("probe|").partition("|")
+        port, _, service = rest.partition("|")
+        if kind not in ("tcp", "grpc") or not port.isdigit():
+            return None
+        original = {k: v for k, v in probe.items() if k != "httpGet"}
+        if kind == "tcp":
+            return {**original, "tcpSocket": {"port": int(port)}}
+        return {**original, "grpc": {"port": int(port), **({"service": service} if service else {})}}
+    return None
+
+
+def splices_problem(spec: Mapping[str, Any], values: Mapping[str, str], readiness_port: int,
+                    excluded_ports: tuple[int, ...]) -> str | None:
+    """Why the splice variables ``values`` of an injected pod are not what the injector writes for its probes, or
+    None. Its app's original probes are recorded only there: they are rebuilt from them, rewritten again, and
+    the result must be exactly ``values`` (a route, filter or cluster of the tenant's own reaches its proxy's
+    plaintext port, so nothing else may)."""
+    splices = _parsed_splices(values)
+    if splices is None:
+        return "its probe configuration is not meshguard's"
+    restored = dict(spec)
+    containers = []
+    listed = spec.get("containers")
+    for container in listed if isinstance(listed, list) else ():
+        name = container.get("name") if isinstance(container, dict) else None
+        if isinstance(name, str):
+            container = dict(container)
+            for probe_field, segment in PROBES.items():
+                probe = container.get(probe_field)
+                get = probe.get("httpGet") if isinstance(probe, dict) else None
+                path = f"{APP_HEALTH}/{name}/{segment}"
+                if isinstance(probe, dict) and isinstance(get, dict) and get.get("port") == readiness_port \
+                        and get.get("path") == path:
+                    container[probe_field] = _original(probe, path, splices) or probe
+        containers.append(container)
+    restored["containers"] = containers
+    expected = rewrite(restored, readiness_port, excluded_ports).environment()
+    if any(values.get(variable, "") != text for variable, text in expected.items()):
+        return "its probe configuration is not what meshguard writes for its probes"
+    return None

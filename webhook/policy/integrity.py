@@ -27,11 +27,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from .. import envoy
 from ..injection.annotations import PREFIX, port_list
 from ..injection.decision import INIT_NAME, PROXY_NAME
 from ..injection.overrides import OverrideError, apply_overrides
 from ..injection.patch import effective_settings
-from ..injection.settings import InjectionSettings
+from ..injection.probes import splices_problem
+from ..injection.settings import READINESS_PORT, STATS_PORT, InjectionSettings
 from ..injection.spec import build, declared_inbound
 from ..workloads import CONTAINER_LISTS, Workload
 from .mtls import STRICT
@@ -41,6 +43,7 @@ MESHGUARD_CONTAINERS = (INIT_NAME, PROXY_NAME)
 NETWORK_CAPABILITIES = frozenset({"NET_ADMIN", "NET_RAW", "ALL"})
 # What identifies one of meshguard's containers as the one the configuration makes.
 COMPARED_FIELDS = ("image", "command", "args", "ports", "securityContext")
+SPLICE_VARIABLES = frozenset(envoy.SPLICES.values())
 
 Problem = tuple[str, str, str]  # (why, fix, the why in a few words)
 EXCLUDE_INBOUND = PREFIX + "exclude-inbound-ports"
@@ -153,10 +156,12 @@ def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workl
         return []
     if old is not None:
         before = _meshguard_containers(old.pod_spec)
-        if {n: _compared(c) for n, c in before.items()} == {n: _compared(c) for n, c in present.items()}:
+        if {n: (_compared(c), c.get("env")) for n, c in before.items()} == \
+                {n: (_compared(c), c.get("env")) for n, c in present.items()}:
             return []
     try:
-        expected = build(effective_settings(workload, settings))
+        effective = effective_settings(workload, settings)
+        expected = build(effective)
     except OverrideError as exc:
         return [(f"its meshguard annotations are invalid ({exc})", "fix them, then recreate the pods",
                  "invalid meshguard annotations")]
@@ -170,7 +175,41 @@ def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workl
         if wanted is None:
             return [(f"its {name} container is not one meshguard's configuration adds", fix, f"{name} not as injected")]
         differing = [key for key in COMPARED_FIELDS if not _holds(wanted.get(key), container.get(key))]
+        if not _holds(_unspliced(wanted), _unspliced(container)):
+            differing.append("env")
         if differing:
             return [(f"its {name} container is not the one meshguard injects (its {', '.join(differing)} "
                      "differ)", fix, f"{name} not as injected")]
-    return []
+    return _splices_problems(workload, effective, present, made, fix)
+
+
+def _env(container: Mapping[str, Any]) -> list[Any]:
+    env = container.get("env")
+    return env if isinstance(env, list) else []
+
+
+def _unspliced(container: Mapping[str, Any]) -> list[Any]:
+    """The container's environment but the probe splices, which are per pod."""
+    return [e for e in _env(container) if not (isinstance(e, Mapping) and e.get("name") in SPLICE_VARIABLES)]
+
+
+def _splices_problems(workload: Workload, effective: InjectionSettings, present: Mapping[str, Mapping[str, Any]],
+                      made: Mapping[str, Mapping[str, Any]], fix: str) -> list[Problem]:
+    """The probe splices go into the proxy's bootstrap, on its plaintext port: only the container rendering it may
+    carry them, and only as meshguard writes them for the pod's probes."""
+    values: dict[str, str] = {}
+    for name, container in present.items():
+        spliced = [e for e in _env(container) if isinstance(e, Mapping) and e.get("name") in SPLICE_VARIABLES]
+        renders = any(isinstance(e, Mapping) and e.get("name") in envoy.POD_VARIABLES for e in _env(made[name]))
+        if spliced and not renders or any(not isinstance(e.get("value"), str) for e in spliced):
+            return [(f"its {name} container is not the one meshguard injects (its env differs)", fix,
+                     f"{name} not as injected")]
+        values.update((e["name"], e["value"]) for e in spliced)
+    if not effective.rewrite_app_probes:
+        problem = None if not any(values.values()) else "it has probe configuration where probes are not rewritten"
+    else:
+        problem = splices_problem(workload.pod_spec, values, READINESS_PORT,
+                                  (STATS_PORT, *effective.exclude_inbound_ports))
+    if problem is None:
+        return []
+    return [(f"{problem}: a route of its own would reach the app past mutual TLS", fix, "probe routes not as injected")]
