@@ -25,6 +25,7 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -44,6 +45,7 @@ STATS_PATH = "/stats/prometheus"
 SPLICES = {"routes": "MESHGUARD_PROBE_ROUTES", "http_filters": "MESHGUARD_PROBE_FILTERS",
            "clusters": "MESHGUARD_PROBE_CLUSTERS"}
 _SPLICE_MARK = "meshguard-splice:"
+_REFERENCE = re.compile(r"\$\((" + "|".join((*POD_VARIABLES, *SPLICES.values())) + r")\)")
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 READINESS_LISTENER = "readiness"
@@ -652,12 +654,15 @@ def render(options: BootstrapOptions) -> str:
 
 def expand_pod_variables(rendered: str, values: Mapping[str, str]) -> str:
     """Replace the ``$(VAR)`` references of a rendered bootstrap with the pod's values (JSON-escaped), and its
-    splice points with the JSON fragments the injector set (empty when a variable is absent)."""
-    for name in POD_VARIABLES:
-        rendered = rendered.replace(f"$({name})", json.dumps(values[name])[1:-1])
-    for variable in SPLICES.values():
-        rendered = rendered.replace(f"$({variable})", values.get(variable, ""))
-    return rendered
+    splice points with the JSON fragments the injector set (empty when a variable is absent), in one pass, as the
+    kubelet does: a value is never expanded again (a probe path may contain ``$(...)``)."""
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in POD_VARIABLES:
+            return json.dumps(values[name])[1:-1]
+        return values.get(name, "")
+
+    return _REFERENCE.sub(value, rendered)
 
 
 def write(options: BootstrapOptions, path: Path, environ: Mapping[str, str]) -> None:

@@ -121,8 +121,11 @@ def run() -> Any:
 
 
 def test_ack_nack_and_only_what_changed_is_pushed(run: Any) -> None:
-    db = {**SERVICE, "metadata": {"name": "db", "namespace": "shop"},
-          "spec": {"clusterIP": "10.96.0.11", "ports": [{"name": "pg", "port": 5432}]}}
+    def service(name: str, ip: str) -> dict[str, Any]:
+        return {**SERVICE, "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}]}}
+
+    api, db, cache = SERVICE, service("db", "10.96.0.11"), service("cache", "10.96.0.12")
 
     async def scenario() -> None:
         plane, tasks = await start()
@@ -136,28 +139,32 @@ def test_ack_nack_and_only_what_changed_is_pushed(run: Any) -> None:
                 assert await stream.nothing_more()
                 assert plane.servicer.describe("shop", "web-0")["nonces"]["cds"] == {
                     "sent": first.nonce, "acked": first.nonce}
-                # A Service appears: its cluster alone is sent.
-                plane.store.replace("Service", [SERVICE])
+                # A Service appears: its cluster alone is sent; another, before the proxy answered: its own.
+                plane.store.replace("Service", [api])
                 second = await stream.receive()
                 assert second.nonce != first.nonce and names(second) == {"outbound|10.96.0.10:80"}
-                # NACK: counted, and not sent again now.
+                plane.store.replace("Service", [api, db])
+                third = await stream.receive()
+                assert names(third) == {"outbound|10.96.0.11:80"}
+                # The earlier response is NACKed after the later one was sent: each is answered on its own.
                 await stream.send(CLUSTER, second.nonce, error="bad cluster")
-                assert await stream.nothing_more()
+                await stream.send(CLUSTER, third.nonce)
+                assert await stream.nothing_more()  # not sent again now
                 assert plane.metrics.xds_nacks.labels("cds").value == 1
-                # A stale nonce is ignored: no answer, no NACK counted.
+                # A nonce already answered is stale: ignored, no NACK counted.
                 await stream.send(CLUSTER, first.nonce, error="late")
                 assert await stream.nothing_more()
                 assert plane.metrics.xds_nacks.labels("cds").value == 1
-                # The next change carries it again, with what changed.
-                plane.store.replace("Service", [SERVICE, db])
-                third = await stream.receive()
-                assert names(third) == {"outbound|10.96.0.10:80", "outbound|10.96.0.11:5432"}
-                await stream.send(CLUSTER, third.nonce)
-                # A Service goes: its cluster is named for removal, nothing else is sent.
-                plane.store.replace("Service", [db])
+                # The next change carries the rejected cluster again, with what changed.
+                plane.store.replace("Service", [api, db, cache])
                 fourth = await stream.receive()
-                assert not fourth.resources and list(fourth.removed_resources) == ["outbound|10.96.0.10:80"]
-                assert plane.metrics.xds_pushes.labels("cds").value == 4
+                assert names(fourth) == {"outbound|10.96.0.10:80", "outbound|10.96.0.12:80"}
+                await stream.send(CLUSTER, fourth.nonce)
+                # A Service goes: its cluster is named for removal, nothing else is sent.
+                plane.store.replace("Service", [db, cache])
+                fifth = await stream.receive()
+                assert not fifth.resources and list(fifth.removed_resources) == ["outbound|10.96.0.10:80"]
+                assert plane.metrics.xds_pushes.labels("cds").value == 5
         finally:
             await _stop(tasks)
 
@@ -180,7 +187,8 @@ def test_endpoints_are_sent_for_the_names_subscribed_and_listeners_for_the_pod(r
                 await stream.send(LISTENER)
                 listeners = await stream.receive()
                 assert names(listeners) == {"inbound", "outbound"}
-                # A subscription change is honoured even when its nonce is not the latest: only the new name.
+                await stream.send(ENDPOINTS, endpoints.nonce)  # ACK: the nonce is answered
+                # A subscription change is honoured even with a stale nonce: only the new name is sent.
                 await stream.send(ENDPOINTS, endpoints.nonce, subscribe=("outbound|80||db.shop",))
                 assert names(await stream.receive()) == {"outbound|80||db.shop"}
                 # Unsubscribed: its changes are no longer sent.

@@ -310,3 +310,12 @@ def test_port_modes_are_checked_and_travel_as_flags() -> None:
     assert envoy.options_from(parser.parse_args(envoy.option_args(options))) == options
     chains = [c["name"] for c in envoy.inbound_listener(options)["filter_chains"]]
     assert chains[3:] == ["inbound-mtls-8080", "inbound-mtls-9090", "inbound-plaintext-9090", "inbound-plaintext"]
+
+
+def test_pod_values_are_expanded_once_never_inside_another_value() -> None:
+    """A probe path may contain ``$(...)``: the kubelet expands a reference once, and so does meshguard-init."""
+    rendered = envoy.render(BootstrapOptions())
+    routes = '{"match":{"path":"/h$(MESHGUARD_PROBE_CLUSTERS)$(POD_NAME)"},"route":{"cluster":"c"}},'
+    values = {**POD_VALUES, "MESHGUARD_PROBE_ROUTES": routes, "MESHGUARD_PROBE_CLUSTERS": '{"name":"c"},'}
+    expanded = envoy.expand_pod_variables(rendered, values)
+    assert routes in expanded and json.loads(expanded)

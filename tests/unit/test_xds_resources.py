@@ -135,8 +135,8 @@ def test_the_outbound_listener_matches_each_cluster_ip_and_meshed_pod_ip_once() 
                   endpoints("api", [("api-1", "10.0.0.1")]))
     outbound = resources.outbound(state, RESOLVER, OPTIONS)
     assert _rules(outbound.listener) == [
+        (("ip", ["10.96.0.10/31"]), "outbound-services"),  # ClusterIPs, whatever their ports (the capture port too)
         (("port", OPTIONS.outbound_port), "outbound-blackhole"),  # reached directly, not redirected: closed
-        (("ip", ["10.96.0.10/31"]), "outbound-services"),  # ClusterIPs, whatever their ports
         (("ip", ["10.0.1.9/32"]), "outbound-mesh"),
         # The ports these pods leave uncaptured stay plaintext to them.
         (("ip", ["10.0.0.1/32", "10.0.0.2/32"]),
@@ -203,3 +203,11 @@ def test_neighbouring_meshed_pods_share_the_fewest_prefixes() -> None:
     (mesh,) = [what for what, where in _rules(resources.outbound(state, RESOLVER, OPTIONS).listener)
                if where == "outbound-mesh"]
     assert mesh == ("ip", ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.8/30", "10.0.0.20/32", "fd00::/127"])
+
+
+def test_addresses_envoy_would_print_otherwise_are_left_out() -> None:
+    state = store(pod("mapped", "::ffff:10.0.0.1", excluded=""), pod("zoned", "fe80::1%eth0", excluded=""),
+                  pod("plain", "10.0.0.2", excluded=""))
+    (mesh,) = [what for what, where in _rules(resources.outbound(state, RESOLVER, OPTIONS).listener)
+               if where == "outbound-mesh"]
+    assert mesh == ("ip", ["10.0.0.2/32"])

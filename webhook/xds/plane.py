@@ -106,9 +106,8 @@ class Response:
         return cls(type_url, body, carried, gone)
 
 
-# What a proxy holds of a type: name -> the resource sent, or None for one it announced (reconnecting) that the
-# control plane does not have in that version.
-Held = dict[str, Packed | None]
+# What a proxy holds of a type: name -> version ("" when unknown: sent and rejected).
+Held = dict[str, str]
 
 
 @dataclass
@@ -129,7 +128,7 @@ class Snapshot:
 
 
 def _difference(type_url: str, wanted: dict[str, Packed], held: Held) -> Response | None:
-    items = [item for name, item in wanted.items() if (had := held.get(name)) is None or had.version != item.version]
+    items = [item for name, item in wanted.items() if held.get(name) != item.version]
     removed = [name for name in held if name not in wanted]
     return Response.of(type_url, items, removed) if items or removed else None
 
@@ -167,7 +166,7 @@ class ControlPlane:
         self._metrics = metrics
         self._dirty_since: float | None = None
         self._dirty = asyncio.Event()
-        self._inboxes: set[asyncio.Queue[Any]] = set()
+        self._followers: set[Callable[[], None]] = set()
         self.snapshot: Snapshot | None = None
         self._pack = _Packer()
         # (mode, port modes) -> the inbound listener for them; the options are fixed for the process.
@@ -199,9 +198,9 @@ class ControlPlane:
                     break
             self._dirty.clear()
             since, self._dirty_since = self._dirty_since, None
-            snapshot = self.rebuild(since)
-            for inbox in self._inboxes:
-                inbox.put_nowait(snapshot)
+            self.rebuild(since)
+            for wake in self._followers:
+                wake()
 
     def rebuild(self, since: float | None = None) -> Snapshot:
         # What a rebuild allocates lives until it returns or is freed by reference counting (JSON makes no
@@ -235,12 +234,12 @@ class ControlPlane:
         log.debug("xds snapshot built", extra={"generation": self.snapshot.generation, "clusters": len(clusters)})
         return self.snapshot
 
-    def follow(self, inbox: asyncio.Queue[Any]) -> None:
-        """Put every new snapshot into ``inbox`` (a stream's, beside its proxy's requests)."""
-        self._inboxes.add(inbox)
+    def follow(self, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` after each new snapshot (a stream's; it reads :meth:`current` when it gets to it)."""
+        self._followers.add(wake)
 
-    def unfollow(self, inbox: asyncio.Queue[Any]) -> None:
-        self._inboxes.discard(inbox)
+    def unfollow(self, wake: Callable[[], None]) -> None:
+        self._followers.discard(wake)
 
     def current(self) -> Snapshot:
         return self.snapshot or self.rebuild()
@@ -273,8 +272,7 @@ class ControlPlane:
         snapshot's changes, built once for all such proxies."""
         if type_url == LISTENER:  # two resources, one of them the proxy's own
             wanted = self.wanted(snapshot, type_url, pod, names)
-            key = (type_url, tuple((item.name, item.version) for item in wanted.values()),
-                   tuple(sorted((name, item.version if item else "") for name, item in held.items())))
+            key = (type_url, tuple((item.name, item.version) for item in wanted.values()), tuple(sorted(held.items())))
             return snapshot.response(key, lambda: _difference(type_url, wanted, held))
         if incremental:
             def changes() -> Response | None:

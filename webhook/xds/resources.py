@@ -75,10 +75,15 @@ class Outbound:
 
 @functools.lru_cache(maxsize=1 << 16)  # a rebuild reads every pod and endpoint address again
 def _parsed(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``ip`` when it is one Kubernetes gives a pod or a Service (no zone, not IPv4 mapped into IPv6, which Envoy
+    prints otherwise), else None."""
     try:
-        return ipaddress.ip_address(ip)
+        parsed = ipaddress.ip_address(ip)
     except ValueError:
         return None
+    if isinstance(parsed, ipaddress.IPv6Address) and (parsed.scope_id or parsed.ipv4_mapped):
+        return None
+    return parsed
 
 
 def _address(ip: str) -> str | None:
@@ -176,9 +181,11 @@ BLACKHOLE_CHAIN = "outbound-blackhole"
 
 def _listener(options: BootstrapOptions, cluster_ips: Iterable[str],
               meshed: Mapping[str, PodRecord]) -> dict[str, Any]:
-    rules = [(envoy.port_predicate(options.outbound_port), envoy.chain_action(BLACKHOLE_CHAIN))]
-    if services := _ranges(cluster_ips):
+    rules = []
+    if services := _ranges(cluster_ips):  # a Service may use the capture port; a ClusterIP is never this pod's
         rules.append((envoy.ip_predicate("services", services), envoy.chain_action(SERVICES_CHAIN)))
+    # Then this port on any other address, the pod's own included (reached directly, not redirected): closed.
+    rules.append((envoy.port_predicate(options.outbound_port), envoy.chain_action(BLACKHOLE_CHAIN)))
     groups: defaultdict[frozenset[int], list[str]] = defaultdict(list)
     for ip, pod in meshed.items():
         groups[pod.plaintext_ports].append(ip)

@@ -4,9 +4,10 @@ Protocol, as Envoy's incremental xDS spec has it: a response carries the resourc
 the proxy (each with its version) and the names it should drop, and a nonce; the proxy's next request of that
 type echoes the nonce, with an ``error_detail`` if it rejected them (NACK). Clusters and listeners are sent to
 every proxy (wildcard); endpoints for the names it subscribes to. A reconnecting proxy announces the versions it
-holds, and only what differs is sent. A NACKed config is logged and counted, and not sent again until the cluster
-changes; the proxy keeps running its last good one. A request whose nonce is not the latest one sent is stale:
-its ACK or NACK is ignored, its subscription changes are not.
+holds, and only what differs is sent. Each response is answered on its own; a NACKed one is logged and counted,
+and its resources are not sent again until the cluster changes; the proxy keeps running its last good config. A
+request whose nonce awaits no answer (already answered, or forgotten) is stale: its ACK or NACK is ignored, its
+subscription changes are not.
 
 Who is asking: the proxy's node metadata names its pod; over mutual TLS the client certificate's SPIFFE ID must
 be that pod's namespace and ServiceAccount, so a workload cannot ask for another's config. A pod the store has
@@ -34,12 +35,14 @@ from ..certs import Issued, issue_leaf, service_dns_names, spiffe_id
 from ..identity.authority import Authority
 from ..metrics import Metrics
 from ..state.catalog import PodRecord
-from .plane import CLUSTER, ENDPOINTS, LISTENER, TYPES, ControlPlane, Held, Snapshot
+from .plane import ENDPOINTS, TYPES, ControlPlane, Held, Packed, Snapshot
 from .settings import XdsSettings
 
 log = logging.getLogger("meshguard.xds")
 
 SERVER_CERT_DAYS = 365
+UNANSWERED_KEPT = 16  # responses per type a proxy may leave unanswered before the oldest are forgotten
+_CHANGED = object()  # in a stream's inbox: a new snapshot waits
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
 
@@ -48,12 +51,13 @@ class _Subscription:
     """One type on one stream."""
 
     names: frozenset[str] = frozenset()  # endpoints: the names subscribed; clusters and listeners: all
-    held: Held = field(default_factory=dict)
+    held: Held = field(default_factory=dict)  # name -> version the proxy has (it announced, or was sent)
+    sent: dict[str, Packed] = field(default_factory=dict)  # what it was sent of those, for proxy-config
     synced: int | None = None  # the snapshot whose resources ``held`` is, for these names
-    nonce: str = ""
+    # Responses not answered yet: nonce -> (the names they carry, the change they carry, for convergence).
+    unanswered: dict[str, tuple[frozenset[str], float | None]] = field(default_factory=dict)
+    sent_nonce: str = ""
     acked: str = ""
-    changed_at: float | None = None  # the change the unacknowledged response carries
-    last_sent: frozenset[str] = frozenset()  # the names the unacknowledged response carries
     rejected: bool = False  # some of ``held`` was NACKed: compare in full at the next snapshot
 
 
@@ -101,8 +105,15 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        # The proxy's requests (None when it hangs up) and the control plane's new snapshots, in arrival order.
-        inbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | Snapshot | None] = asyncio.Queue()
+        # The proxy's requests (None when it hangs up) and one CHANGED while a new snapshot waits to be sent.
+        inbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | object | None] = asyncio.Queue()
+        waiting = False
+
+        def wake() -> None:
+            nonlocal waiting
+            if not waiting:  # a proxy that does not read holds one marker, not every snapshot since
+                waiting = True
+                inbox.put_nowait(_CHANGED)
 
         async def read() -> None:
             try:
@@ -112,23 +123,23 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 inbox.put_nowait(None)
 
         reader = asyncio.create_task(read())
-        first = await inbox.get()
-        if not isinstance(first, discovery_pb2.DeltaDiscoveryRequest):
-            reader.cancel()
-            return
-        meta = _metadata(first.node)
-        proxy = Proxy(first.node.id, meta.get("namespace", ""), meta.get("pod_name", ""))
-        peer = _peer_identity(context) if self._tls else None
-        self.proxies[id(proxy)] = proxy
-        self._plane.follow(inbox)
-        self._metrics.xds_connected.inc()
-        log.info("proxy connected", extra={"proxy": proxy.node_id, "peer": peer or ""})
-        pending = [first]
+        proxy: Proxy | None = None
         try:
+            first = await inbox.get()
+            if not isinstance(first, discovery_pb2.DeltaDiscoveryRequest):
+                return
+            meta = _metadata(first.node)
+            proxy = Proxy(first.node.id, meta.get("namespace", ""), meta.get("pod_name", ""))
+            peer = _peer_identity(context) if self._tls else None
+            self.proxies[id(proxy)] = proxy
+            self._plane.follow(wake)
+            self._metrics.xds_connected.inc()
+            log.info("proxy connected", extra={"proxy": proxy.node_id, "peer": peer or ""})
+            pending = [first]
             while True:
                 snapshot = self._plane.current()
                 for request in pending:
-                    self._take(proxy, request, snapshot)
+                    self._take(proxy, request)
                 try:
                     pod = self._authorized(proxy, peer)
                 except _Refused as exc:
@@ -136,23 +147,26 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if pod is not None:
                     for response in self._responses(proxy, pod, snapshot):
                         yield response
-                # Whatever arrived meanwhile is handled at once: ACKs of several types, a snapshot or two.
+                # Whatever arrived meanwhile is handled at once: ACKs of several types, a new snapshot.
                 pending = []
                 item = await inbox.get()
                 while True:
                     if item is None:
                         return
-                    if isinstance(item, discovery_pb2.DeltaDiscoveryRequest):
+                    if item is _CHANGED:
+                        waiting = False
+                    else:
                         pending.append(item)
                     if inbox.empty():
                         break
                     item = inbox.get_nowait()
         finally:
             reader.cancel()
-            self._plane.unfollow(inbox)
-            self.proxies.pop(id(proxy), None)
-            self._metrics.xds_connected.dec()
-            log.info("proxy disconnected", extra={"proxy": proxy.node_id})
+            if proxy is not None:
+                self._plane.unfollow(wake)
+                self.proxies.pop(id(proxy), None)
+                self._metrics.xds_connected.dec()
+                log.info("proxy disconnected", extra={"proxy": proxy.node_id})
 
     def _authorized(self, proxy: Proxy, peer: str | None) -> PodRecord | None:
         """The proxy's pod once the store knows it; with TLS, only if the certificate is that pod's identity."""
@@ -165,19 +179,15 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             raise _Refused(f"certificate {peer!r} is not the identity of pod {proxy.namespace}/{proxy.pod}")
         return pod
 
-    def _take(self, proxy: Proxy, request: discovery_pb2.DeltaDiscoveryRequest, snapshot: Snapshot) -> None:
+    def _take(self, proxy: Proxy, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         type_url = request.type_url
         if type_url not in TYPES:
             return
         name = TYPES[type_url]
         subscription = proxy.subscriptions.get(type_url)
-        if subscription is None:
-            subscription = proxy.subscriptions[type_url] = _Subscription()
-            known = {CLUSTER: snapshot.clusters, ENDPOINTS: snapshot.assignments,
-                     LISTENER: {snapshot.outbound.name: snapshot.outbound}}[type_url]
-            for held, version in request.initial_resource_versions.items():
-                item = known.get(held)
-                subscription.held[held] = item if item is not None and item.version == version else None
+        if subscription is None:  # a reconnecting proxy says what it holds: only what differs is sent
+            subscription = proxy.subscriptions[type_url] = _Subscription(
+                held=dict(request.initial_resource_versions))
         if type_url == ENDPOINTS:
             names = (subscription.names | set(request.resource_names_subscribe)) - set(
                 request.resource_names_unsubscribe)
@@ -185,21 +195,25 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 subscription.names, subscription.synced = self._intern(frozenset(names)), None
                 for dropped in subscription.held.keys() - names:
                     del subscription.held[dropped]
-        if not request.response_nonce or request.response_nonce != subscription.nonce:
-            return  # a first request, a subscription change, or stale: a newer response is on its way
+                    subscription.sent.pop(dropped, None)
+        # Each response is answered on its own (a later one does not carry an earlier one's resources); a nonce
+        # not awaiting an answer is stale and ignored, a subscription change is not.
+        answered = subscription.unanswered.pop(request.response_nonce, None)
+        if answered is None:
+            return
+        carried, changed_at = answered
         if request.HasField("error_detail"):
             self._metrics.xds_nacks.labels(name).inc()
             log.warning("proxy rejected its config; it keeps its last good one",
                         extra={"proxy": proxy.node_id, "type": name, "error": request.error_detail.message[:500]})
             # Not applied: sent again with the next change (a full comparison), not now.
-            for rejected in subscription.held.keys() & subscription.last_sent:
-                subscription.held[rejected] = None
+            for rejected in subscription.held.keys() & carried:
+                subscription.held[rejected] = ""
             subscription.rejected = True
         else:
             subscription.acked = request.response_nonce
-            if subscription.changed_at is not None:
-                self._metrics.xds_convergence.labels(name).observe(time.monotonic() - subscription.changed_at)
-                subscription.changed_at = None
+            if changed_at is not None:
+                self._metrics.xds_convergence.labels(name).observe(time.monotonic() - changed_at)
 
     def _intern(self, names: frozenset[str]) -> frozenset[str]:
         """One object per distinct subscription: the responses shared by it are found by identity, not by
@@ -221,19 +235,22 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             incremental = subscription.synced == snapshot.generation - 1 and not subscription.rejected
             response = self._plane.response(snapshot, type_url, pod, subscription.names, subscription.held,
                                             incremental)
+            # Convergence is a change reaching proxies that had the state before it, not a proxy's first sync.
+            changed_at = snapshot.changed_at if subscription.synced is not None else None
             subscription.synced, subscription.rejected = snapshot.generation, False
             if response is None:
                 continue
             for item in response.items:
-                subscription.held[item.name] = item
+                subscription.held[item.name] = item.version
+                subscription.sent[item.name] = item
             for removed in response.removed:
                 subscription.held.pop(removed, None)
-            # Convergence is a change reaching proxies that had the state before it, not a proxy's first sync.
-            subscription.changed_at = snapshot.changed_at if subscription.nonce else None
-            subscription.nonce = str(next(self._nonces))
-            subscription.last_sent = frozenset(item.name for item in response.items)
-            responses.append(response.body +
-                             discovery_pb2.DeltaDiscoveryResponse(nonce=subscription.nonce).SerializeToString())
+                subscription.sent.pop(removed, None)
+            nonce = subscription.sent_nonce = str(next(self._nonces))
+            subscription.unanswered[nonce] = (frozenset(item.name for item in response.items), changed_at)
+            while len(subscription.unanswered) > UNANSWERED_KEPT:  # a proxy that never answers
+                del subscription.unanswered[next(iter(subscription.unanswered))]
+            responses.append(response.body + discovery_pb2.DeltaDiscoveryResponse(nonce=nonce).SerializeToString())
             self._metrics.xds_pushes.labels(name).inc()
         return responses
 
@@ -244,8 +261,9 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 return {
                     "node": proxy.node_id,
                     "connected_at": proxy.connected_at,
-                    "nonces": {TYPES[t]: {"sent": s.nonce, "acked": s.acked} for t, s in proxy.subscriptions.items()},
-                    "resources": {TYPES[t]: [orjson.loads(item.json) for item in s.held.values() if item is not None]
+                    "nonces": {TYPES[t]: {"sent": s.sent_nonce, "acked": s.acked}
+                               for t, s in proxy.subscriptions.items()},
+                    "resources": {TYPES[t]: [orjson.loads(item.json) for item in s.sent.values()]
                                   for t, s in proxy.subscriptions.items()},
                 }
         return None
