@@ -35,7 +35,7 @@ from ..certs import Issued, issue_leaf, service_dns_names, spiffe_id
 from ..identity.authority import Authority
 from ..metrics import Metrics
 from ..state.catalog import PodRecord
-from .plane import ENDPOINTS, TYPES, ControlPlane, Held, Packed, Snapshot
+from .plane import ENDPOINTS, TYPES, ControlPlane, Held, Snapshot
 from .settings import XdsSettings
 
 log = logging.getLogger("meshguard.xds")
@@ -52,7 +52,6 @@ class _Subscription:
 
     names: frozenset[str] = frozenset()  # endpoints: the names subscribed; clusters and listeners: all
     held: Held = field(default_factory=dict)  # name -> version the proxy has (it announced, or was sent)
-    sent: dict[str, Packed] = field(default_factory=dict)  # what it was sent of those, for proxy-config
     synced: int | None = None  # the snapshot whose resources ``held`` is, for these names
     # Responses not answered yet: nonce -> (the names they carry, the change they carry, for convergence).
     unanswered: dict[str, tuple[frozenset[str], float | None]] = field(default_factory=dict)
@@ -195,7 +194,6 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 subscription.names, subscription.synced = self._intern(frozenset(names)), None
                 for dropped in subscription.held.keys() - names:
                     del subscription.held[dropped]
-                    subscription.sent.pop(dropped, None)
         # Each response is answered on its own (a later one does not carry an earlier one's resources); a nonce
         # not awaiting an answer is stale and ignored, a subscription change is not.
         answered = subscription.unanswered.pop(request.response_nonce, None)
@@ -242,10 +240,8 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 continue
             for item in response.items:
                 subscription.held[item.name] = item.version
-                subscription.sent[item.name] = item
             for removed in response.removed:
                 subscription.held.pop(removed, None)
-                subscription.sent.pop(removed, None)
             nonce = subscription.sent_nonce = str(next(self._nonces))
             subscription.unanswered[nonce] = (frozenset(item.name for item in response.items), changed_at)
             while len(subscription.unanswered) > UNANSWERED_KEPT:  # a proxy that never answers
@@ -255,17 +251,26 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return responses
 
     def describe(self, namespace: str, pod: str) -> dict[str, Any] | None:
-        """What the proxy of ``namespace/pod`` holds of what it was sent, for ``meshguard proxy-config``."""
+        """What the proxy of ``namespace/pod`` holds, for ``meshguard proxy-config``: each resource as sent when it
+        holds the current snapshot's version, else its name and the version it holds (being replaced, or
+        rejected: an empty version)."""
+        record = self._plane.state.catalog.pod(namespace, pod)
         for proxy in self.proxies.values():
-            if (proxy.namespace, proxy.pod) == (namespace, pod):
-                return {
-                    "node": proxy.node_id,
-                    "connected_at": proxy.connected_at,
-                    "nonces": {TYPES[t]: {"sent": s.sent_nonce, "acked": s.acked}
-                               for t, s in proxy.subscriptions.items()},
-                    "resources": {TYPES[t]: [orjson.loads(item.json) for item in s.sent.values()]
-                                  for t, s in proxy.subscriptions.items()},
-                }
+            if (proxy.namespace, proxy.pod) != (namespace, pod):
+                continue
+            snapshot = self._plane.current()
+            resources = {}
+            for type_url, subscription in proxy.subscriptions.items():
+                wanted = self._plane.wanted(snapshot, type_url, record, subscription.names) if record else {}
+                resources[TYPES[type_url]] = [
+                    orjson.loads(wanted[name].json) if name in wanted and wanted[name].version == version
+                    else {"name": name, "version": version} for name, version in sorted(subscription.held.items())]
+            return {
+                "node": proxy.node_id,
+                "connected_at": proxy.connected_at,
+                "nonces": {TYPES[t]: {"sent": s.sent_nonce, "acked": s.acked} for t, s in proxy.subscriptions.items()},
+                "resources": resources,
+            }
         return None
 
 
