@@ -73,10 +73,7 @@ class Packed:
     name: str
     json: bytes
     resource: discovery_pb2.Resource
-
-    @property
-    def version(self) -> str:
-        return self.resource.version
+    version: str  # one object, shared by every proxy's record of holding it (the message's would be a new one)
 
 
 def pack(type_url: str, name: str, config: dict[str, Any], serialized: bytes | None = None) -> Packed:
@@ -84,8 +81,8 @@ def pack(type_url: str, name: str, config: dict[str, Any], serialized: bytes | N
     packed = any_pb2.Any()
     packed.Pack(message, deterministic=True)
     version = hashlib.blake2b(packed.value, digest_size=12).hexdigest()
-    return Packed(name, serialized or orjson.dumps(config), discovery_pb2.Resource(name=name, version=version,
-                                                                                    resource=packed))
+    return Packed(name, serialized or orjson.dumps(config),
+                  discovery_pb2.Resource(name=name, version=version, resource=packed), version)
 
 
 @dataclass(frozen=True)
