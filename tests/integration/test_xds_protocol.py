@@ -47,6 +47,7 @@ class Plane:
     metrics: Metrics
     servicer: xds_server.AggregatedDiscovery
     address: str
+    control: ControlPlane
 
 
 async def start(tls_ca: certs.Issued | None = None) -> tuple[Plane, list[asyncio.Task[None]]]:
@@ -62,7 +63,7 @@ async def start(tls_ca: certs.Issued | None = None) -> tuple[Plane, list[asyncio
              asyncio.create_task(xds_server.serve(servicer, settings, (lambda: Authority(tls_ca)) if tls_ca else None,
                                                   "meshguard", "meshguard"))]
     await asyncio.sleep(0.2)
-    return Plane(state, metrics, servicer, f"127.0.0.1:{settings.port}"), tasks
+    return Plane(state, metrics, servicer, f"127.0.0.1:{settings.port}", plane), tasks
 
 
 class Stream:
@@ -338,3 +339,36 @@ def test_the_control_planes_certificate_carries_an_identity_no_workload_certific
         x509.UniformResourceIdentifier)
     assert uris == [envoy.control_plane_id("cluster.local")]
     assert not envoy.control_plane_id("cluster.local").startswith("spiffe://cluster.local/ns/")  # workloads' form
+
+
+def test_a_proxy_that_stops_reading_does_not_keep_the_control_planes_snapshots_alive(run: Any) -> None:
+    import gc
+    import weakref
+
+    async def scenario() -> None:
+        plane, tasks = await start()
+        servicer = plane.servicer
+        requests: asyncio.Queue[Any] = asyncio.Queue()
+        request = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER)
+        request.node.CopyFrom(node())
+        await requests.put(request)
+
+        async def incoming() -> Any:
+            while True:
+                yield await requests.get()
+
+        stream = servicer.DeltaAggregatedResources(incoming(), None)  # type: ignore[arg-type]
+        try:
+            await stream.__anext__()  # its first response, and then it reads no more
+            snapshots = []
+            for index in range(20):
+                plane.store.replace("Service", [{**SERVICE, "metadata": {"name": f"s{index}", "namespace": "shop"}}])
+                await asyncio.sleep(0.05)  # the control plane rebuilds and wakes the stream
+                snapshots.append(weakref.ref(plane.control.current()))
+            gc.collect()
+            assert sum(ref() is not None for ref in snapshots) <= 2  # the current one, and at most the one sent
+        finally:
+            await stream.aclose()
+            await _stop(tasks)
+
+    run(scenario)
