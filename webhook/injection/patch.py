@@ -14,14 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import envoy
 from ..errors import MeshguardError
 from ..identity.settings import account_secret_name
 from ..workloads import Workload, service_account
-from .decision import DEFAULT_CONTAINER_ANNOTATION, INIT_NAME, PROXY_NAME, STATUS_ANNOTATION, Decision, decide
+from .decision import DEFAULT_CONTAINER_ANNOTATION, STATUS_ANNOTATION, Decision, decide
 from .overrides import apply_overrides
 from .probes import Rewritten, rewrite
-from .settings import READINESS_PORT, STATS_PORT, InjectionSettings
+from .settings import READINESS_PORT, InjectionSettings
 from .spec import Sidecar, build, declared_inbound
 
 Op = dict[str, Any]
@@ -83,8 +82,7 @@ def _probe_ops(spec: Mapping[str, Any], sidecar: Sidecar, rewritten: Rewritten, 
     before = [{"op": "replace", "path": f"{prefix}/spec/containers/{i}/{field}", "value": probe}
               for i, field, probe in rewritten.probes]
     holder = next(c for c in (*sidecar.init_containers, *sidecar.containers_front, *sidecar.containers_back)
-                  if c["name"] in (INIT_NAME, PROXY_NAME)
-                  and any(e["name"] in envoy.POD_VARIABLES for e in c.get("env", ())))
+                  if c["name"] == sidecar.renderer)
     path = _injected_path(spec, sidecar, holder["name"], prefix)
     names = [e["name"] for e in holder["env"]]
     # Inline, the variables are there, empty; meshguard-init's are added only when this pod needs them.
@@ -131,7 +129,7 @@ def plan(workload: Workload, settings: InjectionSettings, own_namespace: str,
     effective = effective_settings(workload, settings, inbound)
     sidecar = build(effective)
     _check_names(workload.pod_spec, sidecar)
-    rewritten = (rewrite(workload.pod_spec, READINESS_PORT, (STATS_PORT, *effective.exclude_inbound_ports))
+    rewritten = (rewrite(workload.pod_spec, READINESS_PORT, effective.uncaptured_inbound_ports())
                  if effective.rewrite_app_probes else None)
     return Outcome(decision, patch_ops(workload.template, sidecar, workload.pointer, rewritten))
 

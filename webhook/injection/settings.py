@@ -113,6 +113,11 @@ class InjectionSettings(Section):
         self.bootstrap_options()  # raises ValueError (a bad xds_address, trust_domain...) at startup
         return self
 
+    def uncaptured_inbound_ports(self) -> tuple[int, ...]:
+        """The pod ports its proxy does not capture: its own readiness and stats ports, and ``exclude_inbound_ports``
+        (meshguard-init's exclusions; the probes of these ports are not rewritten either)."""
+        return tuple(dict.fromkeys((READINESS_PORT, STATS_PORT, *self.exclude_inbound_ports)))
+
     def bootstrap_options(self) -> envoy.BootstrapOptions:
         """The Envoy bootstrap these settings call for (per-pod overrides included)."""
         return envoy.BootstrapOptions(

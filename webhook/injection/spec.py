@@ -72,11 +72,11 @@ class Sidecar:
     containers_back: tuple[dict[str, Any], ...]
     volumes: tuple[dict[str, Any], ...]
     status: str
+    renderer: str  # the container the bootstrap is rendered from: its environment carries the probe splices
 
 
 def netinit_args(settings: InjectionSettings) -> list[str]:
     """``meshguard netinit`` arguments (the image's entrypoint is ``meshguard``)."""
-    inbound_excluded = dict.fromkeys((READINESS_PORT, STATS_PORT, *settings.exclude_inbound_ports))
     options = settings.bootstrap_options()
     args = [
         "netinit",
@@ -85,7 +85,7 @@ def netinit_args(settings: InjectionSettings) -> list[str]:
         "--proxy-uid", str(settings.proxy_uid),
         "--inbound-port", str(INBOUND_PORT),
         "--outbound-port", str(OUTBOUND_PORT),
-        EXCLUDE_INBOUND_FLAG, ",".join(map(str, inbound_excluded)),
+        EXCLUDE_INBOUND_FLAG, ",".join(map(str, settings.uncaptured_inbound_ports())),
     ]
     for flag, items in (
         ("--exclude-outbound-ports", [str(p) for p in settings.exclude_outbound_ports]),
@@ -286,4 +286,5 @@ def build(settings: InjectionSettings) -> Sidecar:
         "volumes": [v["name"] for v in vols],
         "version": __version__,
     }
-    return Sidecar(init, front, back, vols, orjson.dumps(status).decode())
+    renderer = PROXY_NAME if settings.bootstrap == "inline" else INIT_NAME
+    return Sidecar(init, front, back, vols, orjson.dumps(status).decode(), renderer)

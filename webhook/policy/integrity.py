@@ -33,7 +33,7 @@ from ..injection.decision import INIT_NAME, PROXY_NAME
 from ..injection.overrides import OverrideError, apply_overrides
 from ..injection.patch import effective_settings
 from ..injection.probes import splices_problem
-from ..injection.settings import READINESS_PORT, STATS_PORT, InjectionSettings
+from ..injection.settings import READINESS_PORT, InjectionSettings
 from ..injection.spec import build, declared_inbound
 from ..workloads import CONTAINER_LISTS, Workload
 from .mtls import STRICT
@@ -180,7 +180,7 @@ def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workl
         if differing:
             return [(f"its {name} container is not the one meshguard injects (its {', '.join(differing)} "
                      "differ)", fix, f"{name} not as injected")]
-    return _splices_problems(workload, effective, present, made, fix)
+    return _splices_problems(workload, effective, present, expected.renderer, fix)
 
 
 def _env(container: Mapping[str, Any]) -> list[Any]:
@@ -194,22 +194,20 @@ def _unspliced(container: Mapping[str, Any]) -> list[Any]:
 
 
 def _splices_problems(workload: Workload, effective: InjectionSettings, present: Mapping[str, Mapping[str, Any]],
-                      made: Mapping[str, Mapping[str, Any]], fix: str) -> list[Problem]:
+                      renderer: str, fix: str) -> list[Problem]:
     """The probe splices go into the proxy's bootstrap, on its plaintext port: only the container rendering it may
     carry them, and only as meshguard writes them for the pod's probes."""
     values: dict[str, str] = {}
     for name, container in present.items():
         spliced = [e for e in _env(container) if isinstance(e, Mapping) and e.get("name") in SPLICE_VARIABLES]
-        renders = any(isinstance(e, Mapping) and e.get("name") in envoy.POD_VARIABLES for e in _env(made[name]))
-        if spliced and not renders or any(not isinstance(e.get("value"), str) for e in spliced):
+        if spliced and name != renderer or any(not isinstance(e.get("value"), str) for e in spliced):
             return [(f"its {name} container is not the one meshguard injects (its env differs)", fix,
                      f"{name} not as injected")]
         values.update((e["name"], e["value"]) for e in spliced)
     if not effective.rewrite_app_probes:
         problem = None if not any(values.values()) else "it has probe configuration where probes are not rewritten"
     else:
-        problem = splices_problem(workload.pod_spec, values, READINESS_PORT,
-                                  (STATS_PORT, *effective.exclude_inbound_ports))
+        problem = splices_problem(workload.pod_spec, values, READINESS_PORT, effective.uncaptured_inbound_ports())
     if problem is None:
         return []
     return [(f"{problem}: a route of its own would reach the app past mutual TLS", fix, "probe routes not as injected")]
