@@ -127,7 +127,7 @@ def _endpoints(state: MeshState, mtls_on: _MtlsOn, service: ServiceRecord, port:
             pod = state.catalog.pod(service.namespace, endpoint.pod) if endpoint.pod else None
             meshed = pod is not None and mtls_on(pod, target)
             for address in endpoint.addresses:
-                if _address(address) is None:
+                if _parsed(address) is None:
                     continue
                 entry: dict[str, Any] = {"endpoint": {"address": envoy.socket_address(address, target)}}
                 if meshed:
@@ -230,6 +230,6 @@ def outbound(state: MeshState, resolver: Resolver, options: BootstrapOptions) ->
     for pod in state.catalog.pods():
         if pod.meshed and pod.active:
             for ip in pod.ips:
-                if _address(ip) is not None:
+                if _parsed(ip) is not None:
                     meshed[ip] = pod
     return Outbound(clusters, assignments, _listener(options, cluster_ips, meshed))
