@@ -37,11 +37,9 @@ import orjson
 
 from bench.run import add_result_arguments, save_result
 from tests.conftest import free_port
+from webhook.xds.plane import CLUSTER, ENDPOINTS, LISTENER
+from webhook.xds.server import SERVICE
 
-CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
-SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 NAMESPACES = 10
 MESHED_IMAGE_CONTAINERS = [{"name": "app"}, {"name": "meshguard-proxy"}]
 
