@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from webhook import envoy
 from webhook.injection.settings import InjectionSettings
+from webhook.metrics import Metrics
 from webhook.policy.mtls import Resolver
 from webhook.state.store import Store
 from webhook.xds import resources
-from webhook.xds.plane import CLUSTER, ENDPOINTS, LISTENER, pack
+from webhook.xds.plane import CLUSTER, ENDPOINTS, LISTENER, ControlPlane, pack
+from webhook.xds.settings import XdsSettings
 
 OPTIONS = InjectionSettings().bootstrap_options()
 RESOLVER = Resolver("istio-system", "STRICT")
@@ -50,6 +53,10 @@ def peer_auth(name: str, mode: str, selector: dict[str, str] | None = None,
     return {"kind": "PeerAuthentication", "metadata": {"name": name, "namespace": "shop"}, "spec": spec}
 
 
+def built(state: Store) -> resources.Outbound:
+    return resources.outbound(state, resources.PodModes(RESOLVER, state), OPTIONS)
+
+
 def store(*objects: dict[str, Any]) -> Store:
     state = Store()
     for kind in ("Pod", "Service", "EndpointSlice", "PeerAuthentication"):
@@ -79,7 +86,7 @@ def test_meshed_endpoints_get_mutual_tls_with_their_identities_and_the_others_pl
     state = store(pod("api-1", "10.0.0.1", account="api"), pod("api-2", "10.0.0.2", account="api-v2"),
                   pod("legacy", "10.0.0.3", meshed=False), service("api", "10.96.0.10"),
                   endpoints("api", [("api-1", "10.0.0.1"), ("api-2", "10.0.0.2"), ("legacy", "10.0.0.3")]))
-    outbound = resources.outbound(state, RESOLVER, OPTIONS)
+    outbound = built(state)
     name = "outbound|80||api.shop"
     assert lb_endpoints(outbound, name) == {"10.0.0.1": True, "10.0.0.2": True, "10.0.0.3": False}
     assert peer_ids(outbound.clusters["outbound|10.96.0.10:80"]) == ["spiffe://cluster.local/ns/shop/sa/api",
@@ -89,7 +96,7 @@ def test_meshed_endpoints_get_mutual_tls_with_their_identities_and_the_others_pl
 def test_a_service_of_unmeshed_pods_has_no_tls_at_all() -> None:
     state = store(pod("db", "10.0.0.3", meshed=False), service("db", "10.96.0.11", 5432),
                   endpoints("db", [("db", "10.0.0.3")], 5432))
-    outbound = resources.outbound(state, RESOLVER, OPTIONS)
+    outbound = built(state)
     assert "transport_socket_matches" not in outbound.clusters["outbound|10.96.0.11:5432"]
     assert lb_endpoints(outbound, "outbound|5432||db.shop") == {"10.0.0.3": False}
 
@@ -103,7 +110,7 @@ def test_plaintext_where_the_meshed_pod_does_not_take_mutual_tls(pod_kwargs: dic
                                                                   policies: list[dict[str, Any]]) -> None:
     state = store(pod("api-1", "10.0.0.1", **pod_kwargs), service("api", "10.96.0.10"),
                   endpoints("api", [("api-1", "10.0.0.1")]), *policies)
-    assert lb_endpoints(resources.outbound(state, RESOLVER, OPTIONS), "outbound|80||api.shop") == {"10.0.0.1": False}
+    assert lb_endpoints(built(state), "outbound|80||api.shop") == {"10.0.0.1": False}
 
 
 def _rules(listener: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -133,7 +140,7 @@ def test_the_outbound_listener_matches_each_cluster_ip_and_meshed_pod_ip_once() 
                   pod("batch", "10.0.1.9", excluded=""), pod("legacy", "10.0.0.3", meshed=False),
                   service("api", "10.96.0.10"), service("web", "10.96.0.11", 8080), service("headless", None, 9000),
                   endpoints("api", [("api-1", "10.0.0.1")]))
-    outbound = resources.outbound(state, RESOLVER, OPTIONS)
+    outbound = built(state)
     assert _rules(outbound.listener) == [
         (("ip", ["10.96.0.10/31"]), "outbound-services"),  # ClusterIPs, whatever their ports (the capture port too)
         (("port", OPTIONS.outbound_port), "outbound-blackhole"),  # reached directly, not redirected: closed
@@ -153,7 +160,7 @@ def test_the_outbound_listener_matches_each_cluster_ip_and_meshed_pod_ip_once() 
 def test_a_dual_stack_service_has_a_cluster_per_address_sharing_its_endpoints() -> None:
     dual = service("api", "10.96.0.10")
     dual["spec"]["clusterIPs"] = ["10.96.0.10", "fd00:0:0::a"]
-    outbound = resources.outbound(store(dual), RESOLVER, OPTIONS)
+    outbound = built(store(dual))
     # Named as Envoy prints the destination address: IPv6 compressed, in brackets.
     for name in ("outbound|10.96.0.10:80", "outbound|[fd00::a]:80"):
         assert outbound.clusters[name]["eds_cluster_config"]["service_name"] == "outbound|80||api.shop"
@@ -186,7 +193,7 @@ def test_every_resource_is_valid_envoy_configuration() -> None:
     state = store(pod("api-1", "10.0.0.1", labels={"app": "api"}), service("api", "10.96.0.10"),
                   endpoints("api", [("api-1", "10.0.0.1")]),
                   peer_auth("w", "PERMISSIVE", {"app": "api"}, {"9092": "DISABLE"}))
-    outbound = resources.outbound(state, RESOLVER, OPTIONS)
+    outbound = built(state)
     for name, cluster in outbound.clusters.items():
         pack(CLUSTER, name, cluster)
     for name, assignment in outbound.load_assignments.items():
@@ -200,7 +207,7 @@ def test_neighbouring_meshed_pods_share_the_fewest_prefixes() -> None:
     ips = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.8", "10.0.0.9", "10.0.0.10", "10.0.0.11", "10.0.0.20",
            "fd00::1", "fd00::0"]
     state = store(*(pod(f"p{i}", ip, excluded="") for i, ip in enumerate(ips)))
-    (mesh,) = [what for what, where in _rules(resources.outbound(state, RESOLVER, OPTIONS).listener)
+    (mesh,) = [what for what, where in _rules(built(state).listener)
                if where == "outbound-mesh"]
     assert mesh == ("ip", ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.8/30", "10.0.0.20/32", "fd00::/127"])
 
@@ -208,6 +215,33 @@ def test_neighbouring_meshed_pods_share_the_fewest_prefixes() -> None:
 def test_addresses_envoy_would_print_otherwise_are_left_out() -> None:
     state = store(pod("mapped", "::ffff:10.0.0.1", excluded=""), pod("zoned", "fe80::1%eth0", excluded=""),
                   pod("plain", "10.0.0.2", excluded=""))
-    (mesh,) = [what for what, where in _rules(resources.outbound(state, RESOLVER, OPTIONS).listener)
+    (mesh,) = [what for what, where in _rules(built(state).listener)
                if where == "outbound-mesh"]
     assert mesh == ("ip", ["10.0.0.2/32"])
+
+
+def test_a_peer_authentication_or_a_pods_new_labels_reach_its_modes_on_both_sides() -> None:
+    """Each pod's modes are kept between rebuilds: a PeerAuthentication change, or the pod's own, must not be
+    answered from what was kept (its inbound listener and its clients' endpoints)."""
+    state = store(pod("api-1", "10.0.0.1", labels={"app": "api"}), service("api", "10.96.0.10"),
+                  endpoints("api", [("api-1", "10.0.0.1")]))
+    plane = ControlPlane(state, RESOLVER, OPTIONS, XdsSettings(), Metrics())
+    state.subscribe(plane.changed)
+
+    def seen() -> tuple[dict[str, Any], bool]:
+        snapshot = plane.rebuild()
+        record = state.catalog.pod("shop", "api-1")
+        assert record is not None
+        (inbound,) = [orjson.loads(item.json) for name, item in plane.wanted(snapshot, LISTENER, record,
+                                                                             frozenset()).items() if name != "outbound"]
+        (entry,) = orjson.loads(snapshot.assignments["outbound|80||api.shop"].json)["endpoints"][0]["lb_endpoints"]
+        return inbound, "metadata" in entry
+
+    assert seen() == (envoy.inbound_listener(OPTIONS, "STRICT", {}), True)
+    assert seen() == (envoy.inbound_listener(OPTIONS, "STRICT", {}), True)  # kept: the same answer
+    state.apply("PeerAuthentication", "ADDED", peer_auth("off", "DISABLE"))
+    assert seen() == (envoy.inbound_listener(OPTIONS, "DISABLE", {}), False)
+    state.apply("PeerAuthentication", "ADDED", peer_auth("web", "STRICT", {"app": "web"}))
+    assert seen() == (envoy.inbound_listener(OPTIONS, "DISABLE", {}), False)
+    state.apply("Pod", "MODIFIED", pod("api-1", "10.0.0.1", labels={"app": "web"}))
+    assert seen() == (envoy.inbound_listener(OPTIONS, "STRICT", {}), True)

@@ -157,7 +157,6 @@ class ControlPlane:
     def __init__(self, state: MeshState, resolver: Resolver, options: BootstrapOptions, settings: XdsSettings,
                  metrics: Metrics) -> None:
         self.state = state
-        self._resolver = resolver
         self._options = options
         self._settings = settings
         self._metrics = metrics
@@ -166,6 +165,7 @@ class ControlPlane:
         self._followers: set[Callable[[], None]] = set()
         self.snapshot: Snapshot | None = None
         self._pack = _Packer()
+        self._modes = resources.PodModes(resolver, state)
         # (mode, port modes) -> the inbound listener for them; the options are fixed for the process.
         self._inbound_by_modes: dict[tuple[str, tuple[tuple[int, str], ...]], Packed] = {}
 
@@ -174,6 +174,8 @@ class ControlPlane:
     def changed(self, kind: str) -> None:
         if kind not in FOLLOWED:
             return
+        if kind == PEER_AUTHENTICATION:
+            self._modes.forget()
         if self._dirty_since is None:
             self._dirty_since = time.monotonic()
         self._dirty.set()
@@ -212,7 +214,7 @@ class ControlPlane:
 
     def _rebuild(self, since: float | None) -> Snapshot:
         start = time.perf_counter()
-        outbound = resources.outbound(self.state, self._resolver, self._options)
+        outbound = resources.outbound(self.state, self._modes, self._options)
         previous = self.snapshot
         clusters = {name: self._pack(CLUSTER, name, c) for name, c in outbound.clusters.items()}
         assignments = {name: self._pack(ENDPOINTS, name, a) for name, a in outbound.load_assignments.items()}
@@ -227,6 +229,7 @@ class ControlPlane:
                                  since if since is not None else time.monotonic(),
                                  clusters, assignments, listener, changed, removed)
         self._pack.next_snapshot()
+        self._modes.prune()
         self._metrics.xds_push_duration.labels().observe(time.perf_counter() - start)
         log.debug("xds snapshot built", extra={"generation": self.snapshot.generation, "clusters": len(clusters)})
         return self.snapshot
@@ -244,7 +247,7 @@ class ControlPlane:
     # -- per proxy ---------------------------------------------------------------------------------------------
 
     def _inbound(self, pod: PodRecord) -> Packed:
-        mode, ports = self._resolver.modes(self.state, pod.namespace, pod.labels)
+        mode, ports = self._modes(pod)
         key = (mode, tuple(sorted(ports.items())))
         inbound = self._inbound_by_modes.get(key)
         if inbound is None:

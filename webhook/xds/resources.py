@@ -34,7 +34,7 @@ from .. import envoy
 from ..certs import spiffe_id
 from ..envoy import BootstrapOptions
 from ..policy.mtls import Mode, PeerAuthentications, Resolver
-from ..state.catalog import Catalog, PodRecord, ServiceRecord
+from ..state.catalog import POD, Catalog, PodRecord, ServiceRecord
 
 # The endpoint metadata that selects the cluster's mTLS transport socket (Envoy's transport_socket_matches).
 TLS_MATCH_KEY = "envoy.transport_socket_match"
@@ -48,21 +48,36 @@ class MeshState(PeerAuthentications, Protocol):
     catalog: Catalog
 
 
-class _MtlsOn:
-    """Whether a client should speak mutual TLS to a pod on a port; each pod's modes resolved once per build."""
+class PodModes:
+    """Each pod's inbound modes from the resolver, kept until a PeerAuthentication changes (:meth:`forget`) or the
+    pod does (a new record): the outbound build and every proxy's inbound listener ask for them again and again."""
 
     def __init__(self, resolver: Resolver, state: MeshState) -> None:
         self._resolver, self._state = resolver, state
-        self._modes: dict[tuple[str, str], tuple[Mode, dict[int, Mode]]] = {}
+        self._held: dict[tuple[str, str], tuple[PodRecord, tuple[Mode, dict[int, Mode]]]] = {}
 
-    def __call__(self, pod: PodRecord, port: int) -> bool:
+    def __call__(self, pod: PodRecord) -> tuple[Mode, dict[int, Mode]]:
+        key = (pod.namespace, pod.name)
+        held = self._held.get(key)
+        if held is not None and held[0] is pod:
+            return held[1]
+        modes = self._resolver.modes(self._state, pod.namespace, pod.labels)
+        self._held[key] = (pod, modes)
+        return modes
+
+    def forget(self) -> None:
+        self._held.clear()
+
+    def prune(self) -> None:
+        """Drop the modes of pods gone from the store (after a rebuild, which asked for every live one's)."""
+        if len(self._held) > 2 * self._state.catalog.count(POD) + 16:
+            self._held.clear()
+
+    def mtls_on(self, pod: PodRecord, port: int) -> bool:
+        """Whether a client should speak mutual TLS to ``pod`` on ``port``."""
         if not pod.meshed or port in pod.plaintext_ports:
             return False
-        key = (pod.namespace, pod.name)
-        modes = self._modes.get(key)
-        if modes is None:
-            modes = self._modes[key] = self._resolver.modes(self._state, pod.namespace, pod.labels)
-        mode, ports = modes
+        mode, ports = self(pod)
         return ports.get(port, mode) != "DISABLE"
 
 
@@ -111,7 +126,7 @@ def _tcp_ports(service: ServiceRecord) -> list[int]:
     return sorted({p.port for p in service.ports if p.protocol == "TCP"})
 
 
-def _endpoints(state: MeshState, mtls_on: _MtlsOn, service: ServiceRecord, port: int,
+def _endpoints(state: MeshState, modes: PodModes, service: ServiceRecord, port: int,
                options: BootstrapOptions) -> tuple[dict[str, Any], list[str]]:
     """The ClusterLoadAssignment of one Service port, and the SPIFFE IDs of its meshed endpoints."""
     names = {p.name for p in service.ports if p.port == port and p.protocol == "TCP"}
@@ -125,7 +140,7 @@ def _endpoints(state: MeshState, mtls_on: _MtlsOn, service: ServiceRecord, port:
             if not endpoint.ready:
                 continue
             pod = state.catalog.pod(service.namespace, endpoint.pod) if endpoint.pod else None
-            meshed = pod is not None and mtls_on(pod, target)
+            meshed = pod is not None and modes.mtls_on(pod, target)
             for address in endpoint.addresses:
                 if _parsed(address) is None:
                     continue
@@ -208,12 +223,11 @@ def _listener(options: BootstrapOptions, cluster_ips: Iterable[str],
     }
 
 
-def outbound(state: MeshState, resolver: Resolver, options: BootstrapOptions) -> Outbound:
+def outbound(state: MeshState, modes: PodModes, options: BootstrapOptions) -> Outbound:
     """Every Service port's cluster and endpoints, and the outbound listener routing to them."""
     clusters: dict[str, dict[str, Any]] = {cluster["name"]: cluster for cluster in envoy.capture_clusters(options)}
     assignments: dict[str, dict[str, Any]] = {}
     cluster_ips: list[str] = []
-    mtls_on = _MtlsOn(resolver, state)
     for service in state.catalog.services():
         addresses = [(ip, address) for ip in service.cluster_ips if (address := _address(ip)) is not None]
         if not addresses:
@@ -221,7 +235,7 @@ def outbound(state: MeshState, resolver: Resolver, options: BootstrapOptions) ->
         cluster_ips += [ip for ip, _ in addresses]
         for port in _tcp_ports(service):
             name = service_assignment(service, port)
-            assignments[name], identities = _endpoints(state, mtls_on, service, port, options)
+            assignments[name], identities = _endpoints(state, modes, service, port, options)
             for _, address in addresses:
                 clusters[service_cluster(address, port)] = _cluster(service_cluster(address, port), name, options,
                                                                     identities)
