@@ -71,12 +71,16 @@ def load(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         if not path.exists():
             raise ManifestError(f"{path}: no such file or directory")
         for file in files_in(path):
-            try:
-                text = file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ManifestError(f"{file}: cannot read: {exc}") from None
-            objects.extend(parse(text, str(file)))
+            objects.extend(load_file(file))
     return objects
+
+
+def load_file(file: Path) -> list[dict[str, Any]]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{file}: cannot read: {exc}") from None
+    return parse(text, str(file))
 
 
 def dump(objects: list[dict[str, Any]], output: str) -> str:

@@ -266,3 +266,16 @@ def test_file_source_follows_the_directory_as_a_watch_does_one_event_per_changed
     asyncio.run(asyncio.wait_for(change_and_follow(), 10))
     assert events == ["Service", "Service"]  # b deleted, c added; a and the policy untouched
     assert sorted(s.name for s in store.catalog.services()) == ["a", "c"]
+
+
+def test_file_source_parses_again_only_the_files_that_changed(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(netpol("p1", {})))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(netpol("p2", {})))
+    source = FileSource(tmp_path, "shop")
+    (first_a, first_b) = source.read()["NetworkPolicy"]
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(netpol("p3", {"matchLabels": {"app": "x"}})))
+    (again_a, again_b) = source.read()["NetworkPolicy"]
+    assert again_a is first_a  # the same object: not parsed, and not compared field by field by a follower
+    assert again_b["metadata"]["name"] == "p3"
+    (tmp_path / "b.yaml").unlink()
+    assert [p["metadata"]["name"] for p in source.read()["NetworkPolicy"]] == ["p1"]

@@ -96,10 +96,31 @@ class FileSource:
         self.directory = directory
         self.default_namespace = default_namespace
         self._installed: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}  # kind -> (namespace, name) -> obj
+        self._files: dict[Path, tuple[tuple[int, int, int], list[dict[str, Any]]]] = {}  # file -> (stat, objects)
 
     def read(self) -> dict[str, list[dict[str, Any]]]:
         """Raises :class:`webhook.manifests.ManifestError` when the directory or a file cannot be read."""
-        return state_objects(manifests.load([self.directory]), self.default_namespace, (*KINDS, *MESH_KINDS))
+        return state_objects(self._objects(), self.default_namespace, (*KINDS, *MESH_KINDS))
+
+    def _objects(self) -> list[dict[str, Any]]:
+        """Every object of the directory; a file not changed since it was last read is not parsed again (its objects
+        are the same ones: unchanged, they are not compared field by field either)."""
+        if not self.directory.is_dir():
+            return manifests.load([self.directory])  # says what is wrong with it
+        files, objects = {}, []
+        for file in manifests.files_in(self.directory):
+            try:
+                stat = file.stat()
+            except OSError as exc:
+                raise manifests.ManifestError(f"{file}: cannot read: {exc}") from None
+            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            held = self._files.get(file)
+            if held is None or held[0] != key:
+                held = (key, manifests.load_file(file))
+            files[file] = held
+            objects += held[1]
+        self._files = files
+        return objects
 
     def load(self, store: Store) -> list[str]:
         found = self.read()
@@ -114,7 +135,7 @@ class FileSource:
             now, before = _by_name(objects), self._installed.get(kind, {})
             events = [("DELETED", obj) for key, obj in before.items() if key not in now]
             events += [("MODIFIED" if key in before else "ADDED", obj) for key, obj in now.items()
-                       if before.get(key) != obj]
+                       if (old := before.get(key)) is not obj and old != obj]
             problems += [p for event, obj in events if (p := store.apply(kind, event, obj))]
             self._installed[kind] = now
         return problems
