@@ -5,8 +5,9 @@
     python -m bench.xds_convergence --envoy    # one of the proxies a real Envoy (root: a mount namespace)
 
 ``meshguard serve --dev --state DIR`` runs the control plane over a directory of Pods, Services and EndpointSlices
-(followed like a watch); a second process opens one delta ADS stream per simulated proxy, subscribes to clusters,
-endpoints and listeners as Envoy does, and acknowledges every response. Each measured change is written to the
+(a file per Service and its EndpointSlice, followed like a watch: a change re-reads one small file); a second
+process opens one delta ADS stream per simulated proxy, subscribes to clusters, endpoints and listeners as Envoy
+does, and acknowledges every response. Each measured change is written to the
 directory; convergence is taken from the server's ``meshguard_xds_convergence_seconds`` (from the change seen by
 the store to each proxy's ACK of it) and, end to end, from the file write to the last proxy's response (which
 includes up to half a second of the file source's polling, absent with the API server's watch). Also reported:
@@ -48,8 +49,9 @@ def _ip(index: int, base: int = 10) -> str:
     return f"{base}.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}"
 
 
-def cluster_state(services: int, endpoints: int) -> dict[str, list[dict[str, Any]]]:
-    """Services with ``endpoints`` pods each (every other pod meshed), spread over ``NAMESPACES`` namespaces."""
+def cluster_state(services: int, endpoints: int) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """Pods, and per Service its Service and EndpointSlice: ``endpoints`` pods each (every other pod meshed),
+    spread over ``NAMESPACES`` namespaces."""
     pods, objects = [], []
     for s in range(services):
         namespace, name = f"ns-{s % NAMESPACES}", f"svc-{s}"
@@ -65,13 +67,13 @@ def cluster_state(services: int, endpoints: int) -> dict[str, list[dict[str, Any
                          "status": {"phase": "Running", "podIP": _ip(index)}})
             addresses.append({"addresses": [_ip(index)], "conditions": {"ready": True},
                               "targetRef": {"kind": "Pod", "name": pod_name, "namespace": namespace}})
-        objects.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
-                        "spec": {"clusterIP": _ip(s, 172), "ports": [{"name": "http", "port": 80 + s % 5}]}})
-        objects.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                        "metadata": {"name": f"{name}-1", "namespace": namespace,
-                                     "labels": {"kubernetes.io/service-name": name}},
-                        "ports": [{"name": "http", "port": 8080}], "endpoints": addresses})
-    return {"pods": pods, "services": objects}
+        objects.append([
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+             "spec": {"clusterIP": _ip(s, 172), "ports": [{"name": "http", "port": 80 + s % 5}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": f"{name}-1", "namespace": namespace, "labels": {"kubernetes.io/service-name": name}},
+             "ports": [{"name": "http", "port": 8080}], "endpoints": addresses}])
+    return pods, objects
 
 
 def write(directory: Path, name: str, objects: list[dict[str, Any]]) -> float:
@@ -217,7 +219,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _convergence(metrics: str) -> dict[str, float]:
-    """Per type, the upper bound of the bucket holding the 99th percentile, the count, and the share within 1 s."""
+    """Per type, the upper bound of the bucket holding the 99th percentile, the count, and the shares within 0.5 s
+    and 1 s (bucket bounds)."""
     buckets: dict[str, list[tuple[float, float]]] = {}
     for line in metrics.splitlines():
         if line.startswith("meshguard_xds_convergence_seconds_bucket"):
@@ -231,7 +234,9 @@ def _convergence(metrics: str) -> dict[str, float]:
         p99 = next(bound for bound, count in rows if count >= 0.99 * total)
         result[f"{kind}_p99_bucket_s"] = p99
         result[f"{kind}_acks"] = total
-        result[f"{kind}_share_within_1s"] = round(next(count for bound, count in rows if bound >= 1.0) / total, 4)
+        for limit in (0.5, 1.0):
+            within = next(count for bound, count in rows if bound >= limit)
+            result[f"{kind}_share_within_{limit:g}s"] = round(within / total, 4)
     return result
 
 
@@ -240,9 +245,10 @@ def run(proxies: int, services: int, endpoints: int, changes: int, real_envoy: b
     work.chmod(0o755)  # the real Envoy reads its certificates below it
     state = work / "state"
     state.mkdir()
-    world = cluster_state(services, endpoints)
-    write(state, "pods", world["pods"])
-    write(state, "services", world["services"])
+    pods, per_service = cluster_state(services, endpoints)
+    write(state, "pods", pods)
+    for service, endpoint_slice in per_service:  # a file each: a change is read as one object's watch event is
+        write(state, service["metadata"]["name"], [service, endpoint_slice])
     xds_port, health_port = free_port(), free_port()
     env = {**os.environ, "MESHGUARD_XDS__ENABLED": "true", "MESHGUARD_XDS__PORT": str(xds_port),
            "MESHGUARD_XDS__HOST": "127.0.0.1", "MESHGUARD_SERVER__PORT": str(free_port()),
@@ -264,9 +270,9 @@ def run(proxies: int, services: int, endpoints: int, changes: int, real_envoy: b
             if time.monotonic() > deadline or server.poll() is not None:
                 raise SystemExit(f"the control plane did not start: {(work / 'server.err').read_text()[-2000:]}")
             time.sleep(0.2)
-        meshed = [p["metadata"] for i, p in enumerate(world["pods"]) if i % 2 == 0][:proxies]
+        meshed = [p["metadata"] for i, p in enumerate(pods) if i % 2 == 0][:proxies]
         if real_envoy:  # the first meshed pod's proxy is Envoy, the others simulated
-            first = world["pods"][0]
+            first = pods[0]
             proxy = RealEnvoy(work, xds_port, first["metadata"]["namespace"], first["metadata"]["name"],
                               first["spec"]["serviceAccountName"])
             meshed = meshed[1:]
@@ -295,15 +301,16 @@ def run(proxies: int, services: int, endpoints: int, changes: int, real_envoy: b
         writes: list[tuple[str, float]] = []
         for n in range(changes):
             # An endpoint joins a Service (EDS), then a new Service appears (CDS, EDS and LDS for every proxy).
-            grown = [dict(o) for o in world["services"]]
-            slice_ = next(o for o in grown if o["kind"] == "EndpointSlice")
-            slice_["endpoints"] = [*slice_["endpoints"], {"addresses": [_ip(1_000_000 + n)],
-                                                          "conditions": {"ready": True}}]
-            writes.append((ENDPOINTS, write(state, "services", grown)))
+            service, endpoint_slice = per_service[0]
+            grown = {**endpoint_slice, "endpoints": [*endpoint_slice["endpoints"], {
+                "addresses": [_ip(1_000_000 + n)], "conditions": {"ready": True}}]}
+            writes.append((ENDPOINTS, write(state, service["metadata"]["name"], [service, grown])))
             time.sleep(2)
+            write(state, service["metadata"]["name"], [service, endpoint_slice])
+            (state / f"new-{n - 1}.json").unlink(missing_ok=True)
             extra = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"new-{n}", "namespace": "ns-0"},
                      "spec": {"clusterIP": _ip(500_000 + n, 172), "ports": [{"name": "http", "port": 80}]}}
-            writes.append((CLUSTER, write(state, "services", [*world["services"], extra])))
+            writes.append((CLUSTER, write(state, f"new-{n}", [extra])))
             time.sleep(3)
         cpu_per_change = (_cpu_seconds(server.pid) - cpu_before) / len(writes)
         clients_cpu_per_change = (_cpu_seconds(clients.pid) - clients_cpu_before) / len(writes)
