@@ -11,8 +11,9 @@ does, and acknowledges every response. Each measured change is written to the
 directory; convergence is taken from the server's ``meshguard_xds_convergence_seconds`` (from the change seen by
 the store to each proxy's ACK of it) and, end to end, from the file write to the last proxy's response (which
 includes up to half a second of the file source's polling, absent with the API server's watch). Also reported:
-the control plane's resident memory after the initial sync and at peak, its CPU seconds per change and the
-simulated proxies' (their process shares the machine: its work is not the control plane's).
+the control plane's resident memory after the initial sync and at peak, its CPU seconds per change (less what it
+spends idle, measured first: keepalives and the directory's polling) and the simulated proxies' (their process
+shares the machine: its work is not the control plane's).
 With ``--envoy`` one of the proxies is the real Envoy with the injected bootstrap, its pod's files where the
 control plane names them (a mount namespace of its own; its listeners bind this machine's proxy ports), and the
 benchmark reports its resident memory with the whole configuration and whether it accepted every update.
@@ -42,6 +43,7 @@ from webhook.xds.plane import CLUSTER, ENDPOINTS, LISTENER
 from webhook.xds.server import SERVICE
 
 NAMESPACES = 10
+IDLE_SECONDS = 5.0
 MESHED_IMAGE_CONTAINERS = [{"name": "app"}, {"name": "meshguard-proxy"}]
 
 
@@ -297,7 +299,13 @@ def run(proxies: int, services: int, endpoints: int, changes: int, real_envoy: b
                     raise SystemExit(f"Envoy did not take the configuration: {errors}")
                 time.sleep(0.5)
             envoy_result["envoy_rss_after_sync_mib"] = proxy.rss_mib()
+        # What the control plane spends with nothing changing (keepalives, the state directory's polling), so
+        # that the CPU per change is the change's.
+        idle_before, idle_start = _cpu_seconds(server.pid), time.monotonic()
+        time.sleep(IDLE_SECONDS)
+        idle_rate = (_cpu_seconds(server.pid) - idle_before) / (time.monotonic() - idle_start)
         cpu_before, clients_cpu_before = _cpu_seconds(server.pid), _cpu_seconds(clients.pid)
+        changes_start = time.monotonic()
         writes: list[tuple[str, float]] = []
         for n in range(changes):
             # An endpoint joins a Service (EDS), then a new Service appears (CDS, EDS and LDS for every proxy).
@@ -312,7 +320,8 @@ def run(proxies: int, services: int, endpoints: int, changes: int, real_envoy: b
                      "spec": {"clusterIP": _ip(500_000 + n, 172), "ports": [{"name": "http", "port": 80}]}}
             writes.append((CLUSTER, write(state, f"new-{n}", [extra])))
             time.sleep(3)
-        cpu_per_change = (_cpu_seconds(server.pid) - cpu_before) / len(writes)
+        cpu_per_change = (_cpu_seconds(server.pid) - cpu_before - idle_rate * (time.monotonic() - changes_start)) \
+            / len(writes)
         clients_cpu_per_change = (_cpu_seconds(clients.pid) - clients_cpu_before) / len(writes)
         clients.stdin.write("\n")
         clients.stdin.flush()
@@ -341,6 +350,7 @@ def run(proxies: int, services: int, endpoints: int, changes: int, real_envoy: b
             "initial_sync_s": round(initial_sync, 2),
             "rss_after_sync_mib": round(rss_synced / 1024, 1), "rss_mib": round(rss / 1024, 1),
             "rss_peak_mib": round(peak / 1024, 1), "cpu_s_per_change": round(cpu_per_change, 3),
+            "idle_cpu_share": round(idle_rate, 3),
             "simulated_proxies_cpu_s_per_change": round(clients_cpu_per_change, 3),
             "changes": len(writes), "changes_seen_by_every_proxy": len(end_to_end),
             "file_write_to_last_proxy_max_s": round(max(end_to_end), 3) if end_to_end else None,
