@@ -15,7 +15,9 @@ namespace and calls:
 
 Each round runs both, in turn; reported are the medians of requests/s and of wrk's p50 and p99 latency, the
 ratio of mTLS to plaintext throughput and the latency the hop adds. Everything shares this machine's cores (wrk,
-both proxies and the app): a proxy's worker competes with the others for CPU. Results also go to
+both proxies and the app): a proxy's worker competes with the others for CPU. So the CPU each proxy and the app
+spend per request is measured too (from /proc), and from it what one core would carry through each proxy, against
+the plaintext throughput: the figure a machine with a core per proxy would show. Results also go to
 ``bench/results/dataplane-<timestamp>.json``.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import statistics
@@ -75,6 +78,21 @@ def _wrk(client: Pod, port: int, seconds: int, connections: int) -> dict[str, fl
     return {"requests_per_second": float(rate.group(1)), **latency}
 
 
+def _cpu_seconds(pid: int) -> float:
+    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured(lab: Lab, client: Pod, port: int, seconds: int, connections: int) -> dict[str, float]:
+    """wrk's figures, and the CPU each proxy and the app spent per request meanwhile (microseconds)."""
+    watched = {label.replace("/", "_"): process.pid for label, process in lab.processes}
+    before = {label: _cpu_seconds(pid) for label, pid in watched.items()}
+    figures = _wrk(client, port, seconds, connections)
+    requests = figures["requests_per_second"] * seconds
+    return figures | {f"{label}_cpu_us_per_request": (_cpu_seconds(pid) - before[label]) / requests * 1e6
+                      for label, pid in watched.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
@@ -107,7 +125,7 @@ def main() -> None:
         for index in range(args.rounds):
             order = [("mtls", MTLS_PORT), ("plaintext", PLAIN_PORT)]
             for name, port in order if index % 2 == 0 else order[::-1]:
-                runs[name].append(_wrk(client, port, args.seconds, args.connections))
+                runs[name].append(_measured(lab, client, port, args.seconds, args.connections))
         assert server.stats().get("cluster.inbound|local.upstream_cx_total", 0) > 0  # the mTLS runs went through it
     finally:
         lab.close()
@@ -115,9 +133,14 @@ def main() -> None:
     medians = {name: {key: statistics.median(r[key] for r in results) for key in results[0]}
                for name, results in runs.items()}
     plain, mtls = medians["plaintext"], medians["mtls"]
+    # What one core would carry through each proxy, from its CPU per request: the throughput a proxy with a core
+    # of its own sustains, which this machine cannot show directly.
+    one_core = {role: 1e6 / mtls[f"{role}_envoy_cpu_us_per_request"] for role in ("client", "server")}
     report: dict[str, Any] = {
         "seconds": args.seconds, "connections": args.connections, "rounds": args.rounds, "runs": runs,
         "medians": medians, "throughput_ratio": mtls["requests_per_second"] / plain["requests_per_second"],
+        "proxy_one_core_requests_per_second": one_core,
+        "one_core_ratio_to_plaintext": min(one_core.values()) / plain["requests_per_second"],
         "added_p50_ms": mtls["p50_ms"] - plain["p50_ms"], "added_p99_ms": mtls["p99_ms"] - plain["p99_ms"],
         "at": dt.datetime.now(dt.UTC).isoformat()}
     out = save_result(report, args.out, "dataplane")
@@ -126,6 +149,10 @@ def main() -> None:
               f"p99 {figures['p99_ms']:.3f} ms")
     print(f"mTLS/plaintext throughput {report['throughput_ratio']:.2f}; added p50 {report['added_p50_ms']:.3f} ms, "
           f"p99 {report['added_p99_ms']:.3f} ms")
+    for role, rate in one_core.items():
+        print(f"{role} proxy: {mtls[f'{role}_envoy_cpu_us_per_request']:.1f} us CPU per request, "
+              f"{rate:.0f} req/s on one core")
+    print(f"one proxy core / plaintext throughput {report['one_core_ratio_to_plaintext']:.2f}")
     print(f"results: {out}")
 
 
