@@ -287,11 +287,16 @@ def test_new_endpoints_reach_the_proxies(controlled: ControlledMesh) -> None:
 
 
 def test_proxy_config_shows_what_a_proxy_was_sent_and_acknowledged(controlled: ControlledMesh) -> None:
-    shown = controlled.control.run(sys.executable, "-m", "webhook", "proxy-config", "client-0", "-n", "shop",
-                                   "--server", f"http://127.0.0.1:{HEALTH_PORT}")
-    config = json.loads(shown.stdout)
+    def shown() -> dict[str, Any]:
+        answer = controlled.control.run(sys.executable, "-m", "webhook", "proxy-config", "client-0", "-n", "shop",
+                                        "--server", f"http://127.0.0.1:{HEALTH_PORT}")
+        return json.loads(answer.stdout)
+
+    # A change an earlier test made (or undid) may still be on its way: then its last response is not acked yet.
+    _wait("the proxy to acknowledge its last response of every type", lambda: all(
+        n["sent"] == n["acked"] for n in shown()["nonces"].values()))
+    config = shown()
     assert set(config["nonces"]) == {"cds", "eds", "lds"}
-    assert all(n["sent"] == n["acked"] for n in config["nonces"].values()), config["nonces"]
     listeners = {listener["name"] for listener in config["resources"]["lds"]}
     assert listeners == {"inbound", "outbound"}
     services = {cluster["alt_stat_name"] for cluster in config["resources"]["cds"] if "alt_stat_name" in cluster}
