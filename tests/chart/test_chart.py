@@ -384,6 +384,7 @@ EVENTS = [{"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["c
 CONTROL_PLANE = [
     {"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["list", "watch"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["servicecidrs"], "verbs": ["list", "watch"]},
 ]
 
 

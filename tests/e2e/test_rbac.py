@@ -23,8 +23,10 @@ STATE = {(resource, "", "", verb) for resource in ("namespaces", "networkpolicie
 Rules = set[tuple[str, str, str, str]]
 # Events on the objects it denies or warns about.
 EVENTS = {("events.events.k8s.io", "", "", "create")}
-# The control plane (controlPlane.enabled, the default): endpoints, and which pods carry the proxy; no get.
-CONTROL_PLANE = {(resource, "", "", verb) for resource in ("pods", "services", "endpointslices.discovery.k8s.io")
+# The control plane (controlPlane.enabled, the default): endpoints, which pods carry the proxy, the ClusterIP
+# ranges; no get.
+CONTROL_PLANE = {(resource, "", "", verb) for resource in ("pods", "services", "endpointslices.discovery.k8s.io",
+                                                           "servicecidrs.networking.k8s.io")
                  for verb in ("list", "watch")}
 CERTS = "certificates.k8s.io"
 # The workload signer (identity.mode auto or pod-certificate): follow requests, write their status, sign and

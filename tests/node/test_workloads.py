@@ -19,8 +19,9 @@ from tests.e2e.cluster import RELEASE, RELEASE_NAMESPACE, wait_for
 from tests.e2e.objects import INIT, PEER_AUTHENTICATION_CRD, PROXY, STATUS, peer_authentication
 from tests.node.conftest import Cluster
 from tests.node.images import APP_IMAGE, PYTHON
-from tests.node.node import BRIDGE, DNS_IP
+from tests.node.node import BRIDGE, DNS_IP, SERVICE_CIDR
 from tests.pcap import read_pcap
+from webhook.injection.settings import ADMIN_PORT
 
 PORT = 8080
 
@@ -64,6 +65,23 @@ def cluster_ip(cluster: Cluster, namespace: str, service: str) -> str:
 
 def spiffe(namespace: str) -> str:
     return f"spiffe://cluster.local/ns/{namespace}/sa/default"
+
+
+# The addresses the outbound listener sends to the services chain, from the proxy's admin API (in the pod).
+_SERVICES_RULE = """
+import json, sys, urllib.request
+dump = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/config_dump?resource=dynamic_listeners"))
+(outbound,) = [c["active_state"]["listener"] for c in dump["configs"] if c["name"] == "outbound"]
+for matcher in outbound["filter_chain_matcher"]["matcher_list"]["matchers"]:
+    if matcher["on_match"].get("action", {}).get("typed_config", {}).get("value") == "outbound-services":
+        ranges = matcher["predicate"]["single_predicate"]["custom_match"]["typed_config"]["cidr_ranges"]
+        print(" ".join(f"{r['address_prefix']}/{r['prefix_len']}" for r in ranges))
+"""
+
+
+def services_rule(cluster: Cluster, namespace: str, pod: str) -> list[str]:
+    answered = cluster.exec(namespace, pod, str(PYTHON), "-c", _SERVICES_RULE, str(ADMIN_PORT))
+    return answered.stdout.split()
 
 
 class Tcpdump:
@@ -113,6 +131,9 @@ def test_service_to_service_is_mutual_tls_by_cluster_ip_and_pod_ip(cluster: Clus
         by_pod = cluster.get(client_ns, name, f"http://{server['status']['podIP']}:{PORT}/")
     assert by_service.returncode == 0, by_service.stdout + by_service.stderr
     assert by_pod.returncode == 0, by_pod.stdout + by_pod.stderr
+    # The client's proxy routes every ClusterIP by the cluster's ServiceCIDR, which the control plane read from the
+    # API server: one rule for every Service, present and future.
+    assert services_rule(cluster, client_ns, name) == [SERVICE_CIDR]
     # The server's proxy verified the client's certificate: its access log (one line per connection, written as
     # Envoy flushes it) names the client's workload for both calls.
     wait_for("both calls in the server proxy's access log", lambda: cluster.logs(

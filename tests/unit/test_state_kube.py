@@ -22,13 +22,15 @@ from kubernetes import client
 from tests.fakehttp import JSONHandler
 from webhook.metrics import Metrics
 from webhook.policy.settings import StateSettings
+from webhook.state.catalog import SERVICE_CIDR
 from webhook.state.kube import Cluster, ClusterError, KubeSource, api_client, read_all
-from webhook.state.store import Store
+from webhook.state.store import KINDS, Store
 
 NAMESPACES = "/api/v1/namespaces"
 POLICIES = "/apis/networking.k8s.io/v1/networkpolicies"
 PA_V1 = "/apis/security.istio.io/v1/peerauthentications"
 PA_V1BETA1 = "/apis/security.istio.io/v1beta1/peerauthentications"
+SERVICE_CIDRS = "/apis/networking.k8s.io/v1/servicecidrs"
 FAST = StateSettings(backoff_initial_seconds=0.01, backoff_max_seconds=0.05, watch_timeout_seconds=30,
                      crd_poll_seconds=60)
 
@@ -157,9 +159,9 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
 
 
 class Running:
-    def __init__(self, fake: FakeAPI) -> None:
+    def __init__(self, fake: FakeAPI, kinds: tuple[str, ...] = KINDS) -> None:
         self.metrics = Metrics()
-        self.source = KubeSource(cluster(fake), FAST, self.metrics)
+        self.source = KubeSource(cluster(fake), FAST, self.metrics, kinds)
         self.store = Store(self.source.read_namespace, 5, self.metrics)
         self.readiness: list[bool] = []  # every call of the source's ready callback
 
@@ -174,9 +176,9 @@ class Running:
         return text in self.metrics.exposition()[0].decode()
 
 
-def follow(fake: FakeAPI, scenario: Callable[[Running], Any]) -> Running:
+def follow(fake: FakeAPI, scenario: Callable[[Running], Any], kinds: tuple[str, ...] = KINDS) -> Running:
     """Run the source against ``fake`` while ``scenario`` (a coroutine function) runs, then stop it."""
-    running = Running(fake)
+    running = Running(fake, kinds)
 
     async def main() -> None:
         task = asyncio.create_task(running.source.run(running.store, running.readiness.append))
@@ -285,6 +287,24 @@ def test_peer_authentication_crd_deleted_empties_the_kind_without_losing_readine
 
     r = follow(fake, scenario)
     assert fake.calls(PA_V1) == ["list", "watch@50", "list"]  # then it waits crd_poll_seconds to look again
+    assert r.readiness == [True]
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_service_cidrs_are_followed_where_served_and_synced_empty_where_not(fake: FakeAPI, served: bool) -> None:
+    if served:
+        fake.lists[SERVICE_CIDRS] = [listing([obj("kubernetes", "3", None, cidrs=["10.96.0.0/12", "fd00::/108"])],
+                                             "3")]
+
+    async def scenario(r: Running) -> None:
+        await eventually(lambda: r.synced, "first list of every kind")
+        if served:
+            await eventually(lambda: fake.calls(SERVICE_CIDRS)[-1:] == ["watch@3"], "a watch")
+
+    r = follow(fake, scenario, (*KINDS, SERVICE_CIDR))
+    # Before 1.33 the API answers 404: the proxies then match each ClusterIP, and the server is ready all the same.
+    assert r.store.catalog.service_cidrs() == (["10.96.0.0/12", "fd00::/108"] if served else [])
+    assert fake.calls(SERVICE_CIDRS)[:2] == (["list", "watch@3"] if served else ["list"])
     assert r.readiness == [True]
 
 

@@ -59,7 +59,7 @@ def built(state: Store) -> resources.Outbound:
 
 def store(*objects: dict[str, Any]) -> Store:
     state = Store()
-    for kind in ("Pod", "Service", "EndpointSlice", "PeerAuthentication"):
+    for kind in ("Pod", "Service", "EndpointSlice", "PeerAuthentication", "ServiceCIDR"):
         state.replace(kind, [o for o in objects if o["kind"] == kind])
     return state
 
@@ -155,6 +155,27 @@ def test_the_outbound_listener_matches_each_cluster_ip_and_meshed_pod_ip_once() 
                                                                       "outbound|10.96.0.11:8080"}
     assert outbound.clusters["outbound|10.96.0.10:80"]["eds_cluster_config"]["service_name"] == "outbound|80||api.shop"
     assert not any("headless" in name for name in outbound.load_assignments)  # no ClusterIP: reached by pod IP
+
+
+def service_cidr(*cidrs: str) -> dict[str, Any]:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": list(cidrs)}}
+
+
+def test_with_service_cidrs_the_listener_matches_their_ranges_and_a_new_service_leaves_it_as_it_was() -> None:
+    state = store(service("api", "10.96.0.10"), service("odd", "192.168.5.5"),
+                  service_cidr("10.96.0.0/12", "fd00::/108", "10.96.0.0/16"))
+    plane = ControlPlane(state, RESOLVER, OPTIONS, XdsSettings(), Metrics())
+    state.subscribe(plane.changed)
+    first = plane.rebuild()
+    (services,) = [what for what, where in _rules(orjson.loads(first.outbound.json)) if where == "outbound-services"]
+    # The ranges, once each; a ClusterIP outside every range (allocated before its ServiceCIDR went) on its own.
+    assert services == ("ip", ["10.96.0.0/12", "fd00::/108", "192.168.5.5/32"])
+    state.apply("Service", "ADDED", service("web", "10.96.0.11", 8080))
+    second = plane.rebuild()
+    # Its cluster is new; every proxy's listener already routes its address.
+    assert "outbound|10.96.0.11:8080" in second.changed[CLUSTER]
+    assert second.changed[LISTENER] == frozenset() and second.outbound is first.outbound
 
 
 def test_a_dual_stack_service_has_a_cluster_per_address_sharing_its_endpoints() -> None:

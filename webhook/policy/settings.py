@@ -70,7 +70,8 @@ class StateSettings(Section):
     backoff_max_seconds: float = Field(30.0, gt=0)
     # List page size (limit/continue), so that a large cluster is read in bounded chunks.
     page_size: int = Field(500, ge=1)
-    # How often to look again for the PeerAuthentication CRD when it is not installed.
+    # How often to look again for a kind the API server does not serve (the PeerAuthentication CRD; ServiceCIDRs
+    # before Kubernetes 1.33).
     crd_poll_seconds: float = Field(60.0, gt=0)
 
 

@@ -1,4 +1,5 @@
-"""Services, EndpointSlices and Pods, reduced to what the control plane needs to say who is meshed and where.
+"""Services, EndpointSlices, Pods and ServiceCIDRs, reduced to what the control plane needs to say who is meshed
+and where.
 
 The watch delivers whole objects; only a few fields of each are kept (a Pod's IPs, labels, ServiceAccount and
 whether it carries meshguard's proxy), so a cluster of 10,000 pods costs megabytes, not the gigabyte of their
@@ -20,7 +21,8 @@ from ..workloads import labels_of, object_name, service_account
 SERVICE = "Service"
 ENDPOINT_SLICE = "EndpointSlice"
 POD = "Pod"
-KINDS = (SERVICE, ENDPOINT_SLICE, POD)
+SERVICE_CIDR = "ServiceCIDR"  # networking.k8s.io/v1, cluster-scoped: the ranges ClusterIPs are allocated from
+KINDS = (SERVICE, ENDPOINT_SLICE, POD, SERVICE_CIDR)
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
@@ -119,6 +121,10 @@ def parse_slice(obj: Mapping[str, Any], namespace: str) -> SliceRecord:
     return SliceRecord(namespace, object_name(obj), service, _ports(obj.get("ports")), tuple(endpoints))
 
 
+def parse_service_cidr(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    return _strings(_mapping(obj.get("spec")).get("cidrs"))
+
+
 def _excluded_inbound(spec: Mapping[str, Any]) -> frozenset[int]:
     for container in _list(spec.get("initContainers")):
         container = _mapping(container)
@@ -151,6 +157,7 @@ class Catalog:
         self._slices: dict[tuple[str, str], SliceRecord] = {}
         self._slices_of: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
         self._pods: dict[tuple[str, str], PodRecord] = {}
+        self._service_cidrs: dict[str, tuple[str, ...]] = {}
 
     # -- reads ------------------------------------------------------------------------------------------------
 
@@ -167,8 +174,13 @@ class Catalog:
     def pods(self) -> list[PodRecord]:
         return [self._pods[key] for key in sorted(self._pods)]
 
+    def service_cidrs(self) -> list[str]:
+        """Every ServiceCIDR's ranges, as written (empty when the API server serves none)."""
+        return sorted({cidr for cidrs in self._service_cidrs.values() for cidr in cidrs})
+
     def count(self, kind: str) -> int:
-        sizes = {SERVICE: len(self._services), ENDPOINT_SLICE: len(self._slices), POD: len(self._pods)}
+        sizes = {SERVICE: len(self._services), ENDPOINT_SLICE: len(self._slices), POD: len(self._pods),
+                 SERVICE_CIDR: len(self._service_cidrs)}
         return sizes[kind]
 
     # -- writes -----------------------------------------------------------------------------------------------
@@ -179,6 +191,8 @@ class Catalog:
         elif kind == ENDPOINT_SLICE:
             self._slices.clear()
             self._slices_of.clear()
+        elif kind == SERVICE_CIDR:
+            self._service_cidrs.clear()
         else:
             self._pods.clear()
 
@@ -192,6 +206,8 @@ class Catalog:
             record = parse_slice(obj, namespace)
             self._slices[key] = record
             self._slices_of[(namespace, record.service)].add(name)
+        elif kind == SERVICE_CIDR:
+            self._service_cidrs[name] = parse_service_cidr(obj)
         else:
             self._pods[key] = parse_pod(obj, namespace)
 
@@ -203,6 +219,8 @@ class Catalog:
             old = self._slices.pop(key, None)
             if old is not None:
                 self._slices_of[(namespace, old.service)].discard(name)
+        elif kind == SERVICE_CIDR:
+            self._service_cidrs.pop(name, None)
         else:
             self._pods.pop(key, None)
 

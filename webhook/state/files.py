@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import manifests
 from ..workloads import labels_of, object_name
-from .catalog import ENDPOINT_SLICE, POD, SERVICE
+from .catalog import ENDPOINT_SLICE, POD, SERVICE, SERVICE_CIDR
 from .store import (
     KINDS,
     MESH_KINDS,
@@ -32,7 +32,8 @@ log = logging.getLogger("meshguard.state")
 
 # kind -> the API group its apiVersion must carry (a NetworkPolicy of another group is not Kubernetes').
 _GROUPS = {NAMESPACE: "", NETWORK_POLICY: "networking.k8s.io", PEER_AUTHENTICATION: "security.istio.io",
-           SERVICE: "", ENDPOINT_SLICE: "discovery.k8s.io", POD: ""}
+           SERVICE: "", ENDPOINT_SLICE: "discovery.k8s.io", POD: "", SERVICE_CIDR: "networking.k8s.io"}
+_CLUSTER_SCOPED = frozenset({NAMESPACE, SERVICE_CIDR})
 # How often a served directory is looked at for changed files.
 POLL_SECONDS = 0.5
 
@@ -52,7 +53,7 @@ def state_objects(objects: Iterable[dict[str, Any]], default_namespace: str,
         kind = obj.get("kind")
         if kind not in found or _group(obj) != _GROUPS[kind]:
             continue
-        if kind != NAMESPACE and not namespace_of(obj):
+        if kind not in _CLUSTER_SCOPED and not namespace_of(obj):
             meta = obj.get("metadata")
             obj = {**obj, "metadata": {**(meta if isinstance(meta, dict) else {}), "namespace": default_namespace}}
         found[kind].append(obj)

@@ -10,9 +10,10 @@ the request path never waits for the API server. The loop per kind is client-go'
 * on ``410 Gone`` (the resourceVersion was compacted away; an HTTP status or an ``ERROR`` event) list again;
 * on any other failure wait with exponential backoff (with jitter, so replicas do not stampede) and resume.
 
-PeerAuthentications are read only when their CRD is served (``security.istio.io/v1``, else ``v1beta1``); when
-it is not, the kind counts as synced and empty, and the CRD is looked for again every ``crd_poll_seconds``. A
-watch answered 404 means the CRD was deleted: the kind is listed again, which finds it absent.
+PeerAuthentications are read only when their CRD is served (``security.istio.io/v1``, else ``v1beta1``), and
+ServiceCIDRs only when the API server serves them (1.33 and later); when a kind is not served, it counts as
+synced and empty, and is looked for again every ``crd_poll_seconds``. A watch answered 404 means it stopped being
+served (the CRD was deleted): the kind is listed again, which finds it absent.
 
 Readiness is reported once every kind has completed its first list, withdrawn while any kind cannot be followed
 (a list or watch failed, e.g. the API server restarts: the store may be missing changes), and reported again
@@ -47,7 +48,7 @@ from ..metrics import Metrics
 from ..policy import mtls
 from ..policy.settings import StateSettings
 from ..workloads import WORKLOAD_KINDS
-from .catalog import ENDPOINT_SLICE, SERVICE
+from .catalog import ENDPOINT_SLICE, SERVICE, SERVICE_CIDR
 from .store import KINDS, NAMESPACE, NETWORK_POLICY, PEER_AUTHENTICATION, NamespaceState, Store
 
 log = logging.getLogger("meshguard.state")
@@ -57,6 +58,13 @@ GONE = 410
 NOT_FOUND = 404
 CONNECT_TIMEOUT = 10.0
 LIST_TIMEOUT = 60.0  # one page of a list; a dead connection must not hang a watch thread forever
+
+
+# The kinds an API server may not serve, and what meshguard does without them.
+_UNSERVED = {
+    PEER_AUTHENTICATION: "PeerAuthentication CRD not installed; mTLS resolves without PeerAuthentications",
+    SERVICE_CIDR: "ServiceCIDRs not served (an API server before 1.33); the proxies match each ClusterIP instead",
+}
 
 
 class ClusterError(KubeError):
@@ -97,6 +105,7 @@ _KINDS: dict[str, _Kind] = {
                           "networking.k8s.io/v1"),
     SERVICE: _Kind("core", "list_service_for_all_namespaces", None, "v1"),
     ENDPOINT_SLICE: _Kind("discovery", "list_endpoint_slice_for_all_namespaces", None, "discovery.k8s.io/v1"),
+    SERVICE_CIDR: _Kind("networking", "list_service_cidr", None, "networking.k8s.io/v1"),
     **{name: _Kind(_API_OF_GROUP[k.group], k.list_call, None, k.api_version) for name, k in WORKLOAD_KINDS.items()},
 }
 
@@ -132,7 +141,16 @@ class Cluster:
     def list(self, kind: str, page_size: int = 500, namespace: str | None = None, timeout: float | None = None,
              on_page: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], str] | None:
         """All objects of ``kind`` and the list's resourceVersion; None when the API does not serve the kind
-        (the PeerAuthentication CRD is not installed). Items get ``kind``/``apiVersion``, which lists omit."""
+        (the PeerAuthentication CRD is not installed, ServiceCIDRs before 1.33). Items get ``kind``/``apiVersion``,
+        which lists omit."""
+        if kind == SERVICE_CIDR:
+            try:
+                return _list_pages(self.list_function(kind), kind, _KINDS[kind].api_version, page_size, timeout,
+                                   on_page)
+            except ApiException as exc:
+                if exc.status == NOT_FOUND:
+                    return None
+                raise
         if kind != PEER_AUTHENTICATION:
             return _list_pages(self.list_function(kind, namespace), kind, _KINDS[kind].api_version, page_size,
                                timeout, on_page)
@@ -271,7 +289,7 @@ class KubeSource:
                     listed = self.cluster.list(kind, settings.page_size, timeout=LIST_TIMEOUT)
                     if listed is None:
                         if not absent:
-                            log.info("PeerAuthentication CRD not installed; mTLS resolves without PeerAuthentications")
+                            log.info(_UNSERVED[kind])
                         absent = True
                         post(self._install, store, kind, [])
                         post(following, kind, True)
@@ -291,8 +309,8 @@ class KubeSource:
                     self._metrics.watch_restarts.labels(kind, "expired").inc()
                     version = None
                     continue
-                if exc.status == NOT_FOUND and kind == PEER_AUTHENTICATION:
-                    log.info("PeerAuthentication CRD gone; listing again")  # finds it absent, or at another version
+                if exc.status == NOT_FOUND and kind in _UNSERVED:
+                    log.info("kind no longer served; listing again", extra={"kind": kind})  # absent, or moved
                     version = None
                     continue
                 post(following, kind, False)

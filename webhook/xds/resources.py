@@ -4,16 +4,20 @@ Outbound (the same for every proxy). The app's connection reaches the outbound c
 it dialled as original destination, and the listener's matcher looks at that address first:
 
 * a Service's ClusterIP → the cluster named after that address and port (``outbound|10.96.0.10:80``, picked by
-  the chain from the connection's own destination, so the listener lists each ClusterIP once, not each Service
-  port), whose endpoints come by EDS from the Service's EndpointSlices (``outbound|80||api.shop``). An endpoint
-  whose pod carries meshguard's proxy (and captures that port, and is not DISABLEd by its PeerAuthentication) is
-  marked for mutual TLS, verified against the SPIFFE IDs of the Service's meshed pods; every other endpoint (an
-  unmeshed pod, the API server) gets the bytes as they are;
+  the chain from the connection's own destination, so the listener names no Service port: it matches the
+  cluster's ServiceCIDRs, the ranges every ClusterIP comes from, and lists a ClusterIP only when no ServiceCIDR
+  holds it, as on an API server before 1.33), whose endpoints come by EDS from the Service's EndpointSlices
+  (``outbound|80||api.shop``). An address in those ranges with no cluster (no such Service, or one created an
+  instant ago whose cluster is on its way) is closed, not passed through. An endpoint whose pod carries
+  meshguard's proxy (and captures that port, and is not DISABLEd by its PeerAuthentication) is marked for mutual
+  TLS, verified against the SPIFFE IDs of the Service's meshed pods; every other endpoint (an unmeshed pod, the
+  API server) gets the bytes as they are;
 * a meshed pod's own IP (a headless Service, a StatefulSet peer) → mutual TLS to that address, any SPIFFE ID of
   the trust domain, except on the ports that pod leaves uncaptured;
 * anything else → passthrough, untouched.
 
-So the listener changes only when a ClusterIP or a meshed pod comes or goes, and then by one address.
+So the listener changes only when a meshed pod comes or goes (or a ClusterIP, without ServiceCIDRs), and then
+by one address; a new Service is one new cluster.
 
 Inbound (per proxy): :func:`webhook.envoy.inbound_listener` at the pod's modes per port
 (:meth:`webhook.policy.mtls.Resolver.modes`),
@@ -188,16 +192,35 @@ def _ranges(ips: Iterable[str]) -> list[dict[str, Any]]:
     return ranges
 
 
+def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(cidr)
+    except ValueError:
+        return None
+
+
+def _service_ranges(service_cidrs: Iterable[str], cluster_ips: Iterable[str]) -> list[dict[str, Any]]:
+    """The ServiceCIDRs, and any ClusterIP outside them (each on its own: a cluster without ServiceCIDRs)."""
+    networks = [network for cidr in service_cidrs if (network := _network(cidr)) is not None]
+    v4 = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv4Network))
+    v6 = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network))
+    collapsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [*v4, *v6]
+    ranges = [{"address_prefix": str(n.network_address), "prefix_len": n.prefixlen} for n in collapsed]
+    outside = [ip for ip in cluster_ips if not any(_parsed(ip) in network for network in networks)]
+    return ranges + _ranges(outside)
+
+
 SERVICES_CHAIN = "outbound-services"
 MESH_CHAIN = "outbound-mesh"
 PASSTHROUGH_CHAIN = "outbound-passthrough"
 BLACKHOLE_CHAIN = "outbound-blackhole"
 
 
-def _listener(options: BootstrapOptions, cluster_ips: Iterable[str],
+def _listener(options: BootstrapOptions, service_cidrs: Iterable[str], cluster_ips: Iterable[str],
               meshed: Mapping[str, PodRecord]) -> dict[str, Any]:
     rules = []
-    if services := _ranges(cluster_ips):  # a Service may use the capture port; a ClusterIP is never this pod's
+    # A Service may use the capture port; a ClusterIP is never this pod's.
+    if services := _service_ranges(service_cidrs, cluster_ips):
         rules.append((envoy.ip_predicate("services", services), envoy.chain_action(SERVICES_CHAIN)))
     # Then this port on any other address, the pod's own included (reached directly, not redirected): closed.
     rules.append((envoy.port_predicate(options.outbound_port), envoy.chain_action(BLACKHOLE_CHAIN)))
@@ -246,4 +269,4 @@ def outbound(state: MeshState, modes: PodModes, options: BootstrapOptions) -> Ou
             for ip in pod.ips:
                 if _parsed(ip) is not None:
                     meshed[ip] = pod
-    return Outbound(clusters, assignments, _listener(options, cluster_ips, meshed))
+    return Outbound(clusters, assignments, _listener(options, state.catalog.service_cidrs(), cluster_ips, meshed))

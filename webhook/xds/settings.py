@@ -9,8 +9,8 @@ from ..section import Section
 
 class XdsSettings(Section):
     # Serve Envoy's aggregated discovery (ADS) to the proxies: they learn which peers are meshed from the cluster's
-    # Services, EndpointSlices and Pods, and their inbound mode from PeerAuthentications, live. Needs watches on
-    # those kinds (the chart's RBAC); the injector must be given injection.xds_address to use it.
+    # Services, EndpointSlices, Pods and ServiceCIDRs, and their inbound mode from PeerAuthentications, live. Needs
+    # watches on those kinds (the chart's RBAC); the injector must be given injection.xds_address to use it.
     enabled: bool = False
     host: str = "0.0.0.0"
     port: int = Field(15012, ge=1, le=65535, description="gRPC port of the ADS server")
