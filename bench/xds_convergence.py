@@ -4,10 +4,12 @@
     python -m bench.xds_convergence --quick    # 20 proxies, 20 Services: keeps the harness working in CI
     python -m bench.xds_convergence --envoy    # one of the proxies a real Envoy (root: a mount namespace)
 
-``meshguard serve --dev --state DIR`` runs the control plane over a directory of Pods, Services and EndpointSlices
-(a file per Service and its EndpointSlice, followed like a watch: a change re-reads one small file); a second
-process opens one delta ADS stream per simulated proxy, subscribes to clusters, endpoints and listeners as Envoy
-does, and acknowledges every response. Each measured change is written to the
+``meshguard serve --dev --state DIR`` runs the control plane over a directory of Pods, Services, EndpointSlices
+and the ServiceCIDR their ClusterIPs come from (``--no-service-cidr``: none, as before Kubernetes 1.33), a file
+per Service and its EndpointSlice, followed like a watch: a change re-reads one small file; a second process
+opens one delta ADS stream per simulated proxy, subscribes to clusters, endpoints and listeners as Envoy does,
+and acknowledges every response. Each round makes three changes, an endpoint joining a Service (endpoints for
+every proxy), a Service created (a cluster) and a meshed pod started (the outbound listener), each written to the
 directory; convergence is taken from the server's ``meshguard_xds_convergence_seconds`` (from the change seen by
 the store to each proxy's ACK of it) and, end to end, from the file write to the last proxy's response (which
 includes up to half a second of the file source's polling, absent with the API server's watch). Also reported:
@@ -242,13 +244,17 @@ def _convergence(metrics: str) -> dict[str, float]:
     return result
 
 
-def run(proxies: int, services: int, endpoints: int, changes: int, real_envoy: bool) -> dict[str, Any]:
+def run(proxies: int, services: int, endpoints: int, changes: int, real_envoy: bool,
+        service_cidr: bool = True) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="meshguard-xds-bench-"))
     work.chmod(0o755)  # the real Envoy reads its certificates below it
     state = work / "state"
     state.mkdir()
     pods, per_service = cluster_state(services, endpoints)
     write(state, "pods", pods)
+    if service_cidr:  # the range every ClusterIP of the state comes from, as the API server has had since 1.33
+        write(state, "servicecidr", [{"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                                      "metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["172.0.0.0/8"]}}])
     for service, endpoint_slice in per_service:  # a file each: a change is read as one object's watch event is
         write(state, service["metadata"]["name"], [service, endpoint_slice])
     xds_port, health_port = free_port(), free_port()
@@ -308,7 +314,8 @@ def run(proxies: int, services: int, endpoints: int, changes: int, real_envoy: b
         changes_start = time.monotonic()
         writes: list[tuple[str, float]] = []
         for n in range(changes):
-            # An endpoint joins a Service (EDS), then a new Service appears (CDS, EDS and LDS for every proxy).
+            # An endpoint joins a Service (EDS for every proxy); a Service is created (CDS); a meshed pod starts
+            # (LDS: one more address in the outbound listener). Each undoes the last round's.
             service, endpoint_slice = per_service[0]
             grown = {**endpoint_slice, "endpoints": [*endpoint_slice["endpoints"], {
                 "addresses": [_ip(1_000_000 + n)], "conditions": {"ready": True}}]}
@@ -319,6 +326,11 @@ def run(proxies: int, services: int, endpoints: int, changes: int, real_envoy: b
             extra = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"new-{n}", "namespace": "ns-0"},
                      "spec": {"clusterIP": _ip(500_000 + n, 172), "ports": [{"name": "http", "port": 80}]}}
             writes.append((CLUSTER, write(state, f"new-{n}", [extra])))
+            time.sleep(2.5)
+            (state / f"pod-{n - 1}.json").unlink(missing_ok=True)
+            started = {**pods[0], "metadata": {**pods[0]["metadata"], "name": f"started-{n}"},
+                       "status": {"phase": "Running", "podIP": _ip(2_000_000 + n)}}
+            writes.append((LISTENER, write(state, f"pod-{n}", [started])))
             time.sleep(3)
         cpu_per_change = (_cpu_seconds(server.pid) - cpu_before - idle_rate * (time.monotonic() - changes_start)) \
             / len(writes)
@@ -371,8 +383,10 @@ def main() -> None:
     parser.add_argument("--proxies", type=int, default=1000)
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--endpoints", type=int, default=10, help="endpoints per Service")
-    parser.add_argument("--changes", type=int, default=3, help="rounds of (an endpoint, a Service) changes")
+    parser.add_argument("--changes", type=int, default=3, help="rounds of (an endpoint, a Service, a pod) changes")
     parser.add_argument("--envoy", action="store_true", help="one of the proxies a real Envoy (root)")
+    parser.add_argument("--no-service-cidr", action="store_true",
+                        help="no ServiceCIDR, as an API server before 1.33: every ClusterIP in the listener")
     parser.add_argument("--clients", nargs=2, metavar=("SPEC", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.clients:
@@ -382,7 +396,7 @@ def main() -> None:
         return
     if args.quick:
         args.proxies, args.services, args.endpoints, args.changes = 20, 20, 2, 1
-    result = run(args.proxies, args.services, args.endpoints, args.changes, args.envoy)
+    result = run(args.proxies, args.services, args.endpoints, args.changes, args.envoy, not args.no_service_cidr)
     result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     save_result(result, args.out, "xds")
     print(json.dumps(result, indent=2))
