@@ -159,9 +159,9 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
 
 
 class Running:
-    def __init__(self, fake: FakeAPI, kinds: tuple[str, ...] = KINDS) -> None:
+    def __init__(self, fake: FakeAPI, kinds: tuple[str, ...] = KINDS, settings: StateSettings = FAST) -> None:
         self.metrics = Metrics()
-        self.source = KubeSource(cluster(fake), FAST, self.metrics, kinds)
+        self.source = KubeSource(cluster(fake), settings, self.metrics, kinds)
         self.store = Store(self.source.read_namespace, 5, self.metrics)
         self.readiness: list[bool] = []  # every call of the source's ready callback
 
@@ -176,9 +176,10 @@ class Running:
         return text in self.metrics.exposition()[0].decode()
 
 
-def follow(fake: FakeAPI, scenario: Callable[[Running], Any], kinds: tuple[str, ...] = KINDS) -> Running:
+def follow(fake: FakeAPI, scenario: Callable[[Running], Any], kinds: tuple[str, ...] = KINDS,
+           settings: StateSettings = FAST) -> Running:
     """Run the source against ``fake`` while ``scenario`` (a coroutine function) runs, then stop it."""
-    running = Running(fake, kinds)
+    running = Running(fake, kinds, settings)
 
     async def main() -> None:
         task = asyncio.create_task(running.source.run(running.store, running.readiness.append))
@@ -290,22 +291,31 @@ def test_peer_authentication_crd_deleted_empties_the_kind_without_losing_readine
     assert r.readiness == [True]
 
 
-@pytest.mark.parametrize("served", [True, False])
-def test_service_cidrs_are_followed_where_served_and_synced_empty_where_not(fake: FakeAPI, served: bool) -> None:
-    if served:
-        fake.lists[SERVICE_CIDRS] = [listing([obj("kubernetes", "3", None, cidrs=["10.96.0.0/12", "fd00::/108"])],
-                                             "3")]
+@pytest.mark.parametrize("answer", [200, 404, 403])
+def test_service_cidrs_are_followed_where_readable_and_synced_empty_where_not(fake: FakeAPI, answer: int) -> None:
+    served = answer == 200
+    fake.lists[SERVICE_CIDRS] = [listing([obj("kubernetes", "3", None, cidrs=["10.96.0.0/12", "fd00::/108"])], "3")
+                                 if served else status(answer)]
+    installs: list[str] = []
 
     async def scenario(r: Running) -> None:
+        r.store.subscribe(lambda kind: installs.append(kind) if kind == SERVICE_CIDR else None)
         await eventually(lambda: r.synced, "first list of every kind")
         if served:
             await eventually(lambda: fake.calls(SERVICE_CIDRS)[-1:] == ["watch@3"], "a watch")
+        else:  # looked for again, and again
+            await eventually(lambda: len(fake.calls(SERVICE_CIDRS)) >= 3, "two more looks")
 
-    r = follow(fake, scenario, (*KINDS, SERVICE_CIDR))
-    # Before 1.33 the API answers 404: the proxies then match each ClusterIP, and the server is ready all the same.
+    polling = StateSettings(**{**FAST.model_dump(), "crd_poll_seconds": 0.05})
+    r = follow(fake, scenario, (*KINDS, SERVICE_CIDR), polling)
+    # Before 1.33 the API answers 404, without the RBAC 403: the proxies then match each ClusterIP, and the server
+    # is ready all the same.
     assert r.store.catalog.service_cidrs() == (["10.96.0.0/12", "fd00::/108"] if served else [])
-    assert fake.calls(SERVICE_CIDRS)[:2] == (["list", "watch@3"] if served else ["list"])
     assert r.readiness == [True]
+    if served:
+        assert fake.calls(SERVICE_CIDRS)[:2] == ["list", "watch@3"]
+    else:  # each look that finds nothing changes nothing: no rebuild of every proxy's config
+        assert set(fake.calls(SERVICE_CIDRS)) == {"list"} and installs == [SERVICE_CIDR]
 
 
 def test_not_ready_until_every_kind_has_been_listed(fake: FakeAPI) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -269,13 +271,25 @@ def test_file_source_follows_the_directory_as_a_watch_does_one_event_per_changed
 
 
 def test_file_source_parses_again_only_the_files_that_changed(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_text(yaml.safe_dump(netpol("p1", {})))
-    (tmp_path / "b.yaml").write_text(yaml.safe_dump(netpol("p2", {})))
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump(netpol("p1", {})))
+    b.write_text(yaml.safe_dump(netpol("p2", {})))
+    settled = time.time_ns() - 10**10  # written a while ago: its timestamp can be trusted
+    os.utime(a, ns=(settled, settled))
     source = FileSource(tmp_path, "shop")
-    (first_a, first_b) = source.read()["NetworkPolicy"]
-    (tmp_path / "b.yaml").write_text(yaml.safe_dump(netpol("p3", {"matchLabels": {"app": "x"}})))
+
+    def names() -> list[str]:
+        return [p["metadata"]["name"] for p in source.read()["NetworkPolicy"]]
+
+    (first_a, _) = source.read()["NetworkPolicy"]
+    b.write_text(yaml.safe_dump(netpol("p3", {"matchLabels": {"app": "x"}})))
     (again_a, again_b) = source.read()["NetworkPolicy"]
     assert again_a is first_a  # the same object: not parsed, and not compared field by field by a follower
     assert again_b["metadata"]["name"] == "p3"
-    (tmp_path / "b.yaml").unlink()
-    assert [p["metadata"]["name"] for p in source.read()["NetworkPolicy"]] == ["p1"]
+    # Written again within one tick of its timestamp, at the same size: the new version is read all the same.
+    tick = b.stat().st_mtime_ns
+    b.write_text(yaml.safe_dump(netpol("p4", {"matchLabels": {"app": "x"}})))
+    os.utime(b, ns=(tick, tick))
+    assert names() == ["p1", "p4"]
+    b.unlink()
+    assert names() == ["p1"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ _GROUPS = {NAMESPACE: "", NETWORK_POLICY: "networking.k8s.io", PEER_AUTHENTICATI
 _CLUSTER_SCOPED = frozenset({NAMESPACE, SERVICE_CIDR})
 # How often a served directory is looked at for changed files.
 POLL_SECONDS = 0.5
+# A file's timestamp is coarser than a nanosecond (a clock tick; two seconds on some file systems).
+RACY_NS = 2_000_000_000
 
 
 def _group(obj: Mapping[str, Any]) -> str:
@@ -97,7 +100,7 @@ class FileSource:
         self.directory = directory
         self.default_namespace = default_namespace
         self._installed: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}  # kind -> (namespace, name) -> obj
-        self._files: dict[Path, tuple[tuple[int, int, int], list[dict[str, Any]]]] = {}  # file -> (stat, objects)
+        self._files: dict[Path, tuple[tuple[int, int, int] | None, list[dict[str, Any]]]] = {}  # file -> stat, objects
 
     def read(self) -> dict[str, list[dict[str, Any]]]:
         """Raises :class:`webhook.manifests.ManifestError` when the directory or a file cannot be read."""
@@ -117,7 +120,10 @@ class FileSource:
             key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
             held = self._files.get(file)
             if held is None or held[0] != key:
-                held = (key, manifests.load_file(file))
+                # A file written in the last moments may be written again within its timestamp's granularity, at
+                # the same size: it is read again until it is older than that (as git treats "racy" entries).
+                racy = time.time_ns() - stat.st_mtime_ns < RACY_NS
+                held = (None if racy else key, manifests.load_file(file))
             files[file] = held
             objects += held[1]
         self._files = files

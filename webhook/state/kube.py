@@ -11,9 +11,10 @@ the request path never waits for the API server. The loop per kind is client-go'
 * on any other failure wait with exponential backoff (with jitter, so replicas do not stampede) and resume.
 
 PeerAuthentications are read only when their CRD is served (``security.istio.io/v1``, else ``v1beta1``), and
-ServiceCIDRs only when the API server serves them (1.33 and later); when a kind is not served, it counts as
-synced and empty, and is looked for again every ``crd_poll_seconds``. A watch answered 404 means it stopped being
-served (the CRD was deleted): the kind is listed again, which finds it absent.
+ServiceCIDRs only when the API server serves them (1.33 and later) and lets meshguard read them; when a kind is
+not served, it counts as synced and empty (installed once, not at each look), and is looked for again every
+``crd_poll_seconds``. A watch answered 404 means it stopped being served (the CRD was deleted): the kind is
+listed again, which finds it absent.
 
 Readiness is reported once every kind has completed its first list, withdrawn while any kind cannot be followed
 (a list or watch failed, e.g. the API server restarts: the store may be missing changes), and reported again
@@ -56,14 +57,19 @@ log = logging.getLogger("meshguard.state")
 PLURAL = "peerauthentications"
 GONE = 410
 NOT_FOUND = 404
+FORBIDDEN = 403
 CONNECT_TIMEOUT = 10.0
 LIST_TIMEOUT = 60.0  # one page of a list; a dead connection must not hang a watch thread forever
 
 
-# The kinds an API server may not serve, and what meshguard does without them.
-_UNSERVED = {
-    PEER_AUTHENTICATION: "PeerAuthentication CRD not installed; mTLS resolves without PeerAuthentications",
-    SERVICE_CIDR: "ServiceCIDRs not served (an API server before 1.33); the proxies match each ClusterIP instead",
+# The kinds meshguard does without when the API answers so (statuses), and what it then does. ServiceCIDRs only
+# make the proxies' listener smaller: unreadable (RBAC managed apart from the chart) must not keep it unready.
+_UNSERVED: dict[str, tuple[frozenset[int], str]] = {
+    PEER_AUTHENTICATION: (frozenset({NOT_FOUND}),
+                          "PeerAuthentication CRD not installed; mTLS resolves without PeerAuthentications"),
+    SERVICE_CIDR: (frozenset({NOT_FOUND, FORBIDDEN}),
+                   "ServiceCIDRs not served (before Kubernetes 1.33) or not readable (list/watch servicecidrs); the "
+                   "proxies match each ClusterIP instead"),
 }
 
 
@@ -141,14 +147,14 @@ class Cluster:
     def list(self, kind: str, page_size: int = 500, namespace: str | None = None, timeout: float | None = None,
              on_page: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], str] | None:
         """All objects of ``kind`` and the list's resourceVersion; None when the API does not serve the kind
-        (the PeerAuthentication CRD is not installed, ServiceCIDRs before 1.33). Items get ``kind``/``apiVersion``,
-        which lists omit."""
+        (the PeerAuthentication CRD is not installed, ServiceCIDRs before 1.33 or not readable). Items get
+        ``kind``/``apiVersion``, which lists omit."""
         if kind == SERVICE_CIDR:
             try:
                 return _list_pages(self.list_function(kind), kind, _KINDS[kind].api_version, page_size, timeout,
                                    on_page)
             except ApiException as exc:
-                if exc.status == NOT_FOUND:
+                if exc.status in _UNSERVED[kind][0]:
                     return None
                 raise
         if kind != PEER_AUTHENTICATION:
@@ -288,10 +294,10 @@ class KubeSource:
                 if version is None:
                     listed = self.cluster.list(kind, settings.page_size, timeout=LIST_TIMEOUT)
                     if listed is None:
-                        if not absent:
-                            log.info(_UNSERVED[kind])
+                        if not absent:  # once: installing nothing again would rebuild every proxy's config
+                            log.info(_UNSERVED[kind][1])
+                            post(self._install, store, kind, [])
                         absent = True
-                        post(self._install, store, kind, [])
                         post(following, kind, True)
                         self._stopping.wait(settings.crd_poll_seconds)
                         continue
@@ -309,7 +315,7 @@ class KubeSource:
                     self._metrics.watch_restarts.labels(kind, "expired").inc()
                     version = None
                     continue
-                if exc.status == NOT_FOUND and kind in _UNSERVED:
+                if kind in _UNSERVED and exc.status in _UNSERVED[kind][0]:
                     log.info("kind no longer served; listing again", extra={"kind": kind})  # absent, or moved
                     version = None
                     continue
