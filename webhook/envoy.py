@@ -453,7 +453,12 @@ def outbound_listener(options: BootstrapOptions) -> dict[str, Any]:
 
 def cidr_range(cidr: str) -> dict[str, Any]:
     network = ipaddress.ip_network(cidr, strict=False)
-    return {"address_prefix": str(network.network_address), "prefix_len": network.prefixlen}
+    return prefix_range(network.network_address, network.prefixlen)
+
+
+def prefix_range(address: ipaddress.IPv4Address | ipaddress.IPv6Address, prefix_len: int) -> dict[str, Any]:
+    """Envoy's CidrRange."""
+    return {"address_prefix": str(address), "prefix_len": prefix_len}
 
 
 def _admin_route_listener(name: str, port: int, paths: dict[str, str]) -> dict[str, Any]:

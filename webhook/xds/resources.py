@@ -184,9 +184,9 @@ def _ranges(ips: Iterable[str]) -> list[dict[str, Any]]:
             continue
         first = addresses[start]
         if end == start:
-            ranges.append({"address_prefix": str(first), "prefix_len": first.max_prefixlen})
+            ranges.append(envoy.prefix_range(first, first.max_prefixlen))
         else:
-            ranges += [{"address_prefix": str(n.network_address), "prefix_len": n.prefixlen}
+            ranges += [envoy.prefix_range(n.network_address, n.prefixlen)
                        for n in ipaddress.summarize_address_range(first, address)]
         start = end + 1
     return ranges
@@ -205,7 +205,7 @@ def _service_ranges(service_cidrs: Iterable[str], cluster_ips: Iterable[str]) ->
     v4 = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv4Network))
     v6 = ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network))
     collapsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [*v4, *v6]
-    ranges = [{"address_prefix": str(n.network_address), "prefix_len": n.prefixlen} for n in collapsed]
+    ranges = [envoy.prefix_range(n.network_address, n.prefixlen) for n in collapsed]
     outside = [ip for ip in cluster_ips if not any(_parsed(ip) in network for network in networks)]
     return ranges + _ranges(outside)
 
