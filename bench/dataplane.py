@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import re
 import shutil
 import statistics
@@ -34,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.run import add_result_arguments, save_result
+from bench.run import _cpu_seconds, add_result_arguments, save_result
 from tests.dataplane.conftest import CLIENT_ID, CLIENT_IP, MESH_CIDRS, SERVER_ID, SERVER_IP, Lab, Pod, start_pod
 from tests.dataplane.tools import envoy_binary
 from tests.e2e.cluster import wait_for
@@ -76,11 +75,6 @@ def _wrk(client: Pod, port: int, seconds: int, connections: int) -> dict[str, fl
     if rate is None or set(latency) != {"p50_ms", "p99_ms"}:
         raise RuntimeError(f"cannot read wrk's output:\n{out}")
     return {"requests_per_second": float(rate.group(1)), **latency}
-
-
-def _cpu_seconds(pid: int) -> float:
-    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _measured(lab: Lab, client: Pod, port: int, seconds: int, connections: int) -> dict[str, float]:

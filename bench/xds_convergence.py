@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import orjson
 
-from bench.run import add_result_arguments, save_result
+from bench.run import _cpu_seconds, add_result_arguments, save_result
 from tests.conftest import free_port
 from webhook.xds.plane import CLUSTER, ENDPOINTS, LISTENER
 from webhook.xds.server import SERVICE
@@ -215,11 +215,6 @@ class RealEnvoy:
 def _rss_kib(pid: int) -> tuple[int, int]:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-
-
-def _cpu_seconds(pid: int) -> float:
-    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _convergence(metrics: str) -> dict[str, float]:
