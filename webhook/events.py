@@ -25,6 +25,7 @@ from .admission import AdmissionRequest, AdmissionResponse
 from .errors import KubeError
 from .injection.decision import MESSAGES
 from .metrics import Metrics
+from .policy.handler import POLICY_WARN
 from .server import Handler
 from .workloads import WORKLOAD_KINDS
 
@@ -64,7 +65,7 @@ def event_for(webhook: str, request: AdmissionRequest, response: AdmissionRespon
     if webhook == "validate":
         if not response.allowed and response.message:
             return made("Warning", "PolicyDenied", "Validate", response.message)
-        if response.reason == "policy-warn" and response.warnings:
+        if response.reason == POLICY_WARN and response.warnings:
             return made("Warning", "PolicyWarning", "Validate", "\n".join(response.warnings))
         return None
     if not response.allowed and response.message:

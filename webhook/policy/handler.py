@@ -31,6 +31,8 @@ from .engine import NETWORK_POLICY, ORDERING_HINT, Engine, Evaluation, LiveSnaps
 from .settings import Action
 
 EPHEMERAL = "ephemeralcontainers"
+# Reason codes of the answers, in metrics and logs; events read POLICY_WARN.
+NOT_CHECKED, POLICY_PASS, POLICY_WARN = "not-checked", "policy-pass", "policy-warn"
 UNCONFIRMED = "meshguard could not re-read this namespace's policies from the API server, so it allowed this"
 
 
@@ -59,10 +61,10 @@ def _debug_containers(workload: Workload, request: AdmissionRequest, engine: Eng
     in a pod carrying the proxy they must not run as its uid nor hold the capabilities to undo the redirect."""
     if not proxy_container_present(workload.template) or engine.exemption(
             workload, store.namespace_labels(workload.namespace)):
-        return allowed(reason="not-checked")
+        return allowed(reason=NOT_CHECKED)
     problems = integrity.tenant_problems(workload.pod_spec, engine.proxy_uid, ("ephemeralContainers",))
     if not problems:
-        return allowed(reason="policy-pass")
+        return allowed(reason=POLICY_PASS)
     why, fix, _ = problems[0]
     return denied(f"{workload.display}: its debug container could bypass the meshguard proxy: {why}; {fix}",
                   reason="policy-violation")
@@ -79,13 +81,13 @@ def build_handler(settings: Settings, store: LiveSnapshot, metrics: Metrics) -> 
     async def handle(request: AdmissionRequest, workload: Workload | None) -> AdmissionResponse:
         obj = request.object
         if request.operation not in ("CREATE", "UPDATE") or obj is None:
-            return allowed(reason="not-checked")
+            return allowed(reason=NOT_CHECKED)
         if workload is None or request.kind != workload.kind or WORKLOAD_KINDS[workload.kind].group != request.group:
             return allowed(reason="not-a-workload")
         if request.sub_resource == EPHEMERAL:
             return _debug_containers(workload, request, engine, store)
         if request.sub_resource:
-            return allowed(reason="not-checked")
+            return allowed(reason=NOT_CHECKED)
         cap: Action = "enforce"
         old = _old(request, workload)  # read once: for the "pods unchanged" test and for the rules
         if request.operation == "UPDATE" and (_deleting(obj) or _unchanged(workload, old)):
@@ -118,9 +120,9 @@ def _respond(evaluation: Evaluation, results: LoopCounter, notes: tuple[str, ...
     if enforced:
         response = denied("\n".join(map(_denial_line, enforced)), reason="policy-violation", warnings=warnings)
     elif warnings:
-        response = allowed(reason="policy-warn", warnings=warnings)
+        response = allowed(reason=POLICY_WARN, warnings=warnings)
     else:
-        response = allowed(reason="policy-audit" if evaluation.failures else "policy-pass")
+        response = allowed(reason="policy-audit" if evaluation.failures else POLICY_PASS)
     if not evaluation.failures:
         return response
     # The admission log line carries these: for audit-mode failures, the log and the metric are the report.
