@@ -4,6 +4,8 @@ reconnection with the versions held, subscriptions, and who may ask (mutual TLS 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +52,9 @@ class Plane:
     control: ControlPlane
 
 
-async def start(tls_ca: certs.Issued | None = None) -> tuple[Plane, list[asyncio.Task[None]]]:
+@contextlib.asynccontextmanager
+async def started(tls_ca: certs.Issued | None = None) -> AsyncIterator[Plane]:
+    """A control plane serving ADS on a free port, with POD in its state; stopped on leaving."""
     state = Store()
     state.replace("Pod", [POD])
     metrics = Metrics()
@@ -63,7 +67,12 @@ async def start(tls_ca: certs.Issued | None = None) -> tuple[Plane, list[asyncio
              asyncio.create_task(xds_server.serve(servicer, settings, (lambda: Authority(tls_ca)) if tls_ca else None,
                                                   "meshguard", "meshguard"))]
     await asyncio.sleep(0.2)
-    return Plane(state, metrics, servicer, f"127.0.0.1:{settings.port}", plane), tasks
+    try:
+        yield Plane(state, metrics, servicer, f"127.0.0.1:{settings.port}", plane)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Stream:
@@ -108,12 +117,6 @@ def names(response: discovery_pb2.DeltaDiscoveryResponse) -> set[str]:
     return {resource.name for resource in response.resources}
 
 
-async def _stop(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
 @pytest.fixture
 def run() -> Any:
     def runner(test: Any) -> Any:
@@ -129,45 +132,41 @@ def test_ack_nack_and_only_what_changed_is_pushed(run: Any) -> None:
     api, db, cache = SERVICE, service("db", "10.96.0.11"), service("cache", "10.96.0.12")
 
     async def scenario() -> None:
-        plane, tasks = await start()
-        try:
-            async with grpc.aio.insecure_channel(plane.address) as channel:
-                stream = Stream(channel)
-                await stream.send(CLUSTER, first=True)
-                first = await stream.receive()
-                assert first.type_url == CLUSTER and first.nonce and envoy.MESH_CLUSTER in names(first)
-                await stream.send(CLUSTER, first.nonce)  # ACK
-                assert await stream.nothing_more()
-                assert plane.servicer.describe("shop", "web-0")["nonces"]["cds"] == {
-                    "sent": first.nonce, "acked": first.nonce}
-                # A Service appears: its cluster alone is sent; another, before the proxy answered: its own.
-                plane.store.replace("Service", [api])
-                second = await stream.receive()
-                assert second.nonce != first.nonce and names(second) == {"outbound|10.96.0.10:80"}
-                plane.store.replace("Service", [api, db])
-                third = await stream.receive()
-                assert names(third) == {"outbound|10.96.0.11:80"}
-                # The earlier response is NACKed after the later one was sent: each is answered on its own.
-                await stream.send(CLUSTER, second.nonce, error="bad cluster")
-                await stream.send(CLUSTER, third.nonce)
-                assert await stream.nothing_more()  # not sent again now
-                assert plane.metrics.xds_nacks.labels("cds").value == 1
-                # A nonce already answered is stale: ignored, no NACK counted.
-                await stream.send(CLUSTER, first.nonce, error="late")
-                assert await stream.nothing_more()
-                assert plane.metrics.xds_nacks.labels("cds").value == 1
-                # The next change carries the rejected cluster again, with what changed.
-                plane.store.replace("Service", [api, db, cache])
-                fourth = await stream.receive()
-                assert names(fourth) == {"outbound|10.96.0.10:80", "outbound|10.96.0.12:80"}
-                await stream.send(CLUSTER, fourth.nonce)
-                # A Service goes: its cluster is named for removal, nothing else is sent.
-                plane.store.replace("Service", [db, cache])
-                fifth = await stream.receive()
-                assert not fifth.resources and list(fifth.removed_resources) == ["outbound|10.96.0.10:80"]
-                assert plane.metrics.xds_pushes.labels("cds").value == 5
-        finally:
-            await _stop(tasks)
+        async with started() as plane, grpc.aio.insecure_channel(plane.address) as channel:
+            stream = Stream(channel)
+            await stream.send(CLUSTER, first=True)
+            first = await stream.receive()
+            assert first.type_url == CLUSTER and first.nonce and envoy.MESH_CLUSTER in names(first)
+            await stream.send(CLUSTER, first.nonce)  # ACK
+            assert await stream.nothing_more()
+            assert plane.servicer.describe("shop", "web-0")["nonces"]["cds"] == {
+                "sent": first.nonce, "acked": first.nonce}
+            # A Service appears: its cluster alone is sent; another, before the proxy answered: its own.
+            plane.store.replace("Service", [api])
+            second = await stream.receive()
+            assert second.nonce != first.nonce and names(second) == {"outbound|10.96.0.10:80"}
+            plane.store.replace("Service", [api, db])
+            third = await stream.receive()
+            assert names(third) == {"outbound|10.96.0.11:80"}
+            # The earlier response is NACKed after the later one was sent: each is answered on its own.
+            await stream.send(CLUSTER, second.nonce, error="bad cluster")
+            await stream.send(CLUSTER, third.nonce)
+            assert await stream.nothing_more()  # not sent again now
+            assert plane.metrics.xds_nacks.labels("cds").value == 1
+            # A nonce already answered is stale: ignored, no NACK counted.
+            await stream.send(CLUSTER, first.nonce, error="late")
+            assert await stream.nothing_more()
+            assert plane.metrics.xds_nacks.labels("cds").value == 1
+            # The next change carries the rejected cluster again, with what changed.
+            plane.store.replace("Service", [api, db, cache])
+            fourth = await stream.receive()
+            assert names(fourth) == {"outbound|10.96.0.10:80", "outbound|10.96.0.12:80"}
+            await stream.send(CLUSTER, fourth.nonce)
+            # A Service goes: its cluster is named for removal, nothing else is sent.
+            plane.store.replace("Service", [db, cache])
+            fifth = await stream.receive()
+            assert not fifth.resources and list(fifth.removed_resources) == ["outbound|10.96.0.10:80"]
+            assert plane.metrics.xds_pushes.labels("cds").value == 5
 
     run(scenario)
 
@@ -177,9 +176,8 @@ def test_endpoints_are_sent_for_the_names_subscribed_and_listeners_for_the_pod(r
                                                                                   "ports": [{"port": 80}]}}
 
     async def scenario() -> None:
-        plane, tasks = await start()
-        plane.store.replace("Service", [SERVICE, other])
-        try:
+        async with started() as plane:
+            plane.store.replace("Service", [SERVICE, other])
             async with grpc.aio.insecure_channel(plane.address) as channel:
                 stream = Stream(channel)
                 await stream.send(ENDPOINTS, subscribe=("outbound|80||api.shop", "unknown"), first=True)
@@ -199,17 +197,14 @@ def test_endpoints_are_sent_for_the_names_subscribed_and_listeners_for_the_pod(r
                                                           "labels": {"kubernetes.io/service-name": "api"}},
                     "ports": [{"name": "http", "port": 8080}], "endpoints": [{"addresses": ["10.0.0.5"]}]}])
                 assert await stream.nothing_more()
-        finally:
-            await _stop(tasks)
 
     run(scenario)
 
 
 def test_a_reconnecting_proxy_gets_only_what_differs_from_the_versions_it_holds(run: Any) -> None:
     async def scenario() -> None:
-        plane, tasks = await start()
-        plane.store.replace("Service", [SERVICE])
-        try:
+        async with started() as plane:
+            plane.store.replace("Service", [SERVICE])
             async with grpc.aio.insecure_channel(plane.address) as channel:
                 stream = Stream(channel)
                 await stream.send(CLUSTER, first=True)
@@ -222,25 +217,20 @@ def test_a_reconnecting_proxy_gets_only_what_differs_from_the_versions_it_holds(
                 answer = await stream.receive()
                 assert names(answer) == {"outbound|10.96.0.12:80", envoy.PASSTHROUGH_CLUSTER}
                 assert list(answer.removed_resources) == ["outbound|10.96.0.10:80"]
-        finally:
-            await _stop(tasks)
 
     run(scenario)
 
 
 def test_a_proxy_of_a_pod_not_yet_seen_waits_for_it(run: Any) -> None:
     async def scenario() -> None:
-        plane, tasks = await start()
-        plane.store.apply("Pod", "DELETED", POD)
-        try:
+        async with started() as plane:
+            plane.store.apply("Pod", "DELETED", POD)
             async with grpc.aio.insecure_channel(plane.address) as channel:
                 stream = Stream(channel)
                 await stream.send(LISTENER, first=True)
                 assert await stream.nothing_more()
                 plane.store.apply("Pod", "ADDED", POD)
                 assert (await stream.receive()).type_url == LISTENER
-        finally:
-            await _stop(tasks)
 
     run(scenario)
 
@@ -261,8 +251,7 @@ async def _first_answer(channel: grpc.aio.Channel) -> discovery_pb2.DeltaDiscove
 def test_over_mutual_tls_only_the_pods_own_identity_gets_its_config(run: Any) -> None:
     async def scenario() -> None:
         ca = certs.generate_ca("test mesh CA")
-        plane, tasks = await start(tls_ca=ca)
-        try:
+        async with started(tls_ca=ca) as plane:
             async with _client_channel(ca, "web", plane.address) as channel:
                 assert (await _first_answer(channel)).type_url == CLUSTER
             async with _client_channel(ca, "intruder", plane.address) as channel:
@@ -273,8 +262,6 @@ def test_over_mutual_tls_only_the_pods_own_identity_gets_its_config(run: Any) ->
             async with grpc.aio.insecure_channel(plane.address) as channel:
                 with pytest.raises(grpc.aio.AioRpcError):  # no certificate, no TLS: no config
                     await _first_answer(channel)
-        finally:
-            await _stop(tasks)
 
     run(scenario)
 
@@ -307,10 +294,9 @@ def test_endpoint_changes_send_only_the_changed_assignment(run: Any) -> None:
     subscribed = ("outbound|80||api.shop", "outbound|80||db.shop")
 
     async def scenario() -> None:
-        plane, tasks = await start()
-        plane.store.replace("Service", [SERVICE, other])
-        plane.store.replace("EndpointSlice", [slice_of("api", "10.0.0.5"), slice_of("db", "10.0.0.6")])
-        try:
+        async with started() as plane:
+            plane.store.replace("Service", [SERVICE, other])
+            plane.store.replace("EndpointSlice", [slice_of("api", "10.0.0.5"), slice_of("db", "10.0.0.6")])
             async with grpc.aio.insecure_channel(plane.address) as channel:
                 stream = Stream(channel)
                 await stream.send(ENDPOINTS, subscribe=subscribed, first=True)
@@ -326,8 +312,6 @@ def test_endpoint_changes_send_only_the_changed_assignment(run: Any) -> None:
                 second.resources[0].resource.Unpack(assignment)
                 address = assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address
                 assert address == "10.0.0.7"
-        finally:
-            await _stop(tasks)
 
     run(scenario)
 
@@ -346,29 +330,29 @@ def test_a_proxy_that_stops_reading_does_not_keep_the_control_planes_snapshots_a
     import weakref
 
     async def scenario() -> None:
-        plane, tasks = await start()
-        servicer = plane.servicer
-        requests: asyncio.Queue[Any] = asyncio.Queue()
-        request = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER)
-        request.node.CopyFrom(node())
-        await requests.put(request)
+        async with started() as plane:
+            servicer = plane.servicer
+            requests: asyncio.Queue[Any] = asyncio.Queue()
+            request = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER)
+            request.node.CopyFrom(node())
+            await requests.put(request)
 
-        async def incoming() -> Any:
-            while True:
-                yield await requests.get()
+            async def incoming() -> Any:
+                while True:
+                    yield await requests.get()
 
-        stream = servicer.DeltaAggregatedResources(incoming(), None)  # type: ignore[arg-type]
-        try:
-            await stream.__anext__()  # its first response, and then it reads no more
-            snapshots = []
-            for index in range(20):
-                plane.store.replace("Service", [{**SERVICE, "metadata": {"name": f"s{index}", "namespace": "shop"}}])
-                await asyncio.sleep(0.05)  # the control plane rebuilds and wakes the stream
-                snapshots.append(weakref.ref(plane.control.current()))
-            gc.collect()
-            assert sum(ref() is not None for ref in snapshots) <= 2  # the current one, and at most the one sent
-        finally:
-            await stream.aclose()
-            await _stop(tasks)
+            stream = servicer.DeltaAggregatedResources(incoming(), None)  # type: ignore[arg-type]
+            try:
+                await stream.__anext__()  # its first response, and then it reads no more
+                snapshots = []
+                for index in range(20):
+                    named = {**SERVICE, "metadata": {"name": f"s{index}", "namespace": "shop"}}
+                    plane.store.replace("Service", [named])
+                    await asyncio.sleep(0.05)  # the control plane rebuilds and wakes the stream
+                    snapshots.append(weakref.ref(plane.control.current()))
+                gc.collect()
+                assert sum(ref() is not None for ref in snapshots) <= 2  # the current one, and at most the one sent
+            finally:
+                await stream.aclose()
 
     run(scenario)
