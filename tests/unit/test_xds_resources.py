@@ -101,6 +101,38 @@ def test_a_service_of_unmeshed_pods_has_no_tls_at_all() -> None:
     assert lb_endpoints(outbound, "outbound|5432||db.shop") == {"10.0.0.3": False}
 
 
+
+def _conditions(slice_: dict[str, Any], by_address: dict[str, dict[str, bool]]) -> dict[str, Any]:
+    for item in slice_["endpoints"]:
+        item["conditions"] = by_address.get(item["addresses"][0], item["conditions"])
+    return slice_
+
+
+DRAINING = {"ready": False, "serving": True, "terminating": True}
+
+
+@pytest.mark.parametrize(("conditions", "expected"), [
+    # Nothing ready: the endpoints terminating but serving take the traffic, with mutual TLS to their identity.
+    ({"10.0.0.1": DRAINING, "10.0.0.2": DRAINING}, {"10.0.0.1": True, "10.0.0.2": True}),
+    # One ready: it alone, as kube-proxy does.
+    ({"10.0.0.1": DRAINING}, {"10.0.0.2": True}),
+    # Terminating and no longer serving (or never said to be): no endpoint.
+    ({"10.0.0.1": {**DRAINING, "serving": False}, "10.0.0.2": {"ready": False, "terminating": True}}, {}),
+])
+def test_a_service_with_no_ready_endpoint_falls_back_to_those_still_serving(
+        conditions: dict[str, dict[str, bool]], expected: dict[str, bool]) -> None:
+    slice_ = _conditions(endpoints("api", [("api-1", "10.0.0.1"), ("api-2", "10.0.0.2")]), conditions)
+    state = store(pod("api-1", "10.0.0.1", account="old"), pod("api-2", "10.0.0.2", account="new"),
+                  service("api", "10.96.0.10"), slice_)
+    outbound = built(state)
+    assert lb_endpoints(outbound, "outbound|80||api.shop") == expected
+    cluster = outbound.clusters["outbound|10.96.0.10:80"]
+    accounts = {"10.0.0.1": "old", "10.0.0.2": "new"}
+    if expected:
+        assert peer_ids(cluster) == sorted(f"spiffe://cluster.local/ns/shop/sa/{accounts[ip]}" for ip in expected)
+    else:
+        assert "transport_socket_matches" not in cluster
+
 @pytest.mark.parametrize(("pod_kwargs", "policies"), [
     ({"excluded": "15021,15090,8080"}, []),  # the pod leaves the port uncaptured
     ({}, [peer_auth("off", "DISABLE")]),  # its PeerAuthentication turns mTLS off

@@ -46,6 +46,8 @@ class Endpoint:
     addresses: tuple[str, ...]
     ready: bool
     pod: str | None  # the targetRef's name when it is a Pod of the slice's namespace
+    # Terminating and still serving: where kube-proxy sends a Service port's traffic when no endpoint is ready.
+    draining: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +116,11 @@ def parse_slice(obj: Mapping[str, Any], namespace: str) -> SliceRecord:
         item = _mapping(item)
         ref = _mapping(item.get("targetRef"))
         pod = ref.get("name") if ref.get("kind") == POD and ref.get("namespace", namespace) == namespace else None
-        ready = _mapping(item.get("conditions")).get("ready")
-        endpoints.append(Endpoint(_strings(item.get("addresses")), ready is not False,
-                                  pod if isinstance(pod, str) else None))
+        conditions = _mapping(item.get("conditions"))
+        ready = conditions.get("ready") is not False  # unknown counts as ready, as for kube-proxy
+        serving = conditions.get("serving", conditions.get("ready")) is not False  # unknown: as ready says
+        endpoints.append(Endpoint(_strings(item.get("addresses")), ready, pod if isinstance(pod, str) else None,
+                                  conditions.get("terminating") is True and serving))
     service = labels_of(obj).get(SERVICE_NAME_LABEL, "")
     return SliceRecord(namespace, object_name(obj), service, _ports(obj.get("ports")), tuple(endpoints))
 

@@ -132,31 +132,34 @@ def _tcp_ports(service: ServiceRecord) -> list[int]:
 
 def _endpoints(state: MeshState, modes: PodModes, service: ServiceRecord, port: int,
                options: BootstrapOptions) -> tuple[dict[str, Any], list[str]]:
-    """The ClusterLoadAssignment of one Service port, and the SPIFFE IDs of its meshed endpoints."""
+    """The ClusterLoadAssignment of one Service port, and the SPIFFE IDs of its meshed endpoints: the ready
+    endpoints, or when none is, those terminating but still serving (kube-proxy's fallback, so the last pods of a
+    Service scaled down or rolled out still answer while they drain)."""
     names = {p.name for p in service.ports if p.port == port and p.protocol == "TCP"}
-    lb_endpoints = []
-    identities: set[str] = set()
+    found: dict[bool, list[tuple[dict[str, Any], str | None]]] = {True: [], False: []}  # ready -> entries
     for piece in state.catalog.slices(service.namespace, service.name):
         target = next((p.port for p in piece.ports if p.name in names and p.protocol == "TCP"), None)
         if target is None:
             continue
         for endpoint in piece.endpoints:
-            if not endpoint.ready:
+            if not (endpoint.ready or endpoint.draining):
                 continue
             pod = state.catalog.pod(service.namespace, endpoint.pod) if endpoint.pod else None
-            meshed = pod is not None and modes.mtls_on(pod, target)
+            identity = None
+            if pod is not None and modes.mtls_on(pod, target):
+                identity = spiffe_id(options.trust_domain, pod.namespace, pod.service_account)
             for address in endpoint.addresses:
                 if _parsed(address) is None:
                     continue
                 entry: dict[str, Any] = {"endpoint": {"address": envoy.socket_address(address, target)}}
-                if meshed:
-                    assert pod is not None
+                if identity is not None:
                     entry["metadata"] = {"filter_metadata": {TLS_MATCH_KEY: TLS_MATCH}}
-                    identities.add(spiffe_id(options.trust_domain, pod.namespace, pod.service_account))
-                lb_endpoints.append(entry)
+                found[endpoint.ready].append((entry, identity))
+    used = found[True] or found[False]
     name = service_assignment(service, port)
+    lb_endpoints = [entry for entry, _ in used]
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": lb_endpoints}] if lb_endpoints else []}, \
-        sorted(identities)
+        sorted({identity for _, identity in used if identity is not None})
 
 
 def _cluster(name: str, assignment: str, options: BootstrapOptions, identities: list[str]) -> dict[str, Any]:
