@@ -30,9 +30,10 @@ def pod(name: str, ip: str, meshed: bool = True, account: str = "default", exclu
             "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]}}
 
 
-def service(name: str, cluster_ip: str | None, port: int = 80) -> dict[str, Any]:
+def service(name: str, cluster_ip: str | None, port: int = 80, spec: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"kind": "Service", "metadata": {"name": name, "namespace": "shop"},
-            "spec": {"clusterIP": cluster_ip or "None", "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}}
+            "spec": {"clusterIP": cluster_ip or "None", "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+                     **(spec or {})}}
 
 
 def endpoints(name: str, pods: list[tuple[str, str]], target: int = 8080) -> dict[str, Any]:
@@ -76,8 +77,13 @@ def lb_endpoints(outbound: resources.Outbound, cluster: str) -> dict[str, bool]:
 
 
 def peer_ids(cluster: dict[str, Any]) -> list[str]:
-    (match,) = cluster["transport_socket_matches"]
-    context = match["transport_socket"]["typed_config"]["common_tls_context"]
+    """The SPIFFE IDs the cluster's TLS accepts: of its mTLS endpoints' socket, or of the cluster's own."""
+    if "transport_socket_matches" in cluster:
+        (match,) = cluster["transport_socket_matches"]
+        socket = match["transport_socket"]
+    else:
+        socket = cluster["transport_socket"]
+    context = socket["typed_config"]["common_tls_context"]
     sans = context["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"]
     return [san["matcher"]["exact"] for san in sans]
 
@@ -132,6 +138,29 @@ def test_a_service_with_no_ready_endpoint_falls_back_to_those_still_serving(
         assert peer_ids(cluster) == sorted(f"spiffe://cluster.local/ns/shop/sa/{accounts[ip]}" for ip in expected)
     else:
         assert "transport_socket_matches" not in cluster
+
+
+@pytest.mark.parametrize("spec", [{"internalTrafficPolicy": "Local"}, {"sessionAffinity": "ClientIP"}])
+@pytest.mark.parametrize(("meshed", "expected_ids"), [
+    ((True, True), ["spiffe://cluster.local/ns/shop/sa/api"]),  # every endpoint meshed: mutual TLS
+    ((True, False), None),  # some not: plaintext, which PERMISSIVE takes from both
+    ((), None),  # none at all: kube-proxy refuses, as without the proxy
+])
+def test_a_service_whose_endpoint_depends_on_the_caller_is_dialled_at_its_cluster_ip(
+        spec: dict[str, str], meshed: tuple[bool, ...], expected_ids: list[str] | None) -> None:
+    pods = [pod(f"api-{i}", f"10.0.0.{i}", meshed=m, account="api") for i, m in enumerate(meshed, 1)]
+    state = store(*pods, service("api", "10.96.0.10", spec=spec),
+                  endpoints("api", [(f"api-{i}", f"10.0.0.{i}") for i in range(1, len(meshed) + 1)]))
+    outbound = built(state)
+    cluster = outbound.clusters["outbound|10.96.0.10:80"]
+    # kube-proxy picks the endpoint (by the caller's node or address): no endpoints of meshguard's choosing.
+    assert (cluster["type"], cluster["lb_policy"]) == ("ORIGINAL_DST", "CLUSTER_PROVIDED")
+    assert cluster["alt_stat_name"] == "outbound|80||api.shop"
+    assert "outbound|80||api.shop" not in outbound.load_assignments
+    if expected_ids is None:
+        assert "transport_socket" not in cluster
+    else:
+        assert peer_ids(cluster) == expected_ids
 
 @pytest.mark.parametrize(("pod_kwargs", "policies"), [
     ({"excluded": "15021,15090,8080"}, []),  # the pod leaves the port uncaptured
@@ -245,8 +274,11 @@ def test_every_resource_is_valid_envoy_configuration() -> None:
     """Packing goes through the protobuf schema: an unknown field or a wrong type raises here, not in a proxy."""
     state = store(pod("api-1", "10.0.0.1", labels={"app": "api"}), service("api", "10.96.0.10"),
                   endpoints("api", [("api-1", "10.0.0.1")]),
+                  service("local", "10.96.0.11", spec={"internalTrafficPolicy": "Local"}),
+                  endpoints("local", [("api-1", "10.0.0.1")]),
                   peer_auth("w", "PERMISSIVE", {"app": "api"}, {"9092": "DISABLE"}))
     outbound = built(state)
+    assert outbound.clusters["outbound|10.96.0.11:80"]["type"] == "ORIGINAL_DST"
     for name, cluster in outbound.clusters.items():
         pack(CLUSTER, name, cluster)
     for name, assignment in outbound.load_assignments.items():

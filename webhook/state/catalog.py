@@ -39,6 +39,9 @@ class ServiceRecord:
     name: str
     cluster_ips: tuple[str, ...]  # empty for a headless Service (and ExternalName)
     ports: tuple[PortSpec, ...]
+    # Which endpoint serves depends on the caller: its node (internalTrafficPolicy: Local) or its address
+    # (sessionAffinity: ClientIP).
+    caller_dependent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +110,8 @@ def parse_service(obj: Mapping[str, Any], namespace: str) -> ServiceRecord:
     spec = _mapping(obj.get("spec"))
     ips = _strings(spec.get("clusterIPs")) or _strings([spec.get("clusterIP")])
     ips = tuple(ip for ip in ips if ip != "None")
-    return ServiceRecord(namespace, object_name(obj), ips, _ports(spec.get("ports")))
+    caller_dependent = spec.get("internalTrafficPolicy") == "Local" or spec.get("sessionAffinity") == "ClientIP"
+    return ServiceRecord(namespace, object_name(obj), ips, _ports(spec.get("ports")), caller_dependent)
 
 
 def parse_slice(obj: Mapping[str, Any], namespace: str) -> SliceRecord:

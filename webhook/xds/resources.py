@@ -11,7 +11,9 @@ it dialled as original destination, and the listener's matcher looks at that add
   instant ago whose cluster is on its way) is closed, not passed through. An endpoint whose pod carries
   meshguard's proxy (and captures that port, and is not DISABLEd by its PeerAuthentication) is marked for mutual
   TLS, verified against the SPIFFE IDs of the Service's meshed pods; every other endpoint (an unmeshed pod, the
-  API server) gets the bytes as they are;
+  API server) gets the bytes as they are. A Service whose endpoint depends on the caller (internalTrafficPolicy
+  Local, sessionAffinity ClientIP) is dialled at its ClusterIP instead, so kube-proxy picks as it would without
+  the proxy;
 * a meshed pod's own IP (a headless Service, a StatefulSet peer) → mutual TLS to that address, any SPIFFE ID of
   the trust domain, except on the ports that pod leaves uncaptured;
 * anything else → passthrough, untouched.
@@ -131,10 +133,10 @@ def _tcp_ports(service: ServiceRecord) -> list[int]:
 
 
 def _endpoints(state: MeshState, modes: PodModes, service: ServiceRecord, port: int,
-               options: BootstrapOptions) -> tuple[dict[str, Any], list[str]]:
-    """The ClusterLoadAssignment of one Service port, and the SPIFFE IDs of its meshed endpoints: the ready
-    endpoints, or when none is, those terminating but still serving (kube-proxy's fallback, so the last pods of a
-    Service scaled down or rolled out still answer while they drain)."""
+               options: BootstrapOptions) -> tuple[dict[str, Any], list[str], bool]:
+    """The ClusterLoadAssignment of one Service port, the SPIFFE IDs of its meshed endpoints, and whether every
+    endpoint is meshed: the ready endpoints, or when none is, those terminating but still serving (kube-proxy's
+    fallback, so the last pods of a Service scaled down or rolled out still answer while they drain)."""
     names = {p.name for p in service.ports if p.port == port and p.protocol == "TCP"}
     found: dict[bool, list[tuple[dict[str, Any], str | None]]] = {True: [], False: []}  # ready -> entries
     for piece in state.catalog.slices(service.namespace, service.name):
@@ -159,7 +161,8 @@ def _endpoints(state: MeshState, modes: PodModes, service: ServiceRecord, port: 
     name = service_assignment(service, port)
     lb_endpoints = [entry for entry, _ in used]
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": lb_endpoints}] if lb_endpoints else []}, \
-        sorted({identity for _, identity in used if identity is not None})
+        sorted({identity for _, identity in used if identity is not None}), \
+        bool(used) and all(identity is not None for _, identity in used)
 
 
 def _cluster(name: str, assignment: str, options: BootstrapOptions, identities: list[str]) -> dict[str, Any]:
@@ -174,6 +177,14 @@ def _cluster(name: str, assignment: str, options: BootstrapOptions, identities: 
         cluster["transport_socket_matches"] = [{"name": "mtls", "match": TLS_MATCH,
                                                 "transport_socket": envoy.upstream_tls(options, peer_ids=identities)}]
     return cluster
+
+
+def _dialled_cluster(name: str, assignment: str, options: BootstrapOptions, identities: list[str]) -> dict[str, Any]:
+    """A cluster that connects to the ClusterIP as dialled, so kube-proxy picks the endpoint as it would without
+    the proxy: mutual TLS when every endpoint is meshed, plaintext otherwise (what PERMISSIVE, the migration mode,
+    takes from either kind)."""
+    tls = envoy.upstream_tls(options, peer_ids=identities) if identities else None
+    return envoy.original_dst_cluster(name, tls) | {"alt_stat_name": assignment}
 
 
 def _ranges(ips: Iterable[str]) -> list[dict[str, Any]]:
@@ -261,7 +272,13 @@ def outbound(state: MeshState, modes: PodModes, options: BootstrapOptions) -> Ou
         cluster_ips += [ip for ip, _ in addresses]
         for port in _tcp_ports(service):
             name = service_assignment(service, port)
-            assignments[name], identities = _endpoints(state, modes, service, port, options)
+            assignment, identities, all_meshed = _endpoints(state, modes, service, port, options)
+            if service.caller_dependent:  # the endpoint depends on the caller's node or address: kube-proxy's choice
+                for _, address in addresses:
+                    cluster = service_cluster(address, port)
+                    clusters[cluster] = _dialled_cluster(cluster, name, options, identities if all_meshed else [])
+                continue
+            assignments[name] = assignment
             for _, address in addresses:
                 clusters[service_cluster(address, port)] = _cluster(service_cluster(address, port), name, options,
                                                                     identities)
