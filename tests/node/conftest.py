@@ -157,7 +157,8 @@ class Cluster:
 
         def routed() -> bool:
             rules = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
-            match = re.search(rf"^-A KUBE-SERVICES -d {re.escape(ip)}/32 .*-j (KUBE-SVC-\w+)$", rules, re.M)
+            # KUBE-SVL-: the chain of a Service whose internal traffic stays on the node.
+            match = re.search(rf"^-A KUBE-SERVICES -d {re.escape(ip)}/32 .*-j (KUBE-SV[CL]-\w+)$", rules, re.M)
             return bool(match) and re.search(rf"^-A {match.group(1)} .*-j KUBE-SEP-", rules, re.M) is not None
 
         wait_for(f"kube-proxy to route Service {namespace}/{service}", routed, timeout=timeout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,71 @@ def test_a_meshed_pod_reaches_unmeshed_services_in_plaintext(cluster: Cluster, t
     api = cluster.get(client_ns, client, f"https://{cluster_ip(cluster, 'default', 'kubernetes')}/version")
     assert api.returncode == 0 and '"gitVersion"' in api.stdout, api.stdout + api.stderr
 
+
+
+def test_a_service_whose_pods_all_terminate_still_answers_while_they_drain(cluster: Cluster) -> None:
+    """With no ready endpoint left, kube-proxy sends a Service's traffic to the endpoints terminating but still
+    serving; the client's proxy, which dials endpoints itself, does the same (over mutual TLS)."""
+    server_ns = cluster.mesh_namespace("server")
+    client_ns = cluster.mesh_namespace("client")
+    objects = app("web", grace=60)
+    objects[0]["spec"]["template"]["spec"]["containers"][0]["lifecycle"] = {"preStop": {"sleep": {"seconds": 45}}}
+    cluster.apply(objects, server_ns)
+    server = cluster.wait_ready(server_ns, "app=web")[0]["metadata"]["name"]
+    cluster.wait_routed(server_ns, "web")
+    client = run(cluster, client_ns, "client")["metadata"]["name"]
+    url = f"http://{cluster_ip(cluster, server_ns, 'web')}/"
+    cluster.kubectl("scale", "deployment", "web", "-n", server_ns, "--replicas=0")
+
+    def draining() -> bool:
+        slices = cluster.json("get", "endpointslices", "-n", server_ns, "-l", "kubernetes.io/service-name=web")
+        conditions = [e.get("conditions", {}) for s in slices["items"] for e in s.get("endpoints") or []]
+        return bool(conditions) and all(c.get("terminating") and c.get("serving") and not c.get("ready")
+                                        for c in conditions)
+
+    try:
+        wait_for("the Service's only endpoint to be terminating and serving", draining, timeout=30)
+        for _ in range(5):  # a few seconds of calls: the change of conditions reaches the client's proxy meanwhile
+            answer = cluster.get(client_ns, client, url)
+            assert answer.returncode == 0, answer.stdout + answer.stderr
+            time.sleep(1)
+        wait_for("the call in the draining server's proxy log", lambda: f"peer={spiffe(client_ns)}" in cluster.logs(
+            server_ns, server, PROXY), timeout=30)
+    finally:
+        cluster.kubectl("delete", "pod", server, "-n", server_ns, "--grace-period=0", "--force", check=False)
+
+
+def test_services_whose_endpoint_depends_on_the_caller_are_left_to_kube_proxy(cluster: Cluster) -> None:
+    """``sessionAffinity: ClientIP`` keeps a client on one pod and ``internalTrafficPolicy: Local`` is served by
+    the node's own pods, over mutual TLS: the client's proxy dials their ClusterIP and kube-proxy picks. The
+    control: the same pods behind a plain Service are spread over by the client's proxy."""
+    server_ns = cluster.mesh_namespace("server")
+    client_ns = cluster.mesh_namespace("client")
+    deployment, plain = app("web", replicas=3)
+    services = [plain] + [{**plain, "metadata": {"name": name}, "spec": {**plain["spec"], **extra}}
+                          for name, extra in (("sticky", {"sessionAffinity": "ClientIP"}),
+                                              ("local", {"internalTrafficPolicy": "Local"}))]
+    cluster.apply([deployment, *services], server_ns)
+    cluster.kubectl("rollout", "status", "deployment/web", "-n", server_ns, "--timeout=120s", timeout=130)
+    for service in services:
+        cluster.wait_routed(server_ns, service["metadata"]["name"])
+    client = run(cluster, client_ns, "client")["metadata"]["name"]
+
+    def answered_by(service: str) -> list[str]:
+        pods = []
+        for _ in range(6):  # each call a new connection, so the client's proxy balances each
+            answer = cluster.get(client_ns, client, f"http://{service}.{server_ns}/")
+            assert answer.returncode == 0, answer.stdout + answer.stderr
+            pods.append(json.loads(answer.stdout.split(" ", 1)[1])["pod"])
+        return pods
+
+    assert len(set(answered_by("web"))) > 1
+    sticky = answered_by("sticky")
+    assert len(set(sticky)) == 1, sticky
+    local = answered_by("local")  # one node: every pod is the node's own
+    for pod in {sticky[0], local[0]}:
+        wait_for(f"the calls in {pod}'s proxy log", lambda pod=pod: f"peer={spiffe(client_ns)}" in cluster.logs(
+            server_ns, pod, PROXY), timeout=30)
 
 def test_a_peer_authentication_change_reaches_running_proxies(cluster: Cluster) -> None:
     """PERMISSIVE on the server's namespace lets the plaintext outsider in, and removing it shuts it out again,
