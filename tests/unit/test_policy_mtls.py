@@ -97,6 +97,10 @@ def test_the_root_namespace_own_workloads_get_the_mesh_policy() -> None:
     ("spec", "fragment"),
     [
         ({"mtls": {"mode": "strict"}}, "mode must be one of"),
+        ({"mtls": {"mode": ["STRICT"]}}, "mode must be one of"),
+        # Keys that are not a port Envoy can match (Python's isdigit() takes "²"; int() does not).
+        *(({"portLevelMtls": {key: {"mode": "DISABLE"}}}, "portLevelMtls must map port numbers")
+          for key in ("0", "65536", "99999999999", "\u00b2", " 80", "http")),
         ({"portLevelMtls": [8080]}, "portLevelMtls must map port numbers"),
         ({"portLevelMtls": {"8080": {"mode": "TLS"}}}, "portLevelMtls[8080]: mode must be one of"),
         ({"selector": {"matchLabels": {"app": 1}}}, "matchLabels must map"),

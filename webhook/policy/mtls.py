@@ -41,9 +41,14 @@ class PeerAuthentication:
 def _mode(value: Any, where: str) -> Mode:
     mtls = value if isinstance(value, Mapping) else {}
     mode = mtls.get("mode") or "UNSET"
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"{where}: mode must be one of {', '.join(sorted(MODES))}, got {mode!r}")
     return cast(Mode, mode)
+
+
+def _is_port(key: Any) -> bool:
+    text = str(key)
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
 
 
 def parse_peer_authentication(obj: Mapping[str, Any], namespace: str) -> PeerAuthentication:
@@ -61,8 +66,8 @@ def parse_peer_authentication(obj: Mapping[str, Any], namespace: str) -> PeerAut
     ):
         raise ValueError(f"{where}: spec.selector.matchLabels must map label keys to string values")
     ports = spec.get("portLevelMtls")
-    if ports is not None and not isinstance(ports, Mapping):
-        raise ValueError(f"{where}: spec.portLevelMtls must map port numbers to an mtls mode")
+    if ports is not None and not (isinstance(ports, Mapping) and all(map(_is_port, ports))):
+        raise ValueError(f"{where}: spec.portLevelMtls must map port numbers (1-65535) to an mtls mode")
     return PeerAuthentication(
         namespace=namespace,
         name=name,
@@ -142,7 +147,6 @@ class Resolver:
         mode: Mode = "PERMISSIVE" if effective.mode == "UNSET" else effective.mode  # as Istio: unset is permissive
         ports: dict[int, Mode] = {}
         if effective.ports_from is not None:
-            for port, port_mode in effective.ports_from.port_modes:
-                if port.isdigit():
-                    ports[int(port)] = mode if port_mode == "UNSET" else port_mode
+            for port, port_mode in effective.ports_from.port_modes:  # port numbers: checked when parsed
+                ports[int(port)] = mode if port_mode == "UNSET" else port_mode
         return mode, ports
