@@ -96,7 +96,7 @@ def _ports(items: Any) -> tuple[PortSpec, ...]:
     for item in _list(items):
         item = _mapping(item)
         port = item.get("port")
-        if isinstance(port, int) and not isinstance(port, bool):
+        if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
             name = item.get("name")
             ports.append(PortSpec(name if isinstance(name, str) else "", port, str(item.get("protocol") or "TCP")))
     return tuple(ports)

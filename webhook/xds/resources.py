@@ -207,10 +207,12 @@ def _ranges(ips: Iterable[str]) -> list[dict[str, Any]]:
 
 
 def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """``cidr`` when it is a network Envoy reads the same on every proxy (no zone: that names a local interface)."""
     try:
-        return ipaddress.ip_network(cidr)
+        network = ipaddress.ip_network(cidr)
     except ValueError:
         return None
+    return None if isinstance(network, ipaddress.IPv6Network) and network.network_address.scope_id else network
 
 
 def _service_ranges(service_cidrs: Iterable[str], cluster_ips: Iterable[str]) -> list[dict[str, Any]]:
