@@ -393,11 +393,13 @@ def inbound_listener(options: BootstrapOptions, mode: str | None = None,
     cluster through the well-known filter state key, so one listener serves every application port without knowing
     them in advance.
     """
-    chains = blackhole_chains("inbound", (options.inbound_port, options.outbound_port, options.admin_port))
+    closed = (options.inbound_port, options.outbound_port, options.admin_port)
+    chains = blackhole_chains("inbound", closed)
     if port_modes is None:
         port_modes = parse_port_modes(options.port_mtls_modes)
     for port, port_mode in sorted(port_modes.items()):
-        chains += _inbound_chains(options, port_mode, port)
+        if port not in closed:  # a mode for the proxy's own ports would open them to the network
+            chains += _inbound_chains(options, port_mode, port)
     chains += _inbound_chains(options, mode or options.mtls_mode, None)
     return capture_listener(options, "inbound", options.inbound_port, "INBOUND") | {
         "listener_filters": [original_dst_filter(), _tls_inspector()],

@@ -312,6 +312,20 @@ def test_port_modes_are_checked_and_travel_as_flags() -> None:
     assert chains[3:] == ["inbound-mtls-8080", "inbound-mtls-9090", "inbound-plaintext-9090", "inbound-plaintext"]
 
 
+
+def test_a_port_mode_for_the_proxys_own_ports_leaves_them_closed() -> None:
+    """A workload's PeerAuthentication may name any port; on the capture and admin ports a mode would add chains
+    that Envoy prefers to the blackhole (or rejects as its duplicate), opening them to the network."""
+    options = BootstrapOptions()
+    modes = {options.inbound_port: "DISABLE", options.admin_port: "PERMISSIVE", options.outbound_port: "STRICT",
+             8080: "DISABLE"}
+    chains = envoy.inbound_listener(options, "STRICT", modes)["filter_chains"]
+    by_port = {c["filter_chain_match"]["destination_port"]: c["name"] for c in chains
+               if "destination_port" in c.get("filter_chain_match", {})}
+    assert by_port == {options.inbound_port: "inbound-blackhole-15006", options.outbound_port:
+                       "inbound-blackhole-15001", options.admin_port: "inbound-blackhole-15000",
+                       8080: "inbound-plaintext-8080"}
+
 def test_pod_values_are_expanded_once_never_inside_another_value() -> None:
     """A probe path may contain ``$(...)``: the kubelet expands a reference once, and so does meshguard-init."""
     rendered = envoy.render(BootstrapOptions())
