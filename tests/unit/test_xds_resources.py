@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -339,3 +340,35 @@ def test_a_peer_authentication_or_a_pods_new_labels_reach_its_modes_on_both_side
     assert seen() == (envoy.inbound_listener(OPTIONS, "DISABLE", {}), False)
     state.apply("Pod", "MODIFIED", pod("api-1", "10.0.0.1", labels={"app": "web"}))
     assert seen() == (envoy.inbound_listener(OPTIONS, "STRICT", {}), True)
+
+
+def test_a_snapshot_that_cannot_be_built_leaves_the_last_one_and_later_changes_still_push(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    state = store(service("api", "10.96.0.10"))
+    plane = ControlPlane(state, RESOLVER, OPTIONS, XdsSettings(debounce_seconds=0), Metrics())
+    state.subscribe(plane.changed)
+    first = plane.rebuild()
+    woken: list[int] = []
+    plane.follow(lambda: woken.append(plane.current().generation))
+    build = resources.outbound
+
+    def broken_once(*args: Any) -> Any:
+        monkeypatch.setattr(resources, "outbound", build)
+        raise RuntimeError("a bug")
+
+    async def scenario() -> None:
+        task = asyncio.create_task(plane.run())
+        monkeypatch.setattr(resources, "outbound", broken_once)
+        state.replace("Service", [service("api", "10.96.0.10"), service("db", "10.96.0.11")])
+        while "xds snapshot not built" not in caplog.text:
+            await asyncio.sleep(0.01)
+        assert plane.current() is first and not woken  # the proxies keep what they have
+        state.replace("Service", [service("db", "10.96.0.11")])
+        while not woken:
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert woken == [first.generation + 1]
+    assert set(plane.current().clusters) >= {"outbound|10.96.0.11:80"}
+    assert "outbound|10.96.0.10:80" not in plane.current().clusters

@@ -197,7 +197,11 @@ class ControlPlane:
                     break
             self._dirty.clear()
             since, self._dirty_since = self._dirty_since, None
-            self.rebuild(since)
+            try:
+                self.rebuild(since)
+            except Exception:  # a bug must not end every push: the proxies keep the last snapshot until the next
+                log.exception("xds snapshot not built; proxies keep the previous one")
+                continue
             for wake in self._followers:
                 wake()
 
