@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .certs import CA_CERT, TLS_CERT, TLS_KEY
-from .lists import split_list
+from .lists import port_number, split_list
 
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 # Filled in from the env vars the injector sets through the Downward API.
@@ -137,20 +137,22 @@ def parse_port_modes(items: Sequence[str]) -> dict[int, str]:
     """``port_mtls_modes`` items as port -> mode; ``ValueError`` for an item that is not PORT=MODE."""
     modes: dict[int, str] = {}
     for item in items:
-        port, _, mode = item.partition("=")
-        if not port.isdigit() or not 1 <= int(port) <= 65535 or mode not in MTLS_MODES:
+        text, _, mode = item.partition("=")
+        port = port_number(text)
+        if port is None or mode not in MTLS_MODES:
             raise ValueError(f"port_mtls_modes item {item!r} is not PORT=MODE with a mode of {', '.join(MTLS_MODES)}")
-        modes[int(port)] = mode
+        modes[port] = mode
     return modes
 
 
 def split_host_port(address: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` into its parts."""
-    host, sep, port = address.rpartition(":")
+    host, sep, text = address.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    port = port_number(text)
+    if not sep or not host or port is None:
         raise ValueError(f"xds_address {address!r} must be host:port, e.g. meshguard-xds.meshguard.svc:15010")
-    return host, int(port)
+    return host, port
 
 
 def spiffe_prefix(trust_domain: str) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import MeshguardError
-from .lists import split_list
+from .lists import port_number, split_list
 
 INBOUND_CHAIN = "MESHGUARD_INBOUND"
 IN_REDIRECT_CHAIN = "MESHGUARD_IN_REDIRECT"
@@ -86,9 +86,10 @@ def parse_ports(value: str, flag: str) -> tuple[int, ...]:
     """``"15021,15090"`` -> ``(15021, 15090)``, duplicates dropped, order kept."""
     ports: dict[int, None] = {}
     for item in _items(value, flag):
-        if not item.isdigit() or not 1 <= int(item) <= 65535:
+        port = port_number(item)
+        if port is None:
             raise NetinitError(f"{flag}: {item!r} is not a TCP port (1-65535)")
-        ports[int(item)] = None
+        ports[port] = None
     return tuple(ports)
 
 

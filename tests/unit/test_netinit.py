@@ -90,6 +90,7 @@ def test_star_captures_everything_and_must_stand_alone(capsys: pytest.CaptureFix
     [
         (["--exclude-inbound-ports", "15021,http"], "--exclude-inbound-ports: 'http' is not a TCP port"),
         (["--exclude-outbound-ports", "70000"], "--exclude-outbound-ports: '70000' is not a TCP port"),
+        (["--exclude-outbound-ports", "\u00b2"], "--exclude-outbound-ports: '\u00b2' is not a TCP port"),  # isdigit()
         (["--exclude-outbound-ip-ranges", "10.0.0.0/40"], "--exclude-outbound-ip-ranges: '10.0.0.0/40' is not an IP"),
         (["--inbound-port", "0"], "--inbound-port: 0 is not a TCP port"),
         (["--outbound-port", "15006"], "--inbound-port and --outbound-port must differ"),

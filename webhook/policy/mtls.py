@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
+from ..lists import port_number
 from ..workloads import object_name
 
 Mode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
@@ -46,11 +47,6 @@ def _mode(value: Any, where: str) -> Mode:
     return cast(Mode, mode)
 
 
-def _is_port(key: Any) -> bool:
-    text = str(key)
-    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
-
-
 def parse_peer_authentication(obj: Mapping[str, Any], namespace: str) -> PeerAuthentication:
     """Raises ``ValueError`` for a mode or selector the CRD's schema would reject."""
     name = object_name(obj)
@@ -66,7 +62,8 @@ def parse_peer_authentication(obj: Mapping[str, Any], namespace: str) -> PeerAut
     ):
         raise ValueError(f"{where}: spec.selector.matchLabels must map label keys to string values")
     ports = spec.get("portLevelMtls")
-    if ports is not None and not (isinstance(ports, Mapping) and all(map(_is_port, ports))):
+    if ports is not None and not (isinstance(ports, Mapping)
+                                  and all(port_number(str(key)) is not None for key in ports)):
         raise ValueError(f"{where}: spec.portLevelMtls must map port numbers (1-65535) to an mtls mode")
     return PeerAuthentication(
         namespace=namespace,
