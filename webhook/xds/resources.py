@@ -275,15 +275,12 @@ def outbound(state: MeshState, modes: PodModes, options: BootstrapOptions) -> Ou
         for port in _tcp_ports(service):
             name = service_assignment(service, port)
             assignment, identities, all_meshed = _endpoints(state, modes, service, port, options)
-            if service.caller_dependent:  # the endpoint depends on the caller's node or address: kube-proxy's choice
-                for _, address in addresses:
-                    cluster = service_cluster(address, port)
-                    clusters[cluster] = _dialled_cluster(cluster, name, options, identities if all_meshed else [])
-                continue
-            assignments[name] = assignment
+            if not service.caller_dependent:  # else the endpoint depends on the caller: kube-proxy's choice
+                assignments[name] = assignment
             for _, address in addresses:
-                clusters[service_cluster(address, port)] = _cluster(service_cluster(address, port), name, options,
-                                                                    identities)
+                cluster = service_cluster(address, port)
+                clusters[cluster] = _dialled_cluster(cluster, name, options, identities if all_meshed else []) \
+                    if service.caller_dependent else _cluster(cluster, name, options, identities)
     # Meshed pods by address: one IP each (a finished pod's IP may be reused by a live one).
     meshed: dict[str, PodRecord] = {}
     for pod in state.catalog.pods():
