@@ -125,6 +125,7 @@ DRAINING = {"ready": False, "serving": True, "terminating": True}
     ({"10.0.0.1": DRAINING}, {"10.0.0.2": True}),
     # Terminating and no longer serving (or never said to be): no endpoint.
     ({"10.0.0.1": {**DRAINING, "serving": False}, "10.0.0.2": {"ready": False, "terminating": True}}, {}),
+    ({"10.0.0.1": {**DRAINING, "serving": None}, "10.0.0.2": {**DRAINING, "serving": None}}, {}),  # null: as ready
 ])
 def test_a_service_with_no_ready_endpoint_falls_back_to_those_still_serving(
         conditions: dict[str, dict[str, bool]], expected: dict[str, bool]) -> None:

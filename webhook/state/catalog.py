@@ -122,7 +122,8 @@ def parse_slice(obj: Mapping[str, Any], namespace: str) -> SliceRecord:
         pod = ref.get("name") if ref.get("kind") == POD and ref.get("namespace", namespace) == namespace else None
         conditions = _mapping(item.get("conditions"))
         ready = conditions.get("ready") is not False  # unknown counts as ready, as for kube-proxy
-        serving = conditions.get("serving", conditions.get("ready")) is not False  # unknown: as ready says
+        serving = conditions.get("serving")
+        serving = (conditions.get("ready") if serving is None else serving) is not False  # unknown: as ready says
         endpoints.append(Endpoint(_strings(item.get("addresses")), ready, pod if isinstance(pod, str) else None,
                                   conditions.get("terminating") is True and serving))
     service = labels_of(obj).get(SERVICE_NAME_LABEL, "")
