@@ -216,7 +216,6 @@ def test_a_meshed_pod_reaches_unmeshed_services_in_plaintext(cluster: Cluster, t
     assert api.returncode == 0 and '"gitVersion"' in api.stdout, api.stdout + api.stderr
 
 
-
 def test_a_service_whose_pods_all_terminate_still_answers_while_they_drain(cluster: Cluster) -> None:
     """With no ready endpoint left, kube-proxy sends a Service's traffic to the endpoints terminating but still
     serving; the client's proxy, which dials endpoints itself, does the same (over mutual TLS)."""
@@ -280,6 +279,7 @@ def test_services_whose_endpoint_depends_on_the_caller_are_left_to_kube_proxy(cl
     for pod in {sticky[0], local[0]}:
         wait_for(f"the calls in {pod}'s proxy log", lambda pod=pod: f"peer={spiffe(client_ns)}" in cluster.logs(
             server_ns, pod, PROXY), timeout=30)
+
 
 def test_a_peer_authentication_change_reaches_running_proxies(cluster: Cluster) -> None:
     """PERMISSIVE on the server's namespace lets the plaintext outsider in, and removing it shuts it out again,
