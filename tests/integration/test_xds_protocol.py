@@ -24,7 +24,7 @@ from webhook.metrics import Metrics
 from webhook.policy.mtls import Resolver
 from webhook.state.store import Store
 from webhook.xds import server as xds_server
-from webhook.xds.plane import CLUSTER, ENDPOINTS, LISTENER, ControlPlane
+from webhook.xds.plane import CLUSTER, ENDPOINTS, LISTENER, TYPES, ControlPlane
 from webhook.xds.settings import XdsSettings
 
 POD = {"kind": "Pod", "metadata": {"name": "web-0", "namespace": "shop", "labels": {}},
@@ -117,6 +117,12 @@ def names(response: discovery_pb2.DeltaDiscoveryResponse) -> set[str]:
     return {resource.name for resource in response.resources}
 
 
+def held(plane: Plane, type_url: str) -> set[str]:
+    """The names the server records web-0's proxy as holding of ``type_url`` (``meshguard proxy-config``)."""
+    described = plane.servicer.describe("shop", "web-0") or {}
+    return {r.get("name") or r.get("cluster_name") for r in described.get("resources", {}).get(TYPES[type_url], [])}
+
+
 @pytest.fixture
 def run() -> Any:
     def runner(test: Any) -> Any:
@@ -190,8 +196,12 @@ def test_endpoints_are_sent_for_the_names_subscribed_and_listeners_for_the_pod(r
                 # A subscription change is honoured even with a stale nonce: only the new name is sent.
                 await stream.send(ENDPOINTS, endpoints.nonce, subscribe=("outbound|80||db.shop",))
                 assert names(await stream.receive()) == {"outbound|80||db.shop"}
-                # Unsubscribed: its changes are no longer sent.
+                # Unsubscribed: its changes are no longer sent. (Once the server has read it: a change made before
+                # would rightly still be sent.)
+                assert "outbound|80||api.shop" in held(plane, ENDPOINTS)
                 await stream.send(ENDPOINTS, unsubscribe=("outbound|80||api.shop",))
+                while "outbound|80||api.shop" in held(plane, ENDPOINTS):
+                    await asyncio.sleep(0.01)
                 plane.store.replace("EndpointSlice", [{
                     "kind": "EndpointSlice", "metadata": {"name": "api-1", "namespace": "shop",
                                                           "labels": {"kubernetes.io/service-name": "api"}},
