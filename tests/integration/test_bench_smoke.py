@@ -122,3 +122,4 @@ def test_dataplane_quick_run_measures_both_paths(tmp_path: Path) -> None:
         pytest.skip("needs wrk and network namespaces (root; .ci/run installs wrk)")
     result = _quick_run("bench.dataplane", tmp_path / "result.json", timeout=300)
     assert set(result["medians"]) == {"plaintext", "mtls"} and result["throughput_ratio"] > 0, result
+    assert len(result["app_over_proxy_cpu_per_round"]) == 1 and 0 < result["one_core_ratio"] <= 1, result
