@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from .errors import MeshguardError
+from .quoting import quoted
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
@@ -103,11 +104,11 @@ def parse_envelope(body: bytes) -> tuple[str, dict[str, Any]]:
     if not isinstance(review, dict):
         raise ReviewError(400, "request body must be a JSON object (an AdmissionReview)")
     if review.get("kind") != KIND:
-        raise ReviewError(400, f"expected kind {KIND}, got {_show(review.get('kind'))}")
+        raise ReviewError(400, f"expected kind {KIND}, got {quoted(review.get('kind'))}")
     if review.get("apiVersion") != API_VERSION:
         raise ReviewError(
             400,
-            f"expected apiVersion {API_VERSION}, got {_show(review.get('apiVersion'))}; "
+            f"expected apiVersion {API_VERSION}, got {quoted(review.get('apiVersion'))}; "
             "set admissionReviewVersions: [v1] in the webhook configuration",
         )
     request = review.get("request")
@@ -124,7 +125,7 @@ def parse_request(uid: str, request: dict[str, Any]) -> AdmissionRequest:
     kind = _mapping(request, "kind")
     operation = request.get("operation")
     if not isinstance(operation, str) or operation not in OPERATIONS:
-        raise ValueError(f"request.operation must be one of {', '.join(sorted(OPERATIONS))}, got {_show(operation)}")
+        raise ValueError(f"request.operation must be one of {', '.join(sorted(OPERATIONS))}, got {quoted(operation)}")
     obj = request.get("object")
     old = request.get("oldObject")
     for name, value in (("object", obj), ("oldObject", old)):
@@ -168,11 +169,6 @@ def _string(parent: dict[str, Any], key: str, where: str, required: bool = True)
     if not isinstance(value, str) or (required and not value):
         raise ValueError(f"{where}.{key} must be a non-empty string")
     return value
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return _truncate(text, 60)
 
 
 class Constant(dict[str, Any]):

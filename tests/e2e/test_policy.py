@@ -45,8 +45,8 @@ def test_deployments_without_network_policies_are_denied_one_line_each_and_warn_
         labels = "{app=" + name + "}"
         assert message == (
             f"Deployment {ns}/{name}: no NetworkPolicy selects pods with labels {labels} for Ingress; create one "
-            "(a default-deny with podSelector {} is enough); if it is in this same apply, apply it before the "
-            "workload or run the apply again")
+            "(a default-deny with podSelector {} is enough); if that NetworkPolicy is in this same apply, apply it "
+            "first or run the apply again")
     assert cluster.kubectl_json("get", "deployments", "-n", ns)["items"] == []
     assert "serviceaccount/frontend created" in refused.stdout  # everything else in the file went in
 
@@ -56,7 +56,7 @@ def test_deployments_without_network_policies_are_denied_one_line_each_and_warn_
     assert len(warnings) == len(names), admitted.stderr
     for name, warning in zip(names, warnings, strict=True):
         # Under the 120 characters the API recommends for a warning: a long name is cut, never the fix.
-        short = "no NetworkPolicy selects it for Ingress; add one (podSelector {} is enough)"
+        short = "no NetworkPolicy selects it for Ingress; add one (podSelector {})"
         full = f"Deployment {ns}/{name}: {short}"
         shown = warning.removeprefix("Warning: ")
         head, cut, _ = shown.partition("…: ")
@@ -97,7 +97,7 @@ def test_an_opted_out_pod_in_the_mesh_is_denied_naming_the_opt_out(
     (message,) = denials(refused.stderr)
     assert message.startswith(f"Deployment {ns}/web: its pods will run without the meshguard sidecar (the pod "
                               "opted out with the label meshguard.io/inject=false)"), message
-    assert message.endswith("remove the meshguard.io/inject opt-out")
+    assert message.endswith("remove the meshguard.io/inject label")
 
 
 def test_policy_and_deployment_in_one_apply_policy_first(

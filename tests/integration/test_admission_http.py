@@ -48,7 +48,7 @@ def test_curl_style_form_content_type_is_accepted(server: RunningServer) -> None
         (b"\xff\xfe\x00garbage", "not valid JSON"),
         (b"[]", "must be a JSON object"),
         (b'"AdmissionReview"', "must be a JSON object"),
-        (b'{"kind": "Pod", "apiVersion": "v1"}', "expected kind AdmissionReview"),
+        (b'{"kind": "Pod", "apiVersion": "v1"}', 'expected kind AdmissionReview, got "Pod"'),
         (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1beta1", "request": {"uid": "a"}}',
          "expected apiVersion admission.k8s.io/v1"),
         (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"}', "no request object"),

@@ -117,7 +117,7 @@ def test_invalid_override_fails_with_the_annotation(tmp_path: Path, capsys: pyte
     code, out, err = run(capsys, "-f", str(tmp_path / "pod.yaml"))
     assert (code, out) == (1, "")
     assert err == ('meshguard: cannot inject Pod default/pod: annotation meshguard.io/proxy-memory: "lots" is '
-                   "invalid; expected a memory quantity such as 128Mi, 1Gi or 500M\n")
+                   "invalid; expected a memory quantity such as 128Mi, 1Gi or 500M; fix or remove it\n")
 
 
 @pytest.mark.parametrize(("setup", "message"), [

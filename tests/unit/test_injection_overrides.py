@@ -58,6 +58,13 @@ def test_invalid_override_names_annotation_and_format(name: str, value: str, acc
     assert str(caught.value).startswith(f'annotation meshguard.io/{name}: "{value}" is invalid; expected {accepted}')
 
 
+def test_a_value_is_shown_quoted_so_that_it_cannot_start_a_line_of_its_own() -> None:
+    with pytest.raises(OverrideError) as caught:
+        apply_overrides(EVERY_OVERRIDE, {"meshguard.io/proxy-cpu": "1\nDeployment shop/web: allowed"})
+    assert str(caught.value) == ('annotation meshguard.io/proxy-cpu: "1\\nDeployment shop/web: allowed" is invalid; '
+                                 "expected a CPU quantity such as 100m, 0.5 or 2; fix or remove it")
+
+
 def test_a_pod_may_choose_its_proxy_image_only_where_the_platform_lets_it() -> None:
     image = {"meshguard.io/proxy-image": "registry.example/envoy:patched", "meshguard.io/proxy-cpu": "200m"}
     with pytest.raises(OverrideError) as caught:

@@ -153,7 +153,7 @@ def test_mesh_namespace_with_default_strict_passes() -> None:
     r = result(evaluate(deployment(), [DENY_ALL]), MTLS)
     assert r.passed
     assert r.detail == ("pods carry the meshguard sidecar; mutual TLS is STRICT "
-                        "(policy.mtls.default_mode: no PeerAuthentication applies)")
+                        "(no PeerAuthentication applies; meshguard's default is STRICT)")
 
 
 def test_namespace_outside_the_mesh_fails_with_the_label_to_add() -> None:
@@ -191,10 +191,12 @@ def test_a_bare_pod_is_judged_by_its_containers() -> None:
     # Injected even though its namespace is not in the mesh (any more): the proxy is there.
     assert result(evaluate(pod(proxy=True), [DENY_ALL], ns_labels={}), MTLS).passed
     missed = result(evaluate(pod(), [DENY_ALL]), MTLS)
-    assert not missed.passed and "the injector did not add it" in missed.message
+    assert not missed.passed and "meshguard's injector did not add it" in missed.message
+    assert missed.message.endswith("; delete and recreate the pod")
     # The status annotation is not the sidecar: a workload could write it itself.
     claimed = result(evaluate(pod(annotations={"meshguard.io/status": "injected"}), [DENY_ALL]), MTLS)
-    assert not claimed.passed and "claims injection but has no meshguard-proxy container" in claimed.message
+    assert not claimed.passed and "no meshguard-proxy container" in claimed.message
+    assert claimed.message.endswith("recreate it without the meshguard.io/status annotation")
 
 
 @pytest.mark.parametrize(
@@ -219,7 +221,8 @@ def test_weak_peer_authentication_fails_naming_the_policy(peer_auths: list[dict[
 def test_configured_default_mode_and_root_namespace() -> None:
     settings = Settings(policy={"mtls": {"default_mode": "PERMISSIVE", "root_namespace": "mesh-root"}})
     r = result(evaluate(deployment(), [DENY_ALL], settings=settings), MTLS)
-    assert not r.passed and "create a PeerAuthentication with mode STRICT" in r.message
+    assert not r.passed
+    assert r.message.endswith("create a PeerAuthentication in namespace shop with spec.mtls.mode STRICT")
     strict_root = peer_auth("mesh", "STRICT", namespace="mesh-root")
     assert result(evaluate(deployment(), [DENY_ALL, strict_root], settings=settings), MTLS).passed
 

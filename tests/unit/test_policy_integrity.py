@@ -150,7 +150,8 @@ def test_a_template_claiming_injection_is_judged_by_its_containers() -> None:
     claimed = app_pod()
     claimed["metadata"]["annotations"] = {"meshguard.io/status": '{"version": "0.1.0"}'}
     passed, message = mtls(template_of(claimed))
-    assert not passed and "claims injection but has no meshguard-proxy container" in message
+    assert not passed and "it has the meshguard.io/status annotation of an injected pod but no meshguard-proxy " \
+        "container" in message and message.endswith("; remove the meshguard.io/status annotation from its pod template")
 
 
 def test_the_injection_settings_decide_what_the_sidecar_should_be() -> None:
@@ -165,8 +166,7 @@ def test_a_workload_whose_pods_the_injector_would_refuse_fails_before_any_pod_is
     passed, message = mtls(template_of(chosen))
     assert not passed
     assert message.endswith("the injector will refuse its pods: annotation meshguard.io/proxy-image is not one the "
-                            "platform lets pods set (injection.allowed_overrides); remove it; fix or remove those "
-                            "annotations")
+                            "platform lets pods set (injection.allowed_overrides); remove it")
     allowed = Settings(injection={"allowed_overrides": ["proxy-image"]})
     assert mtls(template_of(chosen), settings=allowed)[0]
     # An injected pod whose image the platform allowed passes; the same image without the allowance does not.

@@ -40,7 +40,7 @@ def mutate_handler(settings: Settings, metrics: Metrics, state: PeerAuthenticati
         try:
             outcome = plan(workload, injection, own_namespace, inbound)
         except (OverrideError, NameConflict) as exc:
-            message = f"meshguard cannot inject the sidecar into {workload.display}: {exc} (fix or remove it)"
+            message = f"meshguard cannot inject the sidecar into {workload.display}: {exc}"
             reason = NAME_CONFLICT if isinstance(exc, NameConflict) else INVALID_OVERRIDE
             return "denied", denied(message, reason=reason, code=400)
         if not outcome.decision.inject:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import MeshguardError
+from ..quoting import quoted
 from .annotations import OVERRIDES, PREFIX
 from .settings import InjectionSettings, resource_problem
 
@@ -44,7 +45,8 @@ def apply_overrides(settings: InjectionSettings, annotations: Mapping[str, str])
         try:
             update[field] = parse(raw)
         except ValueError:
-            problems.append(f'annotation {PREFIX}{name}: "{_clip(raw)}" is invalid; expected {accepted}')
+            problems.append(f"annotation {PREFIX}{name}: {quoted(raw)} is invalid; expected {accepted}; "
+                            "fix or remove it")
     if problems:
         raise OverrideError(problems)
     if not update:
@@ -56,9 +58,6 @@ def apply_overrides(settings: InjectionSettings, annotations: Mapping[str, str])
         raise OverrideError([f"{message}; make annotation {_annotation(request)} <= {_annotation(limit)}"])
     return effective
 
-
-def _clip(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _annotation(field: str) -> str:

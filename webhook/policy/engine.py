@@ -17,6 +17,7 @@ from ..injection.decision import (
     INJECT_KEY,
     NAMESPACE_ENABLED,
     PROXY_NAME,
+    STATUS_ANNOTATION,
     decide,
     proxy_container_present,
     selected_for_mesh,
@@ -37,7 +38,7 @@ ACTIONS: tuple[Action, ...] = ("audit", "warn", "enforce")  # least to most stri
 WARNING_LIMIT = 119  # the issue asks for warnings under 120 characters
 # Added to a NetworkPolicy denial at admission: kubectl applies files in name order and carries on after a
 # rejection, so a policy later in the same apply exists by the time the user runs it again.
-ORDERING_HINT = "; if it is in this same apply, apply it before the workload or run the apply again"
+ORDERING_HINT = "; if that NetworkPolicy is in this same apply, apply it first or run the apply again"
 
 
 class Snapshot(Protocol):
@@ -172,11 +173,13 @@ class Engine:
             by = ", ".join(f"{d} by {p.name}" for d, p in covered.items())
             return True, f"NetworkPolicy coverage: {by}", f"covered ({by})"
         directions = " and ".join(missing)
-        detail = (
-            f"no NetworkPolicy selects pods with labels {format_labels(labels)} for {directions}; create one "
-            "(a default-deny with podSelector {} is enough)"
-        )
-        return False, detail, f"no NetworkPolicy selects it for {directions}; add one (podSelector {{}} is enough)"
+        # A policy without policyTypes isolates Ingress only: Egress has to be named.
+        enough = "podSelector {}" if list(missing) == ["Ingress"] else \
+            f"podSelector {{}} and policyTypes [{', '.join(missing)}]"
+        pods = f"pods with labels {format_labels(labels)}" if labels else "pods without labels"
+        detail = f"no NetworkPolicy selects {pods} for {directions}; create one (a default-deny with {enough} is " \
+            "enough)"
+        return False, detail, f"no NetworkPolicy selects it for {directions}; add one ({enough})"
 
     def _mtls(self, workload: Workload, ns_labels: Mapping[str, str], state: Snapshot,
               old: Workload | None) -> tuple[bool, str, str]:
@@ -190,7 +193,7 @@ class Engine:
         injected = proxy_container_present(workload.template)
         refused = None if injected else integrity.override_problem(workload, injection)
         if refused is not None:
-            return False, f"the injector will refuse its pods: {refused}; fix or remove those annotations", \
+            return False, f"the injector will refuse its pods: {refused}", \
                 "the injector will refuse its pods' meshguard annotations; fix them"
         bypass = (integrity.tenant_problems(workload.pod_spec, injection.proxy_uid)
                   + integrity.sidecar_problems(workload, injection, old))
@@ -208,9 +211,11 @@ class Engine:
             mtls.default_mode,
         )
         source = effective.source
-        origin = source.display if source else "policy.mtls.default_mode: no PeerAuthentication applies"
+        origin = source.display if source else \
+            f"no PeerAuthentication applies; meshguard's default is {mtls.default_mode}"
         if effective.mode != STRICT:
-            fix = "set its spec.mtls.mode to STRICT" if source else "create a PeerAuthentication with mode STRICT"
+            fix = "set its spec.mtls.mode to STRICT" if source else \
+                f"create a PeerAuthentication in namespace {workload.namespace} with spec.mtls.mode STRICT"
             detail = f"mutual TLS mode is {effective.mode} ({origin}), so plaintext is accepted; {fix}"
             return False, detail, f"mTLS is {effective.mode} ({origin}); {fix}"
         if effective.weak_ports:
@@ -221,7 +226,8 @@ class Engine:
             return False, detail, f"{ports} ({where}); set STRICT"
         stale = integrity.plaintext_accepted(workload, injection)
         if stale:
-            fix = "restart its pods (kubectl rollout restart) so that their proxies get it"
+            fix = "delete and recreate it so that its proxy gets it" if workload.kind == "Pod" else \
+                "restart its pods (kubectl rollout restart) so that their proxies get it"
             detail = (f"its proxy still takes plaintext ({stale}), as injected before mutual TLS became STRICT "
                       f"({origin}); {fix}")
             return False, detail, f"proxy injected before STRICT ({stale}); restart its pods"
@@ -248,11 +254,13 @@ class Engine:
                     f"namespace not meshed; label it {label}")
         decision = decide(workload, self._settings.injection, self._settings.namespace)
         if decision.reason in ("opt-out-label", "opt-out-annotation"):
-            fix = f"remove the {INJECT_KEY} opt-out"
+            fix = f"remove the {INJECT_KEY} {decision.reason.removeprefix('opt-out-')}"
             return decision.message, fix, f"opted out; {fix}"
         if decision.reason == "already-injected":
-            fix = "remove the claim and recreate it"
-            return f"it claims injection but has no {PROXY_NAME} container", fix, f"claims injection, no proxy; {fix}"
+            fix = f"recreate it without the {STATUS_ANNOTATION} annotation" if workload.kind == "Pod" else \
+                f"remove the {STATUS_ANNOTATION} annotation from its pod template"
+            return (f"it has the {STATUS_ANNOTATION} annotation of an injected pod but no {PROXY_NAME} container", fix,
+                    f"{STATUS_ANNOTATION} without a proxy; remove it")
         exempt = "ask the platform team to exempt it in policy.exempt"
         fixes = {"host-network": (f"run it without hostNetwork, or {exempt}", "uses hostNetwork; run without it"),
                  "other-mesh": ("remove the other mesh's injection from it, or ask the platform team to exempt it",
@@ -261,6 +269,6 @@ class Engine:
             fix, brief = fixes.get(decision.reason, (exempt, f"not injected ({decision.reason}); {exempt}"))
             return decision.message, fix, brief
         if workload.kind == "Pod" and not self._offline:
-            return ("the injector did not add it", "recreate the pod while meshguard's /mutate webhook is running",
-                    "not injected; recreate it while meshguard runs")
+            return ("meshguard's injector did not add it: it was not reachable or not called when the pod was created",
+                    "delete and recreate the pod", "not injected; delete and recreate it")
         return None

@@ -106,8 +106,10 @@ def build_handler(settings: Settings, store: LiveSnapshot, metrics: Metrics) -> 
     return handle
 
 
-def _denial_line(result: RuleResult) -> str:
-    return result.message + (ORDERING_HINT if result.rule == NETWORK_POLICY else "")
+def _denial(enforced: tuple[RuleResult, ...]) -> str:
+    """Every failed rule in one line: kubectl puts its prefix before the first line only."""
+    details = (r.detail + (ORDERING_HINT if r.rule == NETWORK_POLICY else "") for r in enforced)
+    return f"{enforced[0].workload}: " + "; also, ".join(details)
 
 
 def _respond(evaluation: Evaluation, results: LoopCounter, notes: tuple[str, ...]) -> AdmissionResponse:
@@ -118,7 +120,7 @@ def _respond(evaluation: Evaluation, results: LoopCounter, notes: tuple[str, ...
     warnings = (*(r.warning for r in evaluation.failing("warn")), *notes)
     enforced = evaluation.failing("enforce")
     if enforced:
-        response = denied("\n".join(map(_denial_line, enforced)), reason="policy-violation", warnings=warnings)
+        response = denied(_denial(enforced), reason="policy-violation", warnings=warnings)
     elif warnings:
         response = allowed(reason=POLICY_WARN, warnings=warnings)
     else:

@@ -1,0 +1,13 @@
+"""How a value the requester wrote appears in a message: as JSON, clipped, so that it reads like the manifest it
+came from and a newline in it cannot start a line of its own."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def quoted(value: Any, limit: int = 60) -> str:
+    """``value`` as JSON (a string in double quotes, escapes and all), cut to ``limit`` characters."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
