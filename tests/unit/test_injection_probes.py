@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import jsonpatch
+import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -180,3 +181,20 @@ def test_the_splices_the_injector_writes_are_judged_its_own_and_nothing_else_is(
     assert env["MESHGUARD_PROBE_ROUTES"] and splices_problem(injected["spec"], env, 15021, (15090,)) is None
     unprobed = {"containers": [{"name": "web", "image": "x"}]}  # no probe they would be for
     assert splices_problem(unprobed, env, 15021, (15090,)) is not None
+
+
+
+@pytest.mark.parametrize("probe", [{"httpGet": {"path": "/ready", "port": 8080}}, {"tcpSocket": {"port": 8080}}],
+                         ids=["http", "tcp"])
+def test_splices_a_tenant_bent_out_of_shape_are_judged_not_crashed_on(probe: dict[str, Any]) -> None:
+    """A crash here reached the server's failure mode, which admits by default: each input below did."""
+    pod = _pod()
+    pod["spec"]["containers"][-1]["readinessProbe"] = probe
+    injected = _inject(pod)
+    env = {k: v for k, v in _proxy_env(injected).items() if k in envoy.SPLICES.values()}
+    assert splices_problem(injected["spec"], env, 15021, (15090,)) is None
+    superscript = {k: v.replace("|8080", "|\u00b2") for k, v in env.items()}  # isdigit() but not int()
+    assert superscript != env
+    assert splices_problem(injected["spec"], superscript, 15021, (15090,)) is not None
+    deep = {**env, "MESHGUARD_PROBE_ROUTES": "[" * 5000 + "]" * 5000 + ","}
+    assert splices_problem(injected["spec"], deep, 15021, (15090,)) is not None

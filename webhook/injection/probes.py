@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import envoy
+from ..lists import port_number
 
 APP_HEALTH = "/app-health"
 # Probe field -> the last segment of its rewritten path.
@@ -138,7 +139,7 @@ def _parsed_splices(values: Mapping[str, str]) -> dict[str, list[Any]] | None:
             return None
         try:
             objects = json.loads(f"[{text[:-1]}]")
-        except ValueError:
+        except (ValueError, RecursionError):  # a tenant's text: nested deeper than the parser goes, say
             return None
         if not all(isinstance(o, dict) for o in objects):
             return None
@@ -152,10 +153,11 @@ def _original(probe: Mapping[str, Any], path: str, splices: dict[str, list[Any]]
     route = next((r for r in splices["routes"] if r.get("match") == {"path": path}), None)
     if route is not None:
         target = route.get("route") if isinstance(route.get("route"), dict) else {}
-        scheme, _, port = str(target.get("cluster", "")).removeprefix("probe|").partition("|")
-        if scheme not in ("http", "https") or not port.isdigit() or target.get("cluster") not in clusters:
+        scheme, _, text = str(target.get("cluster", "")).removeprefix("probe|").partition("|")
+        port = port_number(text)
+        if scheme not in ("http", "https") or port is None or target.get("cluster") not in clusters:
             return None
-        action: dict[str, Any] = {"path": target.get("prefix_rewrite"), "port": int(port), "scheme": scheme.upper()}
+        action: dict[str, Any] = {"path": target.get("prefix_rewrite"), "port": port, "scheme": scheme.upper()}
         headers = probe["httpGet"].get("httpHeaders")
         return {**probe, "httpGet": {**action, **({"httpHeaders": headers} if headers is not None else {})}}
     check = envoy.cluster_health_filter(path, "")["typed_config"]["headers"]
@@ -167,13 +169,14 @@ def _original(probe: Mapping[str, Any], path: str, splices: dict[str, list[Any]]
         if not isinstance(targets, dict) or len(targets) != 1:
             return None
         kind, _, rest = str(next(iter(targets))).removeprefix("probe|").partition("|")
-        port, _, service = rest.partition("|")
-        if kind not in ("tcp", "grpc") or not port.isdigit():
+        text, _, service = rest.partition("|")
+        port = port_number(text)
+        if kind not in ("tcp", "grpc") or port is None:
             return None
         original = {k: v for k, v in probe.items() if k != "httpGet"}
         if kind == "tcp":
-            return {**original, "tcpSocket": {"port": int(port)}}
-        return {**original, "grpc": {"port": int(port), **({"service": service} if service else {})}}
+            return {**original, "tcpSocket": {"port": port}}
+        return {**original, "grpc": {"port": port, **({"service": service} if service else {})}}
     return None
 
 
