@@ -359,5 +359,5 @@ def test_with_a_static_bootstrap_the_proxy_enforces_what_the_rule_reports_and_a_
     for variable in next(c for c in forged["spec"]["initContainers"] if c["name"] == "meshguard-proxy")["env"]:
         if variable["name"] == "MESHGUARD_INBOUND_MTLS":
             variable["value"] = "STRICT"
-    assert "meshguard-init container is not the one meshguard injects (its args differ)" in \
+    assert "meshguard-init container is not the one meshguard injects (it differs in args)" in \
         validate(srv, forged, "shop")["status"]["message"]

@@ -70,14 +70,37 @@ def _edit(pod: dict[str, Any], name: str, **fields: Any) -> dict[str, Any]:
     return edited
 
 
+def _container(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [c for key in ("initContainers", "containers") for c in pod["spec"].get(key, []) if c["name"] == name]
+    return found
+
+
+def _with_volume(pod: dict[str, Any], volume: dict[str, Any]) -> dict[str, Any]:
+    edited = copy.deepcopy(pod)
+    edited["spec"]["volumes"] = [v for v in edited["spec"]["volumes"] if v["name"] != volume["name"]] + [volume]
+    return edited
+
+
 @pytest.mark.parametrize(("change", "fragment"), [
     (lambda p: _edit(p, "meshguard-proxy", image="attacker/envoy:1"), "meshguard-proxy container is not the one "
-                                                                      "meshguard injects (its image differ)"),
+                                                                      "meshguard injects (it differs in image)"),
     (lambda p: _edit(p, "meshguard-init", args=["netinit", "--dry-run"]), "meshguard-init container is not the one "
-                                                                         "meshguard injects (its args differ)"),
+                                                                         "meshguard injects (it differs in args)"),
     (lambda p: {**p, "spec": {**p["spec"], "initContainers": [c for c in p["spec"]["initContainers"]
                                                               if c["name"] != "meshguard-init"]}},
      "it has meshguard-proxy without meshguard-init"),
+    # What the first comparison (image, command, args, ports, securityContext, env) let through:
+    (lambda p: _edit(p, "meshguard-init", envFrom=[{"configMapRef": {"name": "mine"}}]),
+     "meshguard-init container is not the one meshguard injects (it differs in envFrom)"),
+    (lambda p: _edit(p, "meshguard-init", volumeMounts=[*_container(p, "meshguard-init")["volumeMounts"],
+                                                        {"name": "mine", "mountPath": "/opt/venv/bin"}]),
+     "(it differs in volumeMounts)"),
+    (lambda p: _edit(p, "meshguard-proxy", workingDir="/tmp"), "(it differs in workingDir)"),
+    (lambda p: _edit(p, "meshguard-proxy", lifecycle=None), "(it differs in lifecycle)"),
+    (lambda p: _with_volume(p, {"name": "meshguard-envoy", "configMap": {"name": "my-bootstrap"}}),
+     "its volume meshguard-envoy is not the one meshguard injects"),
+    (lambda p: {**p, "spec": {**p["spec"], "hostNetwork": True}},
+     "it has meshguard's containers on the node's network"),
 ])
 def test_a_fake_or_edited_sidecar_fails(change: Any, fragment: str) -> None:
     passed, message = mtls(change(as_injected(app_pod())))
@@ -91,6 +114,25 @@ def test_a_container_merely_named_like_the_proxy_fails() -> None:
     assert not passed and "meshguard-proxy" in message
 
 
+def test_what_the_api_server_fills_in_and_the_resources_may_differ() -> None:
+    stored = _edit(as_injected(app_pod()), "meshguard-proxy", terminationMessagePath="/dev/termination-log",
+                   imagePullPolicy="Always", resources={"requests": {"cpu": "1"}})
+    for container in _container(stored, "meshguard-proxy")["ports"]:
+        container["protocol"] = "TCP"
+    for name in ("meshguard-init", "meshguard-proxy"):  # the ServiceAccount admission plugin's
+        _container(stored, name)["volumeMounts"].append({"name": "kube-api-access-x2v9q", "readOnly": True,
+                                                         "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})
+    assert mtls(stored)[0]
+
+
+def test_a_tenant_container_may_not_mount_the_proxys_state() -> None:
+    pod = app_pod()
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "meshguard-envoy", "mountPath": "/x"}]
+    for candidate in (template_of(pod), as_injected(pod)):
+        passed, message = mtls(candidate)
+        assert not passed and message.endswith("remove the meshguard-envoy mount from container app"), message
+
+
 def test_an_update_may_keep_the_sidecar_it_had_but_not_change_it() -> None:
     before = as_injected(app_pod())
     # Injected by an older configuration (another proxy image): a later update of the pod keeps it.
@@ -102,6 +144,10 @@ def test_an_update_may_keep_the_sidecar_it_had_but_not_change_it() -> None:
     swapped = _edit(before, "meshguard-init", image="attacker/init:1")
     passed, message = mtls(swapped, old=before)
     assert not passed and "meshguard-init container is not the one meshguard injects" in message
+    # Nor the volumes its containers mount: the pod is then judged against the configuration of today.
+    repointed = _with_volume(older, {"name": "meshguard-envoy", "configMap": {"name": "my-bootstrap"}})
+    assert not mtls(repointed, old=older)[0]
+    assert not mtls(_with_volume(before, repointed["spec"]["volumes"][-1]), old=before)[0]
 
 
 @pytest.mark.parametrize(("spec", "container", "fragment"), [
@@ -221,8 +267,8 @@ def test_the_splices_go_only_where_meshguard_puts_them_and_the_pod_identity_come
     routes = next(e for e in pod["spec"]["initContainers"][0]["env"] if e["name"] == "MESHGUARD_PROBE_ROUTES")
     moved = _edit(pod, "meshguard-proxy", env=[routes])
     passed, message = mtls(moved, settings=settings)
-    assert not passed and "meshguard-proxy container is not the one meshguard injects (its env differ)" in message
+    assert not passed and "meshguard-proxy container is not the one meshguard injects (it differs in env)" in message
     claimed = copy.deepcopy(pod)
     claimed["spec"]["initContainers"][0]["env"][1] = {"name": "POD_NAMESPACE", "value": "kube-system"}
     passed, message = mtls(claimed, settings=settings)
-    assert not passed and "meshguard-init container is not the one meshguard injects (its env differ)" in message
+    assert not passed and "meshguard-init container is not the one meshguard injects (it differs in env)" in message

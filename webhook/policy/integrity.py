@@ -11,10 +11,13 @@ store, which the tenant cannot make say something else:
   rewrite the pod's iptables redirect;
 * under STRICT, an exclude-inbound-ports annotation naming one of the pod's own ports: that port takes
   plaintext while the mTLS rule would say STRICT;
-* meshguard's own containers not as meshguard's configuration makes them (image, command, arguments, ports,
-  security context): a container merely named ``meshguard-proxy``, or an injected pod copied with an edited
-  redirect. On an update, meshguard's containers may stay as they were (a pod injected before an upgrade keeps
-  its proxy), but not change into anything else;
+* meshguard's own containers and volumes not as meshguard's configuration makes them (every field but those
+  the API server fills in and the resources): a container merely named ``meshguard-proxy``, an injected pod
+  copied with an edited redirect, an extra mount or ``envFrom`` that hands the proxy a bootstrap or the redirect
+  a program of the tenant's, or all of it in a pod on the node's network. On an update, meshguard's containers
+  and volumes may stay as they were (a pod injected before an upgrade keeps its proxy), but not change into
+  anything else;
+* a tenant container mounting the proxy's state volume, where it could rewrite the proxy's bootstrap;
 * with a static bootstrap, a proxy whose inbound modes (as injected, and as its arguments say) take plaintext
   while the PeerAuthentications now say STRICT.
 
@@ -34,16 +37,19 @@ from ..injection.overrides import OverrideError, apply_overrides
 from ..injection.patch import effective_settings
 from ..injection.probes import splices_problem
 from ..injection.settings import READINESS_PORT, InjectionSettings
-from ..injection.spec import build, declared_inbound
+from ..injection.spec import STATE_VOLUME, build, declared_inbound
 from ..workloads import CONTAINER_LISTS, Workload
 from .mtls import STRICT
 
 MESHGUARD_CONTAINERS = (INIT_NAME, PROXY_NAME)
 # Capabilities with which a container can change the pod's network stack, the redirect included.
 NETWORK_CAPABILITIES = frozenset({"NET_ADMIN", "NET_RAW", "ALL"})
-# What identifies one of meshguard's containers as the one the configuration makes.
-COMPARED_FIELDS = ("image", "command", "args", "ports", "securityContext")
+# The fields of meshguard's containers that may differ from what the injector writes: filled in by the API server
+# or without effect on traffic. Their env is compared apart (the probe splices in it are per pod).
+FREE_FIELDS = frozenset({"name", "env", "resources", "imagePullPolicy", "terminationMessagePath",
+                         "terminationMessagePolicy"})
 SPLICE_VARIABLES = frozenset(envoy.SPLICES.values())
+SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 Problem = tuple[str, str, str]  # (why, fix, the why in a few words)
 EXCLUDE_INBOUND = PREFIX + "exclude-inbound-ports"
@@ -51,6 +57,10 @@ EXCLUDE_INBOUND = PREFIX + "exclude-inbound-ports"
 
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _containers(spec: Mapping[str, Any], lists: tuple[str, ...] = CONTAINER_LISTS) -> Iterator[Mapping[str, Any]]:
@@ -92,6 +102,10 @@ def tenant_problems(spec: Mapping[str, Any], proxy_uid: int,
             problems.append((f"container {name} has {', '.join(added)}, with which it could undo the traffic "
                              "redirect", f"drop {' and '.join(added)} from container {name}",
                              f"{name} has {', '.join(added)}"))
+        if any(_mapping(mount).get("name") == STATE_VOLUME for mount in _list(container.get("volumeMounts"))):
+            problems.append((f"container {name} mounts {STATE_VOLUME}, where it could rewrite the proxy's "
+                             "configuration", f"remove the {STATE_VOLUME} mount from container {name}",
+                             f"{name} mounts {STATE_VOLUME}"))
     return problems
 
 
@@ -124,8 +138,12 @@ def _meshguard_containers(spec: Mapping[str, Any]) -> dict[str, Mapping[str, Any
     return {c["name"]: c for c in _containers(spec) if c.get("name") in MESHGUARD_CONTAINERS}
 
 
-def _compared(container: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: container.get(key) for key in COMPARED_FIELDS}
+def _as_injected(spec: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What of a pod spec is meshguard's: its containers (but their resources) and the volumes they mount."""
+    containers = {name: {k: v for k, v in c.items() if k != "resources"}
+                  for name, c in _meshguard_containers(spec).items()}
+    mounted = {m.get("name") for c in containers.values() for m in map(_mapping, _list(c.get("volumeMounts")))}
+    return containers, [v for v in map(_mapping, _list(spec.get("volumes"))) if v.get("name") in mounted]
 
 
 def _holds(wanted: Any, actual: Any) -> bool:
@@ -154,11 +172,12 @@ def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workl
     present = _meshguard_containers(workload.pod_spec)
     if not present:
         return []
-    if old is not None:
-        before = _meshguard_containers(old.pod_spec)
-        if {n: (_compared(c), c.get("env")) for n, c in before.items()} == \
-                {n: (_compared(c), c.get("env")) for n, c in present.items()}:
-            return []
+    fix = "remove meshguard's containers and let the injector add them"
+    if workload.pod_spec.get("hostNetwork") is True:
+        return [("it has meshguard's containers on the node's network, where the redirect would be the node's",
+                 f"run it without hostNetwork, or {fix}", "meshguard's containers with hostNetwork")]
+    if old is not None and _as_injected(old.pod_spec) == _as_injected(workload.pod_spec):
+        return []
     try:
         effective = effective_settings(workload, settings)
         expected = build(effective)
@@ -166,7 +185,6 @@ def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workl
         return [(f"its meshguard annotations are invalid ({exc})", "fix them, then recreate the pods",
                  "invalid meshguard annotations")]
     made = {c["name"]: c for c in (*expected.init_containers, *expected.containers_front, *expected.containers_back)}
-    fix = "remove meshguard's containers and let the injector add them"
     if PROXY_NAME in present and INIT_NAME not in present:
         return [(f"it has {PROXY_NAME} without {INIT_NAME}, so no traffic is redirected to it", fix,
                  f"{PROXY_NAME} without {INIT_NAME}")]
@@ -174,13 +192,31 @@ def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workl
         wanted = made.get(name)
         if wanted is None:
             return [(f"its {name} container is not one meshguard's configuration adds", fix, f"{name} not as injected")]
-        differing = [key for key in COMPARED_FIELDS if not _holds(wanted.get(key), container.get(key))]
+        differing = _differing(wanted, _without_token_mount(container))
         if not _holds(_unspliced(wanted), _unspliced(container)):
             differing.append("env")
         if differing:
-            return [(f"its {name} container is not the one meshguard injects (its {', '.join(differing)} "
-                     "differ)", fix, f"{name} not as injected")]
+            return [(f"its {name} container is not the one meshguard injects (it differs in "
+                     f"{', '.join(differing)})", fix, f"{name} not as injected")]
+    volumes = {v.get("name"): v for v in map(_mapping, _list(workload.pod_spec.get("volumes")))}
+    changed = [v["name"] for v in expected.volumes if not _holds(v, volumes.get(v["name"]))]
+    if changed:
+        return [(f"its volume {', '.join(changed)} is not the one meshguard injects", fix,
+                 f"volume {', '.join(changed)} not as injected")]
     return _splices_problems(workload, effective, present, expected.renderer, fix)
+
+
+def _without_token_mount(container: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``container`` but the API token mount the ServiceAccount admission plugin adds to every container."""
+    mounts = _list(container.get("volumeMounts"))
+    kept = [m for m in mounts if _mapping(m).get("mountPath") != SERVICE_ACCOUNT_MOUNT]
+    return {**container, "volumeMounts": kept} if len(kept) != len(mounts) else container
+
+
+def _differing(wanted: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """The fields, but the free ones, in which ``actual`` does not say what ``wanted`` says, or says more."""
+    keys = (wanted.keys() | actual.keys()) - FREE_FIELDS
+    return sorted(key for key in keys if key not in wanted or not _holds(wanted[key], actual.get(key)))
 
 
 def _env(container: Mapping[str, Any]) -> list[Any]:
@@ -201,7 +237,7 @@ def _splices_problems(workload: Workload, effective: InjectionSettings, present:
     for name, container in present.items():
         spliced = [e for e in _env(container) if isinstance(e, Mapping) and e.get("name") in SPLICE_VARIABLES]
         if spliced and name != renderer or any(not isinstance(e.get("value"), str) for e in spliced):
-            return [(f"its {name} container is not the one meshguard injects (its env differs)", fix,
+            return [(f"its {name} container is not the one meshguard injects (it differs in env)", fix,
                      f"{name} not as injected")]
         values.update((e["name"], e["value"]) for e in spliced)
     if not effective.rewrite_app_probes:
