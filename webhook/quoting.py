@@ -9,5 +9,7 @@ from typing import Any
 
 def quoted(value: Any, limit: int = 60) -> str:
     """``value`` as JSON (a string in double quotes, escapes and all), cut to ``limit`` characters."""
+    if isinstance(value, str):  # cut inside the quotes, so that they stay a pair
+        return json.dumps(value if len(value) <= limit else value[: limit - 1] + "…", ensure_ascii=False)
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -211,6 +211,28 @@ def test_endpoints_are_sent_for_the_names_subscribed_and_listeners_for_the_pod(r
     run(scenario)
 
 
+def test_a_stream_subscribing_to_more_endpoints_than_there_could_be_is_ended(run: Any) -> None:
+    """Each name is held and compared on every later request: a proxy written by hand must not grow that
+    without bound (a legitimate one subscribes to the names its clusters carry)."""
+    async def scenario() -> None:
+        async with started() as plane:
+            plane.store.replace("Service", [SERVICE])
+            async with grpc.aio.insecure_channel(plane.address) as channel:
+                stream = Stream(channel)
+                too_long = "outbound|80||" + "x" * xds_server.MAX_NAME_LENGTH
+                await stream.send(ENDPOINTS, subscribe=("outbound|80||api.shop", too_long), first=True)
+                assert names(await stream.receive()) == {"outbound|80||api.shop"}
+                assert held(plane, ENDPOINTS) == {"outbound|80||api.shop"}  # the overlong name is not kept
+                many = tuple(f"outbound|80||s{i}.shop" for i in range(xds_server.MIN_SUBSCRIPTION_LIMIT))
+                await stream.send(ENDPOINTS, subscribe=many)
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await stream.receive()
+                assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "more than the 1024 allowed" in (ended.value.details() or "")
+
+    run(scenario)
+
+
 def test_a_reconnecting_proxy_gets_only_what_differs_from_the_versions_it_holds(run: Any) -> None:
     async def scenario() -> None:
         async with started() as plane:

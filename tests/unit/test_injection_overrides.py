@@ -37,11 +37,11 @@ INVALID = [
     ("proxy-image", "Envoy Proxy:latest", "an image reference such as"),
     ("proxy-image", "", "an image reference"),
     ("log-level", "verbose", "one of trace, debug, info, warning, error, critical, off"),
-    ("exclude-inbound-ports", "80,http", "comma-separated ports 1-65535"),
-    ("exclude-inbound-ports", "0", "comma-separated ports 1-65535"),
-    ("exclude-inbound-ports", "65536", "comma-separated ports"),
-    ("exclude-outbound-ports", "5432,,6379", "comma-separated ports"),
-    ("exclude-outbound-ports", "1_000", "comma-separated ports"),
+    ("exclude-inbound-ports", "80,http", "up to 32 comma-separated ports 1-65535"),
+    ("exclude-inbound-ports", "0", "up to 32 comma-separated ports 1-65535"),
+    ("exclude-inbound-ports", "65536", "up to 32 comma-separated ports"),
+    ("exclude-outbound-ports", "5432,,6379", "up to 32 comma-separated ports"),
+    ("exclude-outbound-ports", "1_000", "up to 32 comma-separated ports"),
     ("include-outbound-ip-ranges", "10.0.0.0/33", "* or comma-separated CIDRs"),
     ("include-outbound-ip-ranges", "", "* or comma-separated CIDRs"),
     ("exclude-outbound-ip-ranges", "everything", "comma-separated CIDRs"),
@@ -77,6 +77,13 @@ def test_a_pod_may_choose_its_proxy_image_only_where_the_platform_lets_it() -> N
         apply_overrides(InjectionSettings(allowed_overrides=("log-level",)), {"meshguard.io/proxy-cpu": "200m"})
     with pytest.raises(ValueError, match="'proxy-colour' is not an override annotation"):
         InjectionSettings(allowed_overrides=("proxy-colour",))
+
+
+def test_a_port_list_is_a_few_exceptions_not_a_range() -> None:
+    assert len(apply_overrides(EVERY_OVERRIDE, {"meshguard.io/exclude-inbound-ports": ",".join(
+        map(str, range(1000, 1032)))}).exclude_inbound_ports) == 32
+    with pytest.raises(OverrideError, match="is invalid; expected up to 32 comma-separated ports"):
+        apply_overrides(EVERY_OVERRIDE, {"meshguard.io/exclude-inbound-ports": ",".join(map(str, range(1000, 1033)))})
 
 
 def test_every_bad_annotation_is_reported_at_once() -> None:

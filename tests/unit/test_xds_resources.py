@@ -220,6 +220,15 @@ def test_the_outbound_listener_matches_each_cluster_ip_and_meshed_pod_ip_once() 
     assert not any("headless" in name for name in outbound.load_assignments)  # no ClusterIP: reached by pod IP
 
 
+def test_a_pods_uncaptured_ports_beyond_the_annotations_limit_are_not_taken() -> None:
+    """Every proxy's listener carries each meshed pod's uncaptured ports: a list of thousands written into a pod
+    admitted under warn or audit would swell it for all (and its own clients then speak mutual TLS to it)."""
+    many = ",".join(map(str, range(1000, 1033)))
+    state = store(pod("api-1", "10.0.0.1", excluded=many), pod("api-2", "10.0.0.2", excluded="0,8080"))
+    assert _rules(built(state).listener)[1:] == [(("ip", ["10.0.0.1/32", "10.0.0.2/32"]), "outbound-mesh"),
+                                                 (("otherwise", None), "outbound-passthrough")]
+
+
 def service_cidr(*cidrs: str) -> dict[str, Any]:
     return {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "kubernetes"},
             "spec": {"cidrs": list(cidrs)}}

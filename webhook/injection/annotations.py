@@ -13,11 +13,16 @@ from ..lists import split_list
 from . import values
 
 PREFIX = "meshguard.io/"
+# Exceptions, not ranges: each meshed pod's uncaptured ports go into every proxy's outbound listener.
+MAX_LISTED_PORTS = 32
 
 
 def port_list(text: str) -> tuple[int, ...]:
     """The ports of an exclude-inbound-ports or exclude-outbound-ports annotation; ``ValueError`` if invalid."""
-    return tuple(values.port(item) for item in split_list(text))
+    ports = tuple(values.port(item) for item in split_list(text))
+    if len(set(ports)) > MAX_LISTED_PORTS:
+        raise ValueError(f"more than {MAX_LISTED_PORTS} ports")
+    return ports
 
 
 def _cidrs(text: str) -> tuple[str, ...]:
@@ -39,8 +44,10 @@ OVERRIDES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "proxy-memory-limit": ("proxy_memory_limit", values.quantity, "a memory quantity such as 512Mi or 1Gi"),
     "proxy-image": ("proxy_image", values.image, "an image reference such as envoyproxy/envoy:v1.40.0"),
     "log-level": ("log_level", values.log_level, "one of " + ", ".join(values.LOG_LEVELS)),
-    "exclude-inbound-ports": ("exclude_inbound_ports", port_list, "comma-separated ports 1-65535, e.g. 8081,9090"),
-    "exclude-outbound-ports": ("exclude_outbound_ports", port_list, "comma-separated ports 1-65535, e.g. 5432,6379"),
+    "exclude-inbound-ports": ("exclude_inbound_ports", port_list,
+                              f"up to {MAX_LISTED_PORTS} comma-separated ports 1-65535, e.g. 8081,9090"),
+    "exclude-outbound-ports": ("exclude_outbound_ports", port_list,
+                               f"up to {MAX_LISTED_PORTS} comma-separated ports 1-65535, e.g. 5432,6379"),
     "include-outbound-ip-ranges": (
         "include_outbound_ip_ranges", _include_ranges, "* or comma-separated CIDRs, e.g. 10.0.0.0/8,172.16.0.0/12"),
     "exclude-outbound-ip-ranges": (

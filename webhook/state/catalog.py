@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..injection.annotations import port_list
 from ..injection.decision import INIT_NAME, proxy_container_present
-from ..lists import split_list
 from ..netinit import EXCLUDE_INBOUND_FLAG
 from ..workloads import labels_of, object_name, service_account
 
@@ -140,8 +140,8 @@ def _excluded_inbound(spec: Mapping[str, Any]) -> frozenset[int]:
         args = _list(container.get("args"))
         if container.get("name") == INIT_NAME and EXCLUDE_INBOUND_FLAG in args[:-1]:
             value = args[args.index(EXCLUDE_INBOUND_FLAG) + 1]
-            try:
-                return frozenset(int(port) for port in split_list(value)) if isinstance(value, str) else frozenset()
+            try:  # the annotation's own limits: a list of the tenant's cannot swell every proxy's listener
+                return frozenset(port_list(value)) if isinstance(value, str) else frozenset()
             except ValueError:
                 return frozenset()
     return frozenset()

@@ -42,6 +42,11 @@ log = logging.getLogger("meshguard.xds")
 
 SERVER_CERT_DAYS = 365
 UNANSWERED_KEPT = 16  # responses per type a proxy may leave unanswered before the oldest are forgotten
+# What a proxy may subscribe to: names of endpoint resources ("outbound|PORT||NAME.NAMESPACE") are far shorter; a
+# proxy subscribes to those its clusters name, so twice the number there are (or this floor) is never reached
+# by one, and bounds what a stream of requests written by hand can make the server hold and compare.
+MAX_NAME_LENGTH = 256
+MIN_SUBSCRIPTION_LIMIT = 1024
 _CHANGED = object()  # in a stream's inbox: a new snapshot waits
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
@@ -137,12 +142,12 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             pending = [first]
             while True:
                 snapshot = self._plane.current()
-                for request in pending:
-                    self._take(proxy, request)
                 try:
+                    for request in pending:
+                        self._take(proxy, request, max(MIN_SUBSCRIPTION_LIMIT, 2 * len(snapshot.assignments)))
                     pod = self._authorized(proxy, peer)
                 except _Refused as exc:
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+                    await context.abort(exc.status, str(exc))
                 if pod is not None:
                     for response in self._responses(proxy, pod, snapshot):
                         yield response
@@ -175,10 +180,11 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         if peer is not None and peer != spiffe_id(self.trust_domain, pod.namespace, pod.service_account):
             log.warning("proxy refused: its certificate is not its pod's identity",
                         extra={"proxy": proxy.node_id, "peer": peer})
-            raise _Refused(f"certificate {peer!r} is not the identity of pod {proxy.namespace}/{proxy.pod}")
+            raise _Refused(f"certificate {peer!r} is not the identity of pod {proxy.namespace}/{proxy.pod}",
+                           grpc.StatusCode.PERMISSION_DENIED)
         return pod
 
-    def _take(self, proxy: Proxy, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+    def _take(self, proxy: Proxy, request: discovery_pb2.DeltaDiscoveryRequest, limit: int) -> None:
         type_url = request.type_url
         if type_url not in TYPES:
             return
@@ -188,8 +194,13 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             subscription = proxy.subscriptions[type_url] = _Subscription(
                 held=dict(request.initial_resource_versions))
         if type_url == ENDPOINTS:
-            names = (subscription.names | set(request.resource_names_subscribe)) - set(
-                request.resource_names_unsubscribe)
+            subscribed = {name for name in request.resource_names_subscribe if len(name) <= MAX_NAME_LENGTH}
+            names = (subscription.names | subscribed) - set(request.resource_names_unsubscribe)
+            if len(names) > limit:
+                log.warning("proxy refused: it subscribed to more endpoints than there are",
+                            extra={"proxy": proxy.node_id, "names": len(names), "limit": limit})
+                raise _Refused(f"subscribed to {len(names)} endpoint resources, more than the {limit} allowed",
+                               grpc.StatusCode.RESOURCE_EXHAUSTED)
             if names != subscription.names:
                 subscription.names, subscription.synced = self._intern(frozenset(names)), None
                 for dropped in subscription.held.keys() - names:
@@ -275,7 +286,11 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
 
 class _Refused(Exception):
-    """The proxy's certificate does not match the pod it claims to be."""
+    """The stream is ended with ``status``: the proxy's certificate is not its pod's, or it asks for too much."""
+
+    def __init__(self, message: str, status: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def server_certificate(ca: Issued, service: str, namespace: str, trust_domain: str) -> Issued:
