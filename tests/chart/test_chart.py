@@ -254,7 +254,7 @@ def test_webhook_settings_every_good_practice(render: Render) -> None:
     assert [h["name"] for h in validating["webhooks"]] == ["workloads.validate.meshguard.io"]
     for hook in mutating["webhooks"] + validating["webhooks"]:
         assert hook["admissionReviewVersions"] == ["v1"]
-        assert hook["sideEffects"] == "None" and hook["matchPolicy"] == "Equivalent"
+        assert hook["sideEffects"] == "NoneOnDryRun" and hook["matchPolicy"] == "Equivalent"
         assert hook["timeoutSeconds"] == 5
     for hook in mutating["webhooks"]:
         assert hook["reinvocationPolicy"] == "Never" and hook["failurePolicy"] == "Fail"
@@ -686,3 +686,28 @@ def test_the_audit_cronjob_reads_every_workload_kind_and_runs_locked_down(render
     assert listed == {(k.group, k.resource) for k in WORKLOAD_KINDS.values()} | {
         ("", "namespaces"), ("networking.k8s.io", "networkpolicies"), ("security.istio.io", "peerauthentications")}
     assert all(rule["verbs"] == ["list"] for rule in role["rules"])
+
+
+def test_only_the_servers_pods_are_its_services_endpoints_and_count_for_its_disruption_budget(
+        render: Render) -> None:
+    """The audit Job's and the test's pods carry the chart's name too: a webhook call routed to one fails, and a
+    running one counted as an available replica would let a drain evict every server."""
+    objects = render({"audit": {"enabled": True}, "tests": {"namespace": "shop"}})
+    server = find(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    audit = find(objects, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    test = [o for o in objects if o["kind"] == "Pod"][0]["metadata"]["labels"]
+    selectors = [{"matchLabels": s["spec"]["selector"]} for s in objects if s["kind"] == "Service"]
+    selectors.append(find(objects, "PodDisruptionBudget")["spec"]["selector"])
+    affinity = find(objects, "Deployment")["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    selectors += [t["podAffinityTerm"]["labelSelector"] for t in affinity[
+        "preferredDuringSchedulingIgnoredDuringExecution"]]
+    assert len(selectors) == 4
+    for selector in map(parse_selector, selectors):
+        assert selector.matches(server) and not selector.matches(audit) and not selector.matches(test)
+
+
+def test_excluded_namespaces_are_neither_judged_by_the_audit_nor_injected(render: Render, tmp_path: Path) -> None:
+    settings = _server_config(render({"webhooks": {"excludeNamespaces": ["cert-manager"]}}), tmp_path)
+    assert list(settings.policy.exempt.namespaces) == ["cert-manager"]
+    assert list(settings.injection.exclude_namespaces) == ["cert-manager"]
+    assert not list(_server_config(render(), tmp_path).policy.exempt.namespaces)

@@ -27,6 +27,14 @@ app.kubernetes.io/name: {{ include "meshguard.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The server's pods: what its Services, disruption budget and anti-affinity select. The component keeps the
+chart's other pods (the audit Job's, the test's) out; the Deployment's own selector, which cannot change on an
+upgrade, stays the one above. */}}
+{{- define "meshguard.serverLabels" -}}
+{{ include "meshguard.selectorLabels" . }}
+app.kubernetes.io/component: webhook
+{{- end }}
+
 {{- define "meshguard.labels" -}}
 helm.sh/chart: {{ include "meshguard.chart" . }}
 {{ include "meshguard.selectorLabels" . }}
@@ -115,6 +123,11 @@ The ports, cert dir and failure modes here are what the Deployment, probes and w
                    "ca_secret" (include "meshguard.caSecretName" .))
   "xds" (dict "enabled" .Values.controlPlane.enabled "port" .Values.controlPlane.port)
 }}
+{{- with .Values.webhooks.excludeNamespaces }}
+{{- /* Never sent to the webhooks, so neither judged by `meshguard audit` nor injected. */}}
+{{- $_ := set $defaults "policy" (dict "exempt" (dict "namespaces" .)) }}
+{{- $_ := set $defaults.injection "exclude_namespaces" . }}
+{{- end }}
 {{- $xds := include "meshguard.xdsAddress" . }}
 {{- if $xds }}
 {{- $_ := set $defaults.injection "xds_address" $xds }}
