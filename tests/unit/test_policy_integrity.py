@@ -179,17 +179,23 @@ def test_an_init_container_with_net_admin_fails_too() -> None:
     assert "drop NET_ADMIN from container setup" in message
 
 
-def test_excluding_a_declared_port_under_strict_fails_and_an_undeclared_one_does_not() -> None:
+def test_excluding_a_port_under_strict_fails_declared_or_not_unless_the_platform_excludes_it() -> None:
     pod = app_pod()
-    pod["metadata"]["annotations"] = {"meshguard.io/exclude-inbound-ports": "9090,8080"}
+    pod["metadata"]["annotations"] = {"meshguard.io/exclude-inbound-ports": "15021,8080"}
     passed, message = mtls(template_of(pod))
     assert not passed
     assert "port 8080 is left out of the proxy by meshguard.io/exclude-inbound-ports, so it takes plaintext" in message
     assert message.endswith("remove it from the annotation")
+    # The app need not declare a port to listen on it.
     pod["metadata"]["annotations"] = {"meshguard.io/exclude-inbound-ports": "9090"}
-    assert mtls(template_of(pod))[0]
+    assert not mtls(template_of(pod))[0]
     pod["metadata"]["annotations"] = {"meshguard.io/exclude-inbound-ports": "8080"}
     assert not mtls(as_injected(pod))[0]  # after injection too
+    # The proxy's own ports, and those the platform excludes for every pod, are the platform's call.
+    pod["metadata"]["annotations"] = {"meshguard.io/exclude-inbound-ports": "15021,15090,9090"}
+    platform = Settings(injection={"exclude_inbound_ports": [9090]})
+    assert mtls(template_of(pod), settings=platform)[0]
+    assert mtls(as_injected(pod, settings=platform.injection), settings=platform)[0]
 
 
 def test_a_template_claiming_injection_is_judged_by_its_containers() -> None:

@@ -231,7 +231,7 @@ class Engine:
             detail = (f"its proxy still takes plaintext ({stale}), as injected before mutual TLS became STRICT "
                       f"({origin}); {fix}")
             return False, detail, f"proxy injected before STRICT ({stale}); restart its pods"
-        uncaptured = integrity.uncaptured_ports(workload)
+        uncaptured = integrity.uncaptured_ports(workload, injection)
         if uncaptured:
             ports = ", ".join(map(str, uncaptured))
             why = f"port {ports} is left out of the proxy by {integrity.EXCLUDE_INBOUND}, so it takes plaintext"

@@ -9,8 +9,9 @@ store, which the tenant cannot make say something else:
   take the proxy's ports;
 * NET_ADMIN, NET_RAW, ALL or privileged in any container of the tenant (app, init or ephemeral): enough to
   rewrite the pod's iptables redirect;
-* under STRICT, an exclude-inbound-ports annotation naming one of the pod's own ports: that port takes
-  plaintext while the mTLS rule would say STRICT;
+* under STRICT, an exclude-inbound-ports annotation naming a port the platform does not exclude: that port
+  takes plaintext while the mTLS rule would say STRICT (whether the pod declares the port says nothing: the
+  tenant writes both, and an app listens where it likes);
 * meshguard's own containers and volumes not as meshguard's configuration makes them (every field but those
   the API server fills in and the resources): a container merely named ``meshguard-proxy``, an injected pod
   copied with an edited redirect, an extra mount or ``envFrom`` that hands the proxy a bootstrap or the redirect
@@ -109,8 +110,9 @@ def tenant_problems(spec: Mapping[str, Any], proxy_uid: int,
     return problems
 
 
-def uncaptured_ports(workload: Workload) -> list[int]:
-    """The pod's own declared ports that its exclude-inbound-ports annotation leaves out of the proxy."""
+def uncaptured_ports(workload: Workload, settings: InjectionSettings) -> list[int]:
+    """The ports the pod's exclude-inbound-ports annotation leaves out of the proxy beyond those the platform
+    does (the proxy's own and ``injection.exclude_inbound_ports``)."""
     raw = workload.annotations.get(EXCLUDE_INBOUND)
     if raw is None:
         return []
@@ -118,9 +120,7 @@ def uncaptured_ports(workload: Workload) -> list[int]:
         excluded = set(port_list(raw))
     except ValueError:
         return []  # the injector refuses the pod with the annotation's format; nothing to add here
-    declared = {port.get("containerPort") for _, c in _tenant_containers(workload.pod_spec, CONTAINER_LISTS)
-                for port in c.get("ports") or () if isinstance(port, Mapping)}
-    return sorted(p for p in excluded & declared if isinstance(p, int))
+    return sorted(excluded - set(settings.uncaptured_inbound_ports()))
 
 
 def plaintext_accepted(workload: Workload, settings: InjectionSettings) -> str | None:
