@@ -375,8 +375,8 @@ def test_self_managed_mode_wiring(render: Render, tmp_path: Path) -> None:
 
 READS = [
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["security.istio.io"], "resources": ["peerauthentications"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["security.istio.io"], "resources": ["peerauthentications"], "verbs": ["list", "watch"]},
 ]
 # Events on the objects it denies or warns about.
 EVENTS = [{"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}]
@@ -397,7 +397,7 @@ def _server_rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 CERTS = "certificates.k8s.io"
 # The workload signer's: its requests, their status, its own signer name, its own trust bundle (created once).
 SIGNER = [
-    {"apiGroups": [CERTS], "resources": ["podcertificaterequests"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [CERTS], "resources": ["podcertificaterequests"], "verbs": ["list", "watch"]},
     {"apiGroups": [CERTS], "resources": ["podcertificaterequests/status"], "verbs": ["update"]},
     {"apiGroups": [CERTS], "resources": ["signers"], "resourceNames": ["meshguard.io/workload"],
      "verbs": ["sign", "attest"]},
@@ -416,7 +416,7 @@ ACCOUNT_SECRETS = [
     {"apiGroups": [""], "resources": ["serviceaccounts", "pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update"]},
 ]
-POD_CERTIFICATES = ("certificates.k8s.io/v1/PodCertificateRequest",)
+POD_CERTIFICATES = ("certificates.k8s.io/v1/PodCertificateRequest", "certificates.k8s.io/v1/ClusterTrustBundle")
 
 
 def test_rbac_least_privilege(render: Render) -> None:
@@ -488,8 +488,8 @@ def test_container_security_and_resources(render: Render) -> None:
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]} and security["runAsNonRoot"] is True
     assert security["seccompProfile"] == {"type": "RuntimeDefault"} and security["privileged"] is False
-    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"},
-                                      "limits": {"cpu": "1", "memory": "512Mi"}}
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                      "limits": {"cpu": "1", "memory": "1Gi"}}
     assert container["image"] == "meshguard:0.1.0"
     assert container["args"] == ["serve", "--config", "/etc/meshguard/config.yaml"]
     assert {"name": "MESHGUARD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} \
@@ -598,11 +598,14 @@ def test_helm_test_hook(render: Render) -> None:
 
 @pytest.mark.parametrize(("values", "served", "source"), [
     ({}, POD_CERTIFICATES, "projected"),
-    ({}, ("certificates.k8s.io/v1beta1/PodCertificateRequest",), "projected"),
+    ({}, ("certificates.k8s.io/v1beta1/PodCertificateRequest", "certificates.k8s.io/v1beta1/ClusterTrustBundle"),
+     "projected"),
     ({}, (), "secret"),
+    # The server signs only where both are served (it publishes the mesh CA as a ClusterTrustBundle).
+    ({}, ("certificates.k8s.io/v1/PodCertificateRequest",), "secret"),
     ({"identity": {"mode": "secret"}}, POD_CERTIFICATES, "secret"),
     ({"identity": {"mode": "static"}}, POD_CERTIFICATES, None),
-], ids=["auto-v1", "auto-v1beta1", "auto-without", "secret", "static"])
+], ids=["auto-v1", "auto-v1beta1", "auto-without", "auto-requests-only", "secret", "static"])
 def test_the_helm_test_pod_mounts_a_workload_certificate_as_a_proxy_would(
         render: Render, values: dict[str, Any], served: tuple[str, ...], source: str | None) -> None:
     pod = find([o for o in render({**values, "config": {"injection": {"trust_domain": "corp.example"}}},

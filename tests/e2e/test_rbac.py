@@ -18,8 +18,10 @@ from tests.conftest import ROOT
 from tests.e2e.cluster import RELEASE_NAMESPACE, ControlPlane, Meshguard
 
 READ = ("get", "list", "watch")
-STATE = {(resource, "", "", verb) for resource in ("namespaces", "networkpolicies.networking.k8s.io",
-                                                   "peerauthentications.security.istio.io") for verb in READ}
+# Namespaces are read one by one before a denial; policies only listed.
+STATE = {("namespaces", "", "", verb) for verb in READ} | {
+    (resource, "", "", verb) for resource in ("networkpolicies.networking.k8s.io",
+                                              "peerauthentications.security.istio.io") for verb in ("list", "watch")}
 Rules = set[tuple[str, str, str, str]]
 # Events on the objects it denies or warns about.
 EVENTS = {("events.events.k8s.io", "", "", "create")}
@@ -31,7 +33,7 @@ CONTROL_PLANE = {(resource, "", "", verb) for resource in ("pods", "services", "
 CERTS = "certificates.k8s.io"
 # The workload signer (identity.mode auto or pod-certificate): follow requests, write their status, sign and
 # attest for its own signer only, publish its own trust bundle.
-SIGNER = {(f"podcertificaterequests.{CERTS}", "", "", verb) for verb in READ} | {
+SIGNER = {(f"podcertificaterequests.{CERTS}", "", "", verb) for verb in ("list", "watch")} | {
     (f"podcertificaterequests.{CERTS}/status", "", "", "update"),
     *((f"signers.{CERTS}", "", "meshguard.io/workload", verb) for verb in ("sign", "attest")),
     (f"clustertrustbundles.{CERTS}", "", "", "create"),

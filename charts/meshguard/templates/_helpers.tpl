@@ -79,9 +79,18 @@ app.kubernetes.io/part-of: meshguard
 {{- define "meshguard.signer" -}}
 {{- if has .Values.identity.mode (list "auto" "pod-certificate") }}true{{ end }}
 {{- end }}
-{{/* Whether the server will sign Pod Certificates: mode pod-certificate, or auto where the cluster serves them. */}}
+{{/* Whether the server will sign Pod Certificates: mode pod-certificate, or auto where the cluster serves them
+     (PodCertificateRequests and ClusterTrustBundles both, in either version, as the server checks). */}}
 {{- define "meshguard.podCertificates" -}}
-{{- $served := or (.Capabilities.APIVersions.Has "certificates.k8s.io/v1/PodCertificateRequest") (.Capabilities.APIVersions.Has "certificates.k8s.io/v1beta1/PodCertificateRequest") }}
+{{- $found := dict }}
+{{- range $kind := list "PodCertificateRequest" "ClusterTrustBundle" }}
+{{- range $version := list "v1" "v1beta1" }}
+{{- if $.Capabilities.APIVersions.Has (printf "certificates.k8s.io/%s/%s" $version $kind) }}
+{{- $_ := set $found $kind true }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $served := eq (len $found) 2 }}
 {{- if or (eq .Values.identity.mode "pod-certificate") (and (eq .Values.identity.mode "auto") $served) }}true{{ end }}
 {{- end }}
 {{/* Whether it may keep a certificate Secret per ServiceAccount: mode secret, or auto where the cluster does not
