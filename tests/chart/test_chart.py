@@ -151,6 +151,9 @@ def test_notes_say_what_to_label_next(helm: str, case: str, expected: str) -> No
     ({"webhooks": {"url": "http://insecure.example.com"}}, "/webhooks/url"),
     ({"webhooks": {"url": "https://dev.example.com:8443"}}, "webhooks.caBundle is required with webhooks.url"),
     ({"metrics": {"service": False, "serviceMonitor": {"enabled": True}}}, "needs metrics.service: true"),
+    # The chart renders RBAC, Secrets, Service ports and the proxies' xDS address from these values.
+    ({"config": {"xds": {"enabled": False}}}, "config.xds.enabled is set by the chart from controlPlane.enabled"),
+    ({"config": {"identity": {"ca_secret": "foo"}}}, "config.identity.ca_secret is set by the chart"),
 ])
 def test_bad_values_fail_the_render_with_a_reason(render: Render, values: dict[str, Any], error: str) -> None:
     with pytest.raises(RenderError, match=re.escape(error)):

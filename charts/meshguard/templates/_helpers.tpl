@@ -153,6 +153,17 @@ The ports, cert dir and failure modes here are what the Deployment, probes and w
   "renew_before_days" $sm.renewBeforeDays
   "check_interval_seconds" $sm.checkIntervalSeconds) }}
 {{- end }}
+{{- /* Settings the chart renders other objects from (RBAC, Secrets, ports, the proxies' xDS address): set
+     through `config` they would disagree with those objects, so they come only from their values. */}}
+{{- $owned := list (list "xds" "enabled" "controlPlane.enabled") (list "xds" "port" "controlPlane.port")
+  (list "injection" "xds_address" "controlPlane.address") (list "identity" "mode" "identity.mode")
+  (list "identity" "signer_name" "identity.signerName") (list "identity" "ca_secret" "identity (the chart names it)")
+  (list "certificates" "self_managed" "certificates.mode") (list "certificates" "secret_name" "certificates.mode") }}
+{{- range $owned }}
+{{- if hasKey (index $.Values.config (index . 0) | default dict) (index . 1) }}
+{{- fail (printf "config.%s.%s is set by the chart from %s; set that value instead" (index . 0) (index . 1) (index . 2)) }}
+{{- end }}
+{{- end }}
 {{- toYaml (mustMergeOverwrite $defaults (deepCopy .Values.config)) }}
 {{- end }}
 
