@@ -65,7 +65,8 @@ _NOTES: dict[str, str] = {
     "certificates.renew_before_days": "Renew the serving certificate this many days before it expires.",
     "policy.network_policy.action": "`enforce` (deny), `warn` (allow with a warning) or `audit` (allow, log, count).",
     "policy.mtls.action": "`enforce` (deny), `warn` (allow with a warning) or `audit` (allow, log, count).",
-    "policy.exempt.namespaces": "Namespaces exempt from policy, besides `kube-system` and meshguard's own `namespace`.",
+    "policy.exempt.namespaces": "Namespaces exempt from policy, besides `kube-system`, `kube-public`, "
+                                "`kube-node-lease` and meshguard's own `namespace`.",
     "policy.state.backoff_initial_seconds": "First retry delay after a failed list or watch (then doubled, with "
     "jitter).",
     "policy.state.backoff_max_seconds": "Longest retry delay.",
