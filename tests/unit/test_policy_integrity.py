@@ -171,6 +171,16 @@ def test_the_proxy_uid_and_network_capabilities_fail_in_mesh_pods(spec: dict[str
         assert mtls(template_of(pod))[0]
 
 
+def test_every_way_around_the_proxy_is_named_at_once() -> None:
+    pod = app_pod(securityContext={"runAsUser": 1337})
+    pod["spec"]["containers"][0]["securityContext"] = {"capabilities": {"add": ["NET_ADMIN"]}}
+    passed, message = mtls(template_of(pod))
+    assert not passed
+    assert message.endswith("container app runs as uid 1337, the proxy's, whose traffic skips the proxy; container app "
+                            "has NET_ADMIN, with which it could undo the traffic redirect; run it as another user than "
+                            "1337; drop NET_ADMIN from container app")
+
+
 def test_an_init_container_with_net_admin_fails_too() -> None:
     pod = app_pod(initContainers=[{"name": "setup", "image": "busybox",
                                    "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}])

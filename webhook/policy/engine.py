@@ -197,10 +197,12 @@ class Engine:
                 "the injector will refuse its pods' meshguard annotations; fix them"
         bypass = (integrity.tenant_problems(workload.pod_spec, injection.proxy_uid)
                   + integrity.sidecar_problems(workload, injection, old))
-        if bypass:
-            why, fix, brief = bypass[0]
-            more = f" (and {len(bypass) - 1} more)" if len(bypass) > 1 else ""
-            return False, f"its traffic could bypass the meshguard proxy: {why}{more}; {fix}", f"{brief}; {fix}"
+        if bypass:  # every one named, so that the next apply is not refused for the next one
+            whys = "; ".join(why for why, _, _ in bypass)
+            fixes = "; ".join(dict.fromkeys(fix for _, fix, _ in bypass))
+            _, fix, brief = bypass[0]
+            more = f" (+{len(bypass) - 1} more)" if len(bypass) > 1 else ""
+            return False, f"its traffic could bypass the meshguard proxy: {whys}; {fixes}", f"{brief}; {fix}{more}"
         mtls = self._policy.mtls
         effective = resolve(
             workload.labels,
