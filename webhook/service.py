@@ -77,10 +77,9 @@ def cluster_state(settings: Settings, metrics: Metrics, readiness: Readiness) ->
     store = Store(live.read_namespace, timeout, metrics)
     readiness.set("state", False)
 
-    def synced(ok: bool) -> None:
-        readiness.set("state", ok)
-        if ok:
-            _freeze_heap()
+    def synced() -> None:
+        readiness.set("state", True)
+        _freeze_heap()
 
     return store, [lambda: live.run(store, synced)]
 

@@ -163,7 +163,7 @@ class Running:
         self.metrics = Metrics()
         self.source = KubeSource(cluster(fake), settings, self.metrics, kinds)
         self.store = Store(self.source.read_namespace, 5, self.metrics)
-        self.readiness: list[bool] = []  # every call of the source's ready callback
+        self.readiness: list[bool] = []  # a True for every call of the source's synced callback
 
     @property
     def synced(self) -> bool:
@@ -182,7 +182,7 @@ def follow(fake: FakeAPI, scenario: Callable[[Running], Any], kinds: tuple[str, 
     running = Running(fake, kinds, settings)
 
     async def main() -> None:
-        task = asyncio.create_task(running.source.run(running.store, running.readiness.append))
+        task = asyncio.create_task(running.source.run(running.store, lambda: running.readiness.append(True)))
         try:
             await scenario(running)
         finally:
@@ -255,7 +255,7 @@ def test_errors_back_off_and_resume_the_watch_without_listing_again(fake: FakeAP
     assert r.metric('meshguard_state_watch_restarts_total{kind="NetworkPolicy",reason="error"} 2.0')
 
 
-def test_readiness_is_withdrawn_while_a_kind_cannot_be_followed_and_restored_after(fake: FakeAPI) -> None:
+def test_readiness_is_kept_while_a_kind_cannot_be_followed_after_the_first_sync(fake: FakeAPI) -> None:
     # Once everything is synced, the namespace watch ends and the API server refuses it three times (a restart).
     restart = threading.Event()
     fake.watches[NAMESPACES] = [[restart], 503, 503, 503]
@@ -264,11 +264,10 @@ def test_readiness_is_withdrawn_while_a_kind_cannot_be_followed_and_restored_aft
         await eventually(lambda: r.synced, "first sync")
         restart.set()
         await eventually(lambda: fake.calls(NAMESPACES).count("watch@10") == 5, "the watch retried until accepted")
-        await eventually(lambda: r.synced, "ready again")
 
     r = follow(fake, scenario)
-    # Not ready from the first failure until a watch was accepted again; only changes are reported.
-    assert r.readiness == [True, False, True]
+    # Ready from the first sync on: the failed watches retried with the state kept, never withdrawn.
+    assert r.readiness == [True]
     assert fake.calls(NAMESPACES) == ["list"] + ["watch@10"] * 5
     assert r.metric('meshguard_state_watch_restarts_total{kind="Namespace",reason="error"} 3.0')
 

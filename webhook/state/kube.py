@@ -243,22 +243,32 @@ class KubeSource:
     def read_namespace(self, namespace: str) -> NamespaceState:
         return self.cluster.read_namespace(namespace, self._settings.recheck_timeout_seconds)
 
-    async def run(self, store: Store, ready: Callable[[bool], None]) -> None:
-        """Follow every kind until cancelled. ``ready`` is called (on the loop) with True once every kind has been
-        listed and is followed, with False when one can no longer be followed, and with True again after."""
+    async def run(self, store: Store, synced: Callable[[], None]) -> None:
+        """Follow every kind until cancelled. ``synced`` is called (on the loop) once every kind has been listed.
+
+        A watch failing after that leaves the server ready, serving the state it has, as an informer does: every
+        replica follows the same API server and would turn unready at once, and then pods of mesh namespaces
+        could not be created (injection fails closed) and workloads would go unchecked (validation fails open)
+        until the watches resumed, well after the API server was back. A denial never rests on that state: the
+        namespace is read live first."""
         loop = asyncio.get_running_loop()
         lagging = set(self.kinds)  # kinds not yet listed, or whose last list or watch request failed
+        first = True
 
         def following(kind: str, ok: bool) -> None:
+            nonlocal first
             before = not lagging
             (lagging.discard if ok else lagging.add)(kind)
             if before == (not lagging):
                 return
             if lagging:
-                log.warning("cluster state not followed; not ready until it is", extra={"kinds": sorted(lagging)})
-            else:
-                log.info("cluster state synced", extra={k: store.count(k) for k in self.kinds})
-            ready(not lagging)
+                log.warning("cluster state not followed; serving the last state until it is",
+                            extra={"kinds": sorted(lagging)})
+                return
+            log.info("cluster state synced", extra={k: store.count(k) for k in self.kinds})
+            if first:
+                first = False
+                synced()
 
         def post(function: Callable[..., None], *args: Any) -> None:
             try:
