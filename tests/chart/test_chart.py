@@ -154,6 +154,8 @@ def test_notes_say_what_to_label_next(helm: str, case: str, expected: str) -> No
     # The chart renders RBAC, Secrets, Service ports and the proxies' xDS address from these values.
     ({"config": {"xds": {"enabled": False}}}, "config.xds.enabled is set by the chart from controlPlane.enabled"),
     ({"config": {"identity": {"ca_secret": "foo"}}}, "config.identity.ca_secret is set by the chart"),
+    ({"replicaCount": 0}, "replicaCount 0 with webhooks.injection.failurePolicy Fail refuses every pod"),
+    ({"podDisruptionBudget": {"minAvailable": 3}}, "podDisruptionBudget.minAvailable 3 of 3 replicas would block"),
 ])
 def test_bad_values_fail_the_render_with_a_reason(render: Render, values: dict[str, Any], error: str) -> None:
     with pytest.raises(RenderError, match=re.escape(error)):
@@ -692,6 +694,11 @@ def test_the_audit_cronjob_reads_every_workload_kind_and_runs_locked_down(render
     assert listed == {(k.group, k.resource) for k in WORKLOAD_KINDS.values()} | {
         ("", "namespaces"), ("networking.k8s.io", "networkpolicies"), ("security.istio.io", "peerauthentications")}
     assert all(rule["verbs"] == ["list"] for rule in role["rules"])
+    # rbac.create false: the platform grants it, as it does the server's.
+    unmanaged = render({"audit": {"enabled": True}, "rbac": {"create": False}})
+    assert find(unmanaged, "CronJob", f"{FULLNAME}-audit")
+    assert not [o for o in unmanaged if o["kind"] in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+                and "helm.sh/hook" not in o["metadata"].get("annotations", {})]  # helm test's own: a hook
 
 
 def test_only_the_servers_pods_are_its_services_endpoints_and_count_for_its_disruption_budget(
