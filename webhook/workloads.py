@@ -80,6 +80,16 @@ class Workload:
         return f"{self.kind} {self.namespace}/{self.name}"
 
 
+def as_mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` if it is a JSON object, else an empty one: a field of an object as written may be anything."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def as_list(value: Any) -> list[Any]:
+    """``value`` if it is a JSON array, else an empty one."""
+    return value if isinstance(value, list) else []
+
+
 def _string_map(value: Any) -> Mapping[str, str]:
     if not isinstance(value, dict):
         return {}

@@ -39,7 +39,7 @@ from ..injection.patch import effective_settings
 from ..injection.probes import splices_problem
 from ..injection.settings import READINESS_PORT, InjectionSettings
 from ..injection.spec import STATE_VOLUME, build, declared_inbound
-from ..workloads import CONTAINER_LISTS, Workload
+from ..workloads import CONTAINER_LISTS, Workload, as_list, as_mapping
 from .mtls import STRICT
 
 MESHGUARD_CONTAINERS = (INIT_NAME, PROXY_NAME)
@@ -56,18 +56,9 @@ Problem = tuple[str, str, str]  # (why, fix, the why in a few words)
 EXCLUDE_INBOUND = PREFIX + "exclude-inbound-ports"
 
 
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
 def _containers(spec: Mapping[str, Any], lists: tuple[str, ...] = CONTAINER_LISTS) -> Iterator[Mapping[str, Any]]:
     for key in lists:
-        items = spec.get(key)
-        for container in items if isinstance(items, list) else ():
+        for container in as_list(spec.get(key)):
             if isinstance(container, Mapping):
                 yield container
 
@@ -88,14 +79,14 @@ def tenant_problems(spec: Mapping[str, Any], proxy_uid: int,
                     lists: tuple[str, ...] = CONTAINER_LISTS) -> list[Problem]:
     """The proxy's uid and network capabilities in the tenant's containers of ``lists``."""
     problems: list[Problem] = []
-    pod_uid = _mapping(spec.get("securityContext")).get("runAsUser")
+    pod_uid = as_mapping(spec.get("securityContext")).get("runAsUser")
     for name, container in _tenant_containers(spec, lists):
-        security = _mapping(container.get("securityContext"))
+        security = as_mapping(container.get("securityContext"))
         uid = security.get("runAsUser", pod_uid)
         if uid == proxy_uid:
             problems.append((f"container {name} runs as uid {proxy_uid}, the proxy's, whose traffic skips the proxy",
                              f"run it as another user than {proxy_uid}", f"{name} runs as the proxy's uid"))
-        added = sorted({_capability(c) for c in _mapping(security.get("capabilities")).get("add") or ()
+        added = sorted({_capability(c) for c in as_mapping(security.get("capabilities")).get("add") or ()
                         if isinstance(c, str)} & NETWORK_CAPABILITIES)
         if security.get("privileged") is True:
             added.insert(0, "privileged")
@@ -103,7 +94,7 @@ def tenant_problems(spec: Mapping[str, Any], proxy_uid: int,
             problems.append((f"container {name} has {', '.join(added)}, with which it could undo the traffic "
                              "redirect", f"drop {' and '.join(added)} from container {name}",
                              f"{name} has {', '.join(added)}"))
-        if any(_mapping(mount).get("name") == STATE_VOLUME for mount in _list(container.get("volumeMounts"))):
+        if any(as_mapping(mount).get("name") == STATE_VOLUME for mount in as_list(container.get("volumeMounts"))):
             problems.append((f"container {name} mounts {STATE_VOLUME}, where it could rewrite the proxy's "
                              "configuration", f"remove the {STATE_VOLUME} mount from container {name}",
                              f"{name} mounts {STATE_VOLUME}"))
@@ -142,8 +133,8 @@ def _as_injected(spec: Mapping[str, Any]) -> tuple[Any, ...]:
     """What of a pod spec is meshguard's: its containers (but their resources) and the volumes they mount."""
     containers = {name: {k: v for k, v in c.items() if k != "resources"}
                   for name, c in _meshguard_containers(spec).items()}
-    mounted = {m.get("name") for c in containers.values() for m in map(_mapping, _list(c.get("volumeMounts")))}
-    return containers, [v for v in map(_mapping, _list(spec.get("volumes"))) if v.get("name") in mounted]
+    mounted = {m.get("name") for c in containers.values() for m in map(as_mapping, as_list(c.get("volumeMounts")))}
+    return containers, [v for v in map(as_mapping, as_list(spec.get("volumes"))) if v.get("name") in mounted]
 
 
 def _holds(wanted: Any, actual: Any) -> bool:
@@ -198,7 +189,7 @@ def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workl
         if differing:
             return [(f"its {name} container is not the one meshguard injects (it differs in "
                      f"{', '.join(differing)})", fix, f"{name} not as injected")]
-    volumes = {v.get("name"): v for v in map(_mapping, _list(workload.pod_spec.get("volumes")))}
+    volumes = {v.get("name"): v for v in map(as_mapping, as_list(workload.pod_spec.get("volumes")))}
     changed = [v["name"] for v in expected.volumes if not _holds(v, volumes.get(v["name"]))]
     if changed:
         return [(f"its volume {', '.join(changed)} is not the one meshguard injects", fix,
@@ -208,8 +199,8 @@ def sidecar_problems(workload: Workload, settings: InjectionSettings, old: Workl
 
 def _without_token_mount(container: Mapping[str, Any]) -> Mapping[str, Any]:
     """``container`` but the API token mount the ServiceAccount admission plugin adds to every container."""
-    mounts = _list(container.get("volumeMounts"))
-    kept = [m for m in mounts if _mapping(m).get("mountPath") != SERVICE_ACCOUNT_MOUNT]
+    mounts = as_list(container.get("volumeMounts"))
+    kept = [m for m in mounts if as_mapping(m).get("mountPath") != SERVICE_ACCOUNT_MOUNT]
     return {**container, "volumeMounts": kept} if len(kept) != len(mounts) else container
 
 
@@ -219,14 +210,10 @@ def _differing(wanted: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str
     return sorted(key for key in keys if key not in wanted or not _holds(wanted[key], actual.get(key)))
 
 
-def _env(container: Mapping[str, Any]) -> list[Any]:
-    env = container.get("env")
-    return env if isinstance(env, list) else []
-
-
 def _unspliced(container: Mapping[str, Any]) -> list[Any]:
     """The container's environment but the probe splices, which are per pod."""
-    return [e for e in _env(container) if not (isinstance(e, Mapping) and e.get("name") in SPLICE_VARIABLES)]
+    return [e for e in as_list(container.get("env"))
+            if not (isinstance(e, Mapping) and e.get("name") in SPLICE_VARIABLES)]
 
 
 def _splices_problems(workload: Workload, effective: InjectionSettings, present: Mapping[str, Mapping[str, Any]],
@@ -235,7 +222,8 @@ def _splices_problems(workload: Workload, effective: InjectionSettings, present:
     carry them, and only as meshguard writes them for the pod's probes."""
     values: dict[str, str] = {}
     for name, container in present.items():
-        spliced = [e for e in _env(container) if isinstance(e, Mapping) and e.get("name") in SPLICE_VARIABLES]
+        spliced = [e for e in as_list(container.get("env"))
+                   if isinstance(e, Mapping) and e.get("name") in SPLICE_VARIABLES]
         if spliced and name != renderer or any(not isinstance(e.get("value"), str) for e in spliced):
             return [(f"its {name} container is not the one meshguard injects (it differs in env)", fix,
                      f"{name} not as injected")]

@@ -16,7 +16,7 @@ from typing import Any
 from ..injection.annotations import port_list
 from ..injection.decision import INIT_NAME, proxy_container_present
 from ..netinit import EXCLUDE_INBOUND_FLAG
-from ..workloads import labels_of, object_name, service_account
+from ..workloads import as_list, as_mapping, labels_of, object_name, service_account
 
 SERVICE = "Service"
 ENDPOINT_SLICE = "EndpointSlice"
@@ -83,18 +83,10 @@ def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return meta if isinstance(meta, Mapping) else {}
 
 
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
 def _ports(items: Any) -> tuple[PortSpec, ...]:
     ports = []
-    for item in _list(items):
-        item = _mapping(item)
+    for item in as_list(items):
+        item = as_mapping(item)
         port = item.get("port")
         if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
             name = item.get("name")
@@ -103,11 +95,11 @@ def _ports(items: Any) -> tuple[PortSpec, ...]:
 
 
 def _strings(value: Any) -> tuple[str, ...]:
-    return tuple(v for v in _list(value) if isinstance(v, str) and v)
+    return tuple(v for v in as_list(value) if isinstance(v, str) and v)
 
 
 def parse_service(obj: Mapping[str, Any], namespace: str) -> ServiceRecord:
-    spec = _mapping(obj.get("spec"))
+    spec = as_mapping(obj.get("spec"))
     ips = _strings(spec.get("clusterIPs")) or _strings([spec.get("clusterIP")])
     ips = tuple(ip for ip in ips if ip != "None")
     caller_dependent = spec.get("internalTrafficPolicy") == "Local" or spec.get("sessionAffinity") == "ClientIP"
@@ -116,11 +108,11 @@ def parse_service(obj: Mapping[str, Any], namespace: str) -> ServiceRecord:
 
 def parse_slice(obj: Mapping[str, Any], namespace: str) -> SliceRecord:
     endpoints = []
-    for item in _list(obj.get("endpoints")):
-        item = _mapping(item)
-        ref = _mapping(item.get("targetRef"))
+    for item in as_list(obj.get("endpoints")):
+        item = as_mapping(item)
+        ref = as_mapping(item.get("targetRef"))
         pod = ref.get("name") if ref.get("kind") == POD and ref.get("namespace", namespace) == namespace else None
-        conditions = _mapping(item.get("conditions"))
+        conditions = as_mapping(item.get("conditions"))
         ready = conditions.get("ready") is not False  # unknown counts as ready, as for kube-proxy
         serving = conditions.get("serving")
         serving = (conditions.get("ready") if serving is None else serving) is not False  # unknown: as ready says
@@ -131,13 +123,13 @@ def parse_slice(obj: Mapping[str, Any], namespace: str) -> SliceRecord:
 
 
 def parse_service_cidr(obj: Mapping[str, Any]) -> tuple[str, ...]:
-    return _strings(_mapping(obj.get("spec")).get("cidrs"))
+    return _strings(as_mapping(obj.get("spec")).get("cidrs"))
 
 
 def _excluded_inbound(spec: Mapping[str, Any]) -> frozenset[int]:
-    for container in _list(spec.get("initContainers")):
-        container = _mapping(container)
-        args = _list(container.get("args"))
+    for container in as_list(spec.get("initContainers")):
+        container = as_mapping(container)
+        args = as_list(container.get("args"))
         if container.get("name") == INIT_NAME and EXCLUDE_INBOUND_FLAG in args[:-1]:
             value = args[args.index(EXCLUDE_INBOUND_FLAG) + 1]
             try:  # the annotation's own limits: a list of the tenant's cannot swell every proxy's listener
@@ -148,9 +140,9 @@ def _excluded_inbound(spec: Mapping[str, Any]) -> frozenset[int]:
 
 
 def parse_pod(obj: Mapping[str, Any], namespace: str) -> PodRecord:
-    spec = _mapping(obj.get("spec"))
-    status = _mapping(obj.get("status"))
-    ips = tuple(ip for ip in (_mapping(i).get("ip") for i in _list(status.get("podIPs"))) if isinstance(ip, str))
+    spec = as_mapping(obj.get("spec"))
+    status = as_mapping(obj.get("status"))
+    ips = tuple(ip for ip in (as_mapping(i).get("ip") for i in as_list(status.get("podIPs"))) if isinstance(ip, str))
     if not ips and isinstance(status.get("podIP"), str):
         ips = (status["podIP"],)
     return PodRecord(namespace, object_name(obj), ips, dict(labels_of(obj)), service_account(spec),
