@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from .errors import MeshguardError
-from .quoting import quoted
+from .quoting import clipped, quoted
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
@@ -87,12 +87,8 @@ def patched(ops: list[dict[str, Any]], reason: str = "patched", warnings: tuple[
 def errored(message: str, allow: bool, code: int = 500, reason: str = "error") -> AdmissionResponse:
     """The request could not be evaluated; ``allow`` is the configured failure mode for this webhook."""
     if allow:
-        return AdmissionResponse(allowed=True, warnings=(_truncate(message, 120),), message=message, reason=reason)
+        return AdmissionResponse(allowed=True, warnings=(clipped(message, 120),), message=message, reason=reason)
     return AdmissionResponse(allowed=False, code=code, message=message, reason=reason)
-
-
-def _truncate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_envelope(body: bytes) -> tuple[str, dict[str, Any]]:
