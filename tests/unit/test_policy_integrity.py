@@ -61,18 +61,15 @@ def test_an_injected_pod_and_a_pod_to_be_injected_pass() -> None:
         assert mtls(as_injected(app_pod(), settings=settings.injection), settings=settings)[0]
 
 
-def _edit(pod: dict[str, Any], name: str, **fields: Any) -> dict[str, Any]:
-    edited = copy.deepcopy(pod)
-    for key in ("initContainers", "containers"):
-        for container in edited["spec"].get(key, []):
-            if container["name"] == name:
-                container.update(fields)
-    return edited
-
-
 def _container(pod: dict[str, Any], name: str) -> dict[str, Any]:
     (found,) = [c for key in ("initContainers", "containers") for c in pod["spec"].get(key, []) if c["name"] == name]
     return found
+
+
+def _edit(pod: dict[str, Any], name: str, **fields: Any) -> dict[str, Any]:
+    edited = copy.deepcopy(pod)
+    _container(edited, name).update(fields)
+    return edited
 
 
 def _with_volume(pod: dict[str, Any], volume: dict[str, Any]) -> dict[str, Any]:
