@@ -708,7 +708,7 @@ def test_only_the_servers_pods_are_its_services_endpoints_and_count_for_its_disr
     objects = render({"audit": {"enabled": True}, "tests": {"namespace": "shop"}})
     server = find(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     audit = find(objects, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
-    test = [o for o in objects if o["kind"] == "Pod"][0]["metadata"]["labels"]
+    test = find(objects, "Pod")["metadata"]["labels"]
     selectors = [{"matchLabels": s["spec"]["selector"]} for s in objects if s["kind"] == "Service"]
     selectors.append(find(objects, "PodDisruptionBudget")["spec"]["selector"])
     affinity = find(objects, "Deployment")["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
